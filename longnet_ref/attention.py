@@ -1,0 +1,71 @@
+"""Dense scaled dot-product attention, written out from scratch.
+
+This is the readable reference every other piece of the package is compared against (the
+oracle is this function with a bias). Vaswani et al. (2017), Eq. 1; LongNet (arXiv 2307.02486)
+Eq. 1-2:
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V
+
+Besides the output we return the log-sum-exp (LSE) of every row of scores,
+`lse_i = log sum_j exp(s_ij)`, the log of the softmax denominator. LongNet needs it: the
+mixture of dilated branches weights each branch by its denominator (Eq. 10), and
+sequence parallelism merges partial results the same way.
+
+Shape legend: B batch, H heads, N (Nq, Nk) sequence length, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .checks import check_qkv
+
+
+def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
+    """Boolean (Nq, Nk) mask, True where key `j` is not in the future of query `i` (j <= i)."""
+    i = torch.arange(n_queries, device=device)[:, None]  # (Nq, 1)
+    j = torch.arange(n_keys, device=device)[None, :]  # (1, Nk)
+    return j <= i
+
+
+def dense_attention(q, k, v, *, causal=False, bias=None):
+    """Softmax attention of every query over every key; returns `(out, lse)`.
+
+    Args:
+        q: (B, H, Nq, D) queries; k: (B, H, Nk, D) keys; v: (B, H, Nk, Dv) values.
+        causal: query i sees only keys j <= i (needs Nq == Nk).
+        bias: optional additive bias broadcastable to (B, H, Nq, Nk), added to the scaled
+            scores; `-inf` masks a pair. The oracle passes `log c` here (c = branch count).
+
+    Returns:
+        out: (B, H, Nq, Dv); lse: (B, H, Nq), the log of each row's softmax denominator.
+        A row with every key masked gets out 0 and lse -inf (never NaN).
+    """
+    check_qkv(q, k, v, same_length=False, causal=causal)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+
+    # Scores, scaled by 1/sqrt(D) so their variance does not grow with the head dim.
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, Nq, Nk)
+    if bias is not None:
+        scores = scores + bias
+    if causal:
+        scores = scores.masked_fill(~causal_mask(Nq, Nk, q.device), -math.inf)
+
+    # Softmax by hand, with the row maximum subtracted so exp never overflows. A row where
+    # every score is -inf has max -inf; we use 0 there so that exp gives 0 instead of NaN.
+    row_max = scores.amax(dim=-1, keepdim=True)  # (B, H, Nq, 1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)  # (B, H, Nq, Nk), unnormalised
+    denom = weights.sum(dim=-1, keepdim=True)  # (B, H, Nq, 1)
+
+    # Weighted sum of values; rows with nothing to attend (denom 0) give 0.
+    safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = (weights @ v) / safe_denom  # (B, H, Nq, Dv)
+
+    # lse = log(denom) + max. Empty rows get -inf, written with `where` rather than log(0) so
+    # that their backward is 0 too (the derivative of log at 0 would turn 0 * inf into NaN).
+    lse = torch.where(denom > 0, torch.log(safe_denom) + row_max, -math.inf).squeeze(-1)  # (B, H, Nq)
+    return out, lse

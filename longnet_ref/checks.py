@@ -1,0 +1,110 @@
+"""Input validation shared by every public function.
+
+Bad input gets a `ValueError` that names the parameter and the value, raised before any
+work is done, so a mistake never surfaces as an index error three calls deep.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+
+HEAD_OFFSET_RULES = ("paper", "torchscale", "none")
+IMPLEMENTATIONS = ("fast", "readable")
+
+
+def as_positive_int(name: str, value) -> int:
+    """Return `value` as an int, or raise if it is not a positive integer (bools and floats refused)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        as_int = operator.index(value)  # accepts int, numpy ints, 0-d integer tensors; refuses 2.0
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if as_int <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return as_int
+
+
+def check_branches(segment_lengths, dilation_rates) -> list[tuple[int, int]]:
+    """Validate the mixture's configuration and return it as a list of `(w, r)` pairs."""
+    for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ValueError(f"{name} must be a list of positive integers, got {values!r}")
+        if len(values) == 0:
+            raise ValueError(f"{name} must not be empty, got {values!r}")
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have the same length, got "
+            f"{len(segment_lengths)} segment lengths {list(segment_lengths)} and "
+            f"{len(dilation_rates)} dilation rates {list(dilation_rates)}"
+        )
+    branches = []
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        branches.append(check_branch(w, r, where=f"[{i}]"))
+    return branches
+
+
+def check_branch(segment_length, dilation_rate, where: str = "") -> tuple[int, int]:
+    """Validate one branch `(w, r)`; `where` names its index in a list for the message."""
+    w = as_positive_int(f"segment_length{where}", segment_length)
+    r = as_positive_int(f"dilation_rate{where}", dilation_rate)
+    if r > w:
+        # A dilation rate above the segment length would keep at most one row per segment for
+        # some heads and none for others: almost certainly a swapped argument.
+        raise ValueError(
+            f"dilation_rate{where} {r} is larger than segment_length{where} {w}; "
+            "each segment must keep at least one row per head offset"
+        )
+    return w, r
+
+
+def check_head_offsets(head_offsets: str) -> str:
+    if head_offsets not in HEAD_OFFSET_RULES:
+        raise ValueError(f"head_offsets must be one of {HEAD_OFFSET_RULES}, got {head_offsets!r}")
+    return head_offsets
+
+
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return implementation
+
+
+def check_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_qkv(q, k, v, *, same_length: bool = True, causal: bool = False) -> None:
+    """q, k, v: 4-D floating tensors on one device with one dtype and matching shapes.
+
+    `same_length=False` lets keys be a different sequence than queries (cross attention in
+    `dense_attention`); causal attention then still needs equal lengths, or "future" is undefined.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x)
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but q has dtype {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on device {x.device} but q is on device {q.device}")
+    if same_length or causal:
+        if not (q.shape == k.shape == v.shape):
+            raise ValueError(
+                "q, k and v must have the same shape (B, H, N, D), got "
+                f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        return
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            "q (B, H, Nq, D), k (B, H, Nk, D) and v (B, H, Nk, Dv) do not fit together: "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )

@@ -1,0 +1,35 @@
+"""The oracle: dilated attention as ONE dense softmax with a multiplicity bias.
+
+The softmax-denominator merge of branches (LongNet Eq. 10) equals a single softmax over all
+keys in which key k is counted c(h, q, k) times, c being the number of branches in which
+query q of head h attends k (`patterns.attention_pattern`). Counting a key c times is the
+same as adding `log c` to its score (c = 0 gives -inf: masked). Proof sketch, for one row:
+
+    sum_i alpha_i O_i = sum_i (s_i / sum_j s_j) (sum_{k in i} e^{x_k} v_k / s_i)
+                      = sum_k c_k e^{x_k} v_k / sum_k c_k e^{x_k}
+                      = softmax(x + log c) v.
+
+It is built from positions (broadcasting) and the readable `dense_attention`, so it shares
+no code with the strided gathers it checks. It costs O(H N^2): use it for tests and small N.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import dense_attention
+from .checks import check_qkv
+from .patterns import attention_pattern
+
+
+def oracle_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper"):
+    """Dilated attention of the mixture, computed densely: `softmax(q k^T / sqrt(D) + log c) v`.
+
+    Returns `(out, lse)` like `dense_attention`: out (B, H, N, D), lse (B, H, N); rows that no
+    branch covers get out 0 and lse -inf.
+    """
+    check_qkv(q, k, v)
+    B, H, N, D = q.shape
+    counts = attention_pattern(N, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
+    bias = torch.log(counts.to(device=q.device, dtype=q.dtype))  # (H, N, N); log 0 = -inf masks
+    return dense_attention(q, k, v, bias=bias[None])  # bias broadcast over the batch

@@ -1,0 +1,157 @@
+"""Fast and readable dilated attention against the oracle: property tests and edge cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rand_qkv
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from longnet_ref import dilated_attention, dilated_branch, merge_branches, oracle_attention
+
+
+@st.composite
+def configs(draw):
+    """Random mixtures, including N not a multiple of any w, w > N, H < r and H not divisible by r."""
+    n_branches = draw(st.integers(1, 4))
+    segment_lengths = [draw(st.integers(1, 320)) for _ in range(n_branches)]
+    dilation_rates = [draw(st.integers(1, min(w, 12))) for w in segment_lengths]
+    return dict(
+        B=draw(st.integers(1, 2)),
+        H=draw(st.integers(1, 6)),
+        N=draw(st.integers(1, 300)),
+        D=draw(st.sampled_from([1, 3, 8])),
+        segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates,
+        causal=draw(st.booleans()),
+        head_offsets=draw(st.sampled_from(["paper", "torchscale", "none"])),
+    )
+
+
+# Hypothesis favours small draws; these pin the large and awkward corners down explicitly.
+BIG = dict(
+    B=2, H=5, N=300, D=8, segment_lengths=[7, 64, 500], dilation_rates=[1, 5, 12], causal=True, head_offsets="paper"
+)
+TORCHSCALE = dict(BIG, H=6, causal=False, head_offsets="torchscale", segment_lengths=[96, 299], dilation_rates=[4, 8])
+NONE = dict(BIG, H=1, N=257, head_offsets="none", segment_lengths=[16, 32, 64, 128], dilation_rates=[1, 2, 4, 8])
+
+
+def _assert_equal_to_oracle(out, lse, ref_out, ref_lse):
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    # lse: -inf exactly where the oracle has -inf (uncovered rows), equal elsewhere
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=0, atol=1e-10)
+
+
+@given(configs(), st.sampled_from(["fast", "readable"]))
+@example(BIG, "fast")
+@example(BIG, "readable")
+@example(TORCHSCALE, "fast")
+@example(TORCHSCALE, "readable")
+@example(NONE, "fast")
+@example(NONE, "readable")
+def test_mixture_equals_oracle(cfg, implementation):
+    q, k, v = rand_qkv(cfg["B"], cfg["H"], cfg["N"], cfg["D"])
+    kw = dict(causal=cfg["causal"], head_offsets=cfg["head_offsets"])
+    ref_out, ref_lse = oracle_attention(q, k, v, cfg["segment_lengths"], cfg["dilation_rates"], **kw)
+    out, lse = dilated_attention(
+        q, k, v, cfg["segment_lengths"], cfg["dilation_rates"], return_lse=True, implementation=implementation, **kw
+    )
+    _assert_equal_to_oracle(out, lse, ref_out, ref_lse)
+
+
+@given(configs(), st.sampled_from(["fast", "readable"]))
+@example(BIG, "fast")
+@example(BIG, "readable")
+@example(TORCHSCALE, "fast")
+@example(TORCHSCALE, "readable")
+@example(NONE, "fast")
+@example(NONE, "readable")
+def test_single_branch_equals_oracle(cfg, implementation):
+    q, k, v = rand_qkv(cfg["B"], cfg["H"], cfg["N"], cfg["D"])
+    w, r = cfg["segment_lengths"][0], cfg["dilation_rates"][0]
+    kw = dict(causal=cfg["causal"], head_offsets=cfg["head_offsets"])
+    ref_out, ref_lse = oracle_attention(q, k, v, [w], [r], **kw)
+    out, lse = dilated_branch(q, k, v, w, r, implementation=implementation, **kw)
+    _assert_equal_to_oracle(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_full_branch_is_torch_sdpa(implementation, causal):
+    q, k, v = rand_qkv(2, 3, 45, 8)
+    out = dilated_attention(q, k, v, [64], [1], causal=causal, implementation=implementation)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal), rtol=0, atol=1e-12)
+
+
+def test_rows_not_kept_are_zero_with_lse_minus_inf():
+    q, k, v = rand_qkv(1, 2, 10, 4)
+    for implementation in ("fast", "readable"):
+        out, lse = dilated_branch(q, k, v, 4, 2, implementation=implementation)
+        # head 0 keeps even rows of each segment [0..3] [4..7] [8, 9]; head 1 the odd ones
+        assert torch.all(out[0, 0, 1::2] == 0) and torch.all(lse[0, 0, 1::2] == -math.inf)
+        assert torch.all(out[0, 1, 0::2] == 0) and torch.all(lse[0, 1, 0::2] == -math.inf)
+        assert torch.isfinite(lse[0, 0, 0::2]).all()
+
+
+def test_ragged_last_segment_is_its_own_segment():
+    # N = 10, w = 4: the last segment is [8, 9]; its queries must not see keys 0..7.
+    q, k, v = rand_qkv(1, 1, 10, 4)
+    out, _ = dilated_branch(q, k, v, 4, 1)
+    expected = F.scaled_dot_product_attention(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:])
+    torch.testing.assert_close(out[:, :, 8:], expected, rtol=0, atol=1e-12)
+
+
+def test_merge_of_one_branch_is_identity():
+    q, k, v = rand_qkv(2, 3, 20, 4)
+    out, lse = dilated_branch(q, k, v, 8, 2)
+    merged, merged_lse = merge_branches([out], [lse])
+    assert torch.equal(merged, out) and torch.equal(merged_lse, lse)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_merge_equals_one_softmax_over_the_multiset_union(causal):
+    """Eq. 10 merge of separately computed branches == the oracle's single softmax with log c."""
+    q, k, v = rand_qkv(1, 4, 40, 8)
+    ws, rs = [8, 16, 32], [1, 2, 4]
+    results = [dilated_branch(q, k, v, w, r, causal=causal) for w, r in zip(ws, rs)]
+    out, lse = merge_branches([o for o, _ in results], [l for _, l in results])
+    ref_out, ref_lse = oracle_attention(q, k, v, ws, rs, causal=causal)
+    _assert_equal_to_oracle(out, lse, ref_out, ref_lse)
+
+
+def test_merge_of_uncovered_rows_is_zero_not_nan():
+    # H = 2 with the torchscale rule and r = 4: heads take offsets 0 and 1; residues 2, 3 are never kept.
+    q, k, v = rand_qkv(1, 2, 16, 4)
+    for implementation in ("fast", "readable"):
+        out, lse = dilated_attention(
+            q, k, v, [8], [4], head_offsets="torchscale", return_lse=True, implementation=implementation
+        )
+        assert not torch.isnan(out).any()
+        assert torch.all(out[0, 0, 2::4] == 0) and torch.all(lse[0, 0, 2::4] == -math.inf)
+    merged, _ = merge_branches([torch.zeros(1, 1, 3, 2)] * 2, [torch.full((1, 1, 3), -math.inf)] * 2)
+    assert torch.equal(merged, torch.zeros(1, 1, 3, 2))
+
+
+def test_fast_path_does_not_copy_or_fall_back(monkeypatch):
+    """The fast path hands strided views (not copies) to the fused kernel, one call per piece."""
+    import longnet_ref.fast as fast
+
+    calls = []
+    real = fast.attention_forward
+
+    def spy(q, k, v, causal, scale):
+        calls.append((q.is_contiguous(), q.data_ptr()))
+        return real(q, k, v, causal, scale)
+
+    monkeypatch.setattr(fast, "attention_forward", spy)
+    q, k, v = rand_qkv(1, 4, 64, 8)
+    dilated_attention(q, k, v, [16, 32], [2, 4])
+    # branch (16, 2): 2 offset groups; branch (32, 4): 4 offset groups; one batch element
+    assert len(calls) == 6
+    assert not any(contiguous for contiguous, _ in calls)  # strided views
+    base, end = q.data_ptr(), q.data_ptr() + q.numel() * q.element_size()
+    assert all(base <= ptr < end for _, ptr in calls)  # inside q's own storage: no copy
