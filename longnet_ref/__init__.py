@@ -9,8 +9,8 @@ from .dilated import dilated_branch
 from .kernels import fused_attention
 from .layer import MultiheadDilatedAttention
 from .mixture import dilated_attention, merge_branches
-from .oracle import oracle_attention
-from .patterns import attention_pattern, head_groups, head_offset
+from .oracle import oracle_attention, oracle_rows
+from .patterns import attention_pattern, head_groups, head_offset, pattern_rows
 
 __all__ = [
     "MultiheadDilatedAttention",
@@ -24,5 +24,7 @@ __all__ = [
     "head_offset",
     "merge_branches",
     "oracle_attention",
+    "oracle_rows",
+    "pattern_rows",
 ]
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ import torch
 
 from .attention import dense_attention
 from .checks import check_qkv
-from .patterns import attention_pattern
+from .patterns import attention_pattern, pattern_rows
 
 
 def oracle_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper"):
@@ -33,3 +33,16 @@ def oracle_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, 
     counts = attention_pattern(N, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
     bias = torch.log(counts.to(device=q.device, dtype=q.dtype))  # (H, N, N); log 0 = -inf masks
     return dense_attention(q, k, v, bias=bias[None])  # bias broadcast over the batch
+
+
+def oracle_rows(q, k, v, rows, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper"):
+    """The oracle for selected query positions only: `(out (B, H, Q, D), lse (B, H, Q))`.
+
+    Costs O(H Q N): exact checks of a few rows of sequences far too long for `oracle_attention`.
+    """
+    check_qkv(q, k, v)
+    B, H, N, D = q.shape
+    counts = pattern_rows(N, rows, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
+    bias = torch.log(counts.to(device=q.device, dtype=q.dtype))  # (H, Q, N)
+    rows = torch.as_tensor(rows, dtype=torch.long, device=q.device)
+    return dense_attention(q[:, :, rows], k, v, bias=bias[None])

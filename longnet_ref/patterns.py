@@ -53,20 +53,41 @@ def head_groups(num_heads: int, dilation_rate: int, rule: str = "paper") -> list
     return groups
 
 
-def branch_mask(seq_len, segment_length, dilation_rate, num_heads, *, causal=False, head_offsets="paper"):
-    """Boolean (H, N, N): True where query q of head h attends key k in the branch `(w, r)`."""
+def branch_mask(seq_len, segment_length, dilation_rate, num_heads, *, causal=False, head_offsets="paper", queries=None):
+    """Boolean (H, Q, N): True where query q of head h attends key k in the branch `(w, r)`.
+
+    `queries` (a 1-D LongTensor of positions) selects query rows; all N by default (Q = N).
+    Selecting rows lets the oracle check a few rows of a very long sequence exactly.
+    """
     n = as_positive_int("seq_len", seq_len)
     w, r = segment_length, dilation_rate
-    pos = torch.arange(n)  # (N,)
-    segment = pos // w  # (N,) which segment each position falls in
-    within = pos - segment * w  # (N,) position inside its segment
+    pos = torch.arange(n)  # (N,) key positions
+    qpos = pos if queries is None else torch.as_tensor(queries, dtype=torch.long)  # (Q,)
     offsets = torch.tensor([head_offset(j, num_heads, r, head_offsets) for j in range(num_heads)])  # (H,)
-    kept = (within[None, :] % r) == offsets[:, None]  # (H, N): position kept by head h
-    same_segment = segment[:, None] == segment[None, :]  # (N, N)
-    mask = kept[:, :, None] & kept[:, None, :] & same_segment[None]  # (H, N, N)
+
+    def kept(p):  # (H, len(p)): position p kept by head h, i.e. (p - s*w) mod r == o_h
+        return ((p - (p // w) * w)[None, :] % r) == offsets[:, None]
+
+    same_segment = (qpos // w)[:, None] == (pos // w)[None, :]  # (Q, N)
+    mask = kept(qpos)[:, :, None] & kept(pos)[:, None, :] & same_segment[None]  # (H, Q, N)
     if causal:
-        mask &= pos[None, :] <= pos[:, None]  # key not after query
+        mask &= pos[None, :] <= qpos[:, None]  # key not after query
     return mask
+
+
+def pattern_rows(seq_len, queries, segment_lengths, dilation_rates, num_heads, *, causal=False, head_offsets="paper"):
+    """Rows `queries` of `attention_pattern`: LongTensor (H, Q, N), without building N x N."""
+    branches = check_branches(segment_lengths, dilation_rates)
+    num_heads = as_positive_int("num_heads", num_heads)
+    check_head_offsets(head_offsets)
+    queries = torch.as_tensor(queries, dtype=torch.long)
+    n = as_positive_int("seq_len", seq_len)
+    if queries.dim() != 1 or (queries.numel() and (queries.min() < 0 or queries.max() >= n)):
+        raise ValueError(f"queries must be a 1-D list of positions in [0, {n}), got {queries.tolist()}")
+    counts = torch.zeros(num_heads, len(queries), n, dtype=torch.long)
+    for w, r in branches:
+        counts += branch_mask(n, w, r, num_heads, causal=causal, head_offsets=head_offsets, queries=queries)
+    return counts
 
 
 def attention_pattern(seq_len, segment_lengths, dilation_rates, num_heads, *, causal=False, head_offsets="paper"):
@@ -75,11 +96,7 @@ def attention_pattern(seq_len, segment_lengths, dilation_rates, num_heads, *, ca
     Returns a LongTensor (H, N, N); 0 means the pair is masked. Keys seen by two branches
     count twice, which is exactly how the softmax-denominator merge (Eq. 10) weighs them.
     """
-    branches = check_branches(segment_lengths, dilation_rates)
-    num_heads = as_positive_int("num_heads", num_heads)
-    check_head_offsets(head_offsets)
     n = as_positive_int("seq_len", seq_len)
-    counts = torch.zeros(num_heads, n, n, dtype=torch.long)
-    for w, r in branches:
-        counts += branch_mask(n, w, r, num_heads, causal=causal, head_offsets=head_offsets)
-    return counts
+    return pattern_rows(
+        n, torch.arange(n), segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets
+    )

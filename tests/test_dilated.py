@@ -9,7 +9,7 @@ from conftest import rand_qkv
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from longnet_ref import dilated_attention, dilated_branch, merge_branches, oracle_attention
+from longnet_ref import dilated_attention, dilated_branch, merge_branches, oracle_attention, oracle_rows
 
 
 @st.composite
@@ -155,3 +155,13 @@ def test_fast_path_does_not_copy_or_fall_back(monkeypatch):
     assert not any(contiguous for contiguous, _ in calls)  # strided views
     base, end = q.data_ptr(), q.data_ptr() + q.numel() * q.element_size()
     assert all(base <= ptr < end for _, ptr in calls)  # inside q's own storage: no copy
+
+
+def test_oracle_rows_equal_oracle_rows():
+    q, k, v = rand_qkv(2, 3, 70, 4)
+    rows = [0, 5, 31, 69]
+    out, lse = oracle_attention(q, k, v, [8, 32], [1, 4], causal=True)
+    got_out, got_lse = oracle_rows(q, k, v, rows, [8, 32], [1, 4], causal=True)
+    # equal up to rounding: a matmul over 4 rows need not round like one over 70
+    torch.testing.assert_close(got_out, out[:, :, rows], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_lse, lse[:, :, rows], rtol=0, atol=1e-12)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from longnet_ref import attention_pattern, head_groups, head_offset
+from longnet_ref import attention_pattern, head_groups, head_offset, pattern_rows
 
 
 def test_head_offset_rules():
@@ -51,3 +51,12 @@ def test_pattern_rejects_bad_arguments():
         attention_pattern(8, [4], [1], 0)
     with pytest.raises(ValueError, match="seq_len"):
         attention_pattern(-1, [4], [1], 2)
+
+
+def test_pattern_rows_are_rows_of_the_pattern():
+    full = attention_pattern(50, [8, 16, 64], [1, 2, 4], 3, causal=True, head_offsets="torchscale")
+    rows = [0, 7, 8, 33, 49]
+    got = pattern_rows(50, rows, [8, 16, 64], [1, 2, 4], 3, causal=True, head_offsets="torchscale")
+    assert torch.equal(got, full[:, rows])
+    with pytest.raises(ValueError, match=r"queries must be .* \[0, 50\), got \[50\]"):
+        pattern_rows(50, [50], [8], [1], 3)
