@@ -1,0 +1,304 @@
+"""`python -m longnet_ref.bench`: what dilated attention costs on this machine, measured.
+
+For N = 2^10 ... 2^20 it times dense SDPA (torch's fused kernel), the readable dilated path
+(small N) and the fast dilated path, forward and forward+backward, causal and not, each
+configuration in a subprocess of its own (so peak memory is its own), medians of several runs.
+Every timed path is checked in the same run against the oracle on sampled query rows
+(`oracle_rows`, float64), so no speed-up can come from computing something else.
+
+Reported as ratios measured in one run (the machine is shared and noisy):
+- glue: fast time / (ideal FLOP ratio x dense time) at N = 16384 (target <= 1.15);
+- ceiling: the fast path's GFLOP/s / the same run's matmul GFLOP/s (target >= 0.7);
+- scaling: t(2^20) / t(2^14) for forward+backward (target <= 64 x 1.25).
+
+`--quick` (CI) runs two small N in one process: timings are printed, outputs checked, no target.
+
+FLOP count (LONGNET.md §1): a branch costs 4 B H D N w / r^2 (QK^T and PV), dense 4 B H D N^2;
+causal halves both; the backward is counted as 2.5 x the forward (5 matmuls against 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .mixture import dilated_attention
+from .oracle import oracle_rows
+
+BACKWARD_FLOP_FACTOR = 2.5
+
+
+def geometric_config(seq_len, w0=2048, a=2):
+    """Branches w = w0 a^i, r = a^i for every w0 a^i <= max(N, w0): the paper's geometric mixture."""
+    ws, rs = [w0], [1]
+    while ws[-1] * a <= seq_len:
+        ws.append(ws[-1] * a)
+        rs.append(rs[-1] * a)
+    return ws, rs
+
+
+def attention_flops(cfg):
+    """Forward (+ backward) FLOPs of one configuration: LONGNET.md §1 (w clipped to N)."""
+    B, H, N, D = cfg["B"], cfg["H"], cfg["N"], cfg["D"]
+    if cfg["path"] == "dense":
+        per_row_keys = N
+    else:
+        per_row_keys = sum(min(w, N) / r**2 for w, r in zip(cfg["ws"], cfg["rs"]))
+    flops = 4 * B * H * D * N * per_row_keys
+    if cfg["causal"]:
+        flops /= 2
+    if cfg["backward"]:
+        flops *= 1 + BACKWARD_FLOP_FACTOR
+    return flops
+
+
+def run_path(cfg, q, k, v):
+    if cfg["path"] == "dense":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=cfg["causal"])
+    impl = "readable" if cfg["path"] == "readable" else "fast"
+    return dilated_attention(q, k, v, cfg["ws"], cfg["rs"], causal=cfg["causal"], implementation=impl)
+
+
+def measure(cfg):
+    """Time one configuration, check it against the oracle on sampled rows; returns a result dict."""
+    torch.manual_seed(0)
+    B, H, N, D = cfg["B"], cfg["H"], cfg["N"], cfg["D"]
+    q, k, v = (torch.randn(B, H, N, D).requires_grad_(cfg["backward"]) for _ in range(3))
+    grad = torch.randn(B, H, N, D) if cfg["backward"] else None
+
+    def step():
+        out = run_path(cfg, q, k, v)
+        if grad is not None:
+            out.backward(grad)
+            for x in (q, k, v):
+                x.grad = None
+        return out
+
+    with torch.no_grad() if not cfg["backward"] else torch.enable_grad():
+        out = step()  # warm-up; also the output checked below
+        times = []
+        for _ in range(cfg["repeats"]):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+
+    # Check: sampled query rows against the float64 oracle (dense = one branch w = N, r = 1).
+    rows = sorted({0, N - 1, *torch.randint(0, N, (6,), generator=torch.Generator().manual_seed(1)).tolist()})
+    ws, rs = ([N], [1]) if cfg["path"] == "dense" else (cfg["ws"], cfg["rs"])
+    x64 = [x.detach().double() for x in (q, k, v)]
+    ref, _ = oracle_rows(*x64, rows, ws, rs, causal=cfg["causal"])
+    error = (out.detach().double()[:, :, rows] - ref).abs().max().item()
+    median = statistics.median(times)
+    return dict(
+        cfg,
+        seconds=median,
+        times=times,
+        gflops=attention_flops(cfg) / median / 1e9,
+        max_error=error,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+
+
+def matmul_gflops(repeats=5, n=2048):
+    """The machine's ceiling in this run: fp32 matmul throughput."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def in_subprocess(cfg, timeout):
+    """Run `measure(cfg)` in a fresh interpreter: its own peak memory, no state shared between configs."""
+    cmd = [sys.executable, "-m", "longnet_ref.bench", "--worker", json.dumps(cfg)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {cfg}:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tolerance(cfg):
+    # fp32 against a float64 oracle: the error grows slowly with the number of keys summed.
+    return 1e-4 if cfg["N"] <= 2**16 else 3e-4
+
+
+def run_sweep(args, run, log):
+    """Time vs N for every path; dense stops being run once one call would exceed --dense-limit s."""
+    results, dense_last = [], {}
+    for log2 in range(args.min_log2, args.max_log2 + 1):
+        N = 2**log2
+        ws, rs = geometric_config(N)
+        for backward in (False, True):
+            for causal in (False, True):
+                for path in ("dense", "readable", "fast"):
+                    cfg = dict(path=path, N=N, B=1, H=args.heads, D=64, ws=ws, rs=rs, causal=causal,
+                               backward=backward, repeats=args.repeats)  # fmt: skip
+                    if path == "readable" and N > args.readable_max_n:
+                        continue
+                    last = dense_last.get((backward, causal))
+                    if path == "dense" and last and last[1] * (N / last[0]) ** 2 > args.dense_limit:
+                        # O(N^2): extrapolate from the largest N measured, and say so
+                        seconds = last[1] * (N / last[0]) ** 2
+                        result = dict(cfg, seconds=seconds, gflops=attention_flops(cfg) / seconds / 1e9,
+                                      max_error=float("nan"), peak_rss_mb=float("nan"), extrapolated=True)  # fmt: skip
+                    else:
+                        result = dict(run(cfg), extrapolated=False)
+                        if path == "dense":
+                            dense_last[(backward, causal)] = (N, result["seconds"])
+                    results.append(result)
+                    log(result)
+    return results
+
+
+def run_glue(args, run, log):
+    """The issue's glue and ceiling targets at N = 16384, B = 1, H = 8, D = 64, fp32, non-causal."""
+    N = 16384
+    ws, rs = geometric_config(N)  # [2048, 4096, 8192, 16384], [1, 2, 4, 8]
+    ideal = sum(min(w, N) / r**2 for w, r in zip(ws, rs)) / N
+    ceiling = matmul_gflops()
+    print(f"matmul ceiling: {ceiling:.1f} GFLOP/s (fp32 2048^3, median of 5)")
+    print(f"ideal FLOP ratio dilated/dense at N={N}, w={ws}, r={rs}: {ideal:.4f}")
+    rows = []
+    for backward in (False, True):
+        base = dict(N=N, B=1, H=8, D=64, ws=ws, rs=rs, causal=False, backward=backward, repeats=args.repeats)
+        dense, fast = run(dict(base, path="dense")), run(dict(base, path="fast"))
+        log(dense)
+        log(fast)
+        glue = fast["seconds"] / (ideal * dense["seconds"])
+        mode = "forward+backward" if backward else "forward"
+        print(f"glue ({mode}): fast {fast['seconds']:.3f} s / (ideal {ideal:.4f} x dense {dense['seconds']:.3f} s) "
+              f"= {glue:.3f}  (target <= 1.15)")  # fmt: skip
+        print(f"ceiling ({mode}): fast {fast['gflops']:.1f} GFLOP/s / matmul {ceiling:.1f} GFLOP/s "
+              f"= {fast['gflops'] / ceiling:.3f}  (target >= 0.7)")  # fmt: skip
+        rows += [dense, fast]
+    return rows
+
+
+def run_scaling(args, run, log):
+    """t(2^20) / t(2^14), forward+backward, geometric w0 = 2048, a = 2, B = 1, H = 4, D = 64."""
+    times = {}
+    for log2 in (14, 20):
+        ws, rs = geometric_config(2**log2)
+        cfg = dict(path="fast", N=2**log2, B=1, H=4, D=64, ws=ws, rs=rs, causal=False, backward=True,
+                   repeats=args.repeats)  # fmt: skip
+        result = run(cfg)
+        log(result)
+        times[log2] = result
+    ratio = times[20]["seconds"] / times[14]["seconds"]
+    flop_ratio = attention_flops(times[20]) / attention_flops(times[14])
+    print(f"scaling: t(2^20)/t(2^14) = {ratio:.1f} (FLOP ratio {flop_ratio:.1f}; target <= {64 * 1.25:.0f}); "
+          f"peak RSS at 2^20: {times[20]['peak_rss_mb']:.0f} MB")  # fmt: skip
+    return list(times.values())
+
+
+def describe(result):
+    mode = ("fwd+bwd" if result["backward"] else "fwd") + (" causal" if result["causal"] else "")
+    mark = "~" if result.get("extrapolated") else " "
+    return (f"{result['path']:>8} N=2^{int(math.log2(result['N'])):<2} H={result['H']} {mode:<14} "
+            f"{mark}{result['seconds']:9.3f} s {result['gflops']:7.1f} GFLOP/s  "
+            f"err {result['max_error']:.1e}  peak {result['peak_rss_mb']:7.0f} MB")  # fmt: skip
+
+
+def write_outputs(results, name):
+    import csv
+
+    from .viz import figures_dir, save_fig
+
+    keys = ["path", "N", "H", "causal", "backward", "seconds", "gflops", "max_error", "peak_rss_mb", "extrapolated"]
+    csv_path = figures_dir() / f"{name}.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, backward in zip(axes, (False, True)):
+        for path, color in (("dense", "C0"), ("readable", "C2"), ("fast", "C1")):
+            for causal, style in ((False, "-"), (True, ":")):
+                pts = [r for r in results if r["path"] == path and r["backward"] == backward and r["causal"] == causal]
+                measured = [r for r in pts if not r.get("extrapolated")]
+                label = f"{path}{' causal' if causal else ''}"
+                ax.loglog([r["N"] for r in measured], [r["seconds"] for r in measured], style, color=color,
+                          marker="o", ms=3, label=label)  # fmt: skip
+                extra = [r for r in pts if r.get("extrapolated")]
+                if extra and measured:
+                    ax.loglog([measured[-1]["N"]] + [r["N"] for r in extra],
+                              [measured[-1]["seconds"]] + [r["seconds"] for r in extra], style, color=color,
+                              alpha=0.35)  # fmt: skip
+        ax.set(xlabel="sequence length N", ylabel="seconds", title="forward+backward" if backward else "forward")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("dense SDPA vs dilated attention on this CPU (faded: dense extrapolated as N^2)")
+    png = save_fig(fig, name)
+    print(f"wrote {csv_path} and {png}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m longnet_ref.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI mode: N = 2^10, 2^11 in one process, checks only")
+    p.add_argument("--sections", default="glue,scaling,sweep", help="comma list of glue, scaling, sweep")
+    p.add_argument("--min-log2", type=int, default=10)
+    p.add_argument("--max-log2", type=int, default=20)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    p.add_argument("--dense-limit", type=float, default=60.0, help="extrapolate dense once a call would take longer")
+    p.add_argument("--readable-max-n", type=int, default=2**13)
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per configuration")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+    if args.repeats < 3:
+        p.error(f"--repeats must be at least 3 (medians of at least 3 runs), got {args.repeats}")
+    if not 4 <= args.min_log2 <= args.max_log2 <= 24:
+        p.error(f"need 4 <= --min-log2 <= --max-log2 <= 24, got {args.min_log2} and {args.max_log2}")
+    sections = set(args.sections.split(","))
+    if not sections <= {"glue", "scaling", "sweep"}:
+        p.error(f"--sections must be a comma list of glue, scaling, sweep; got {args.sections!r}")
+
+    failures = []
+
+    def log(result):
+        print(describe(result), flush=True)
+        if result["max_error"] > tolerance(result):  # NaN (extrapolated) compares False
+            failures.append(result)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
+    if args.quick:
+        args.min_log2, args.max_log2, args.readable_max_n = 10, 11, 2**10
+        run_sweep(args, measure, log)  # one process: timings indicative only
+    else:
+        run = lambda cfg: in_subprocess(cfg, args.timeout)  # noqa: E731
+        results = []
+        if "glue" in sections:
+            results += run_glue(args, run, log)
+        if "scaling" in sections:
+            results += run_scaling(args, run, log)
+        if "sweep" in sections:
+            sweep = run_sweep(args, run, log)
+            write_outputs(sweep, "bench")
+    for result in failures:
+        print(f"CHECK FAILED: {describe(result)} (tolerance {tolerance(result):.0e})", file=sys.stderr)
+    print("all outputs match the oracle" if not failures else f"{len(failures)} outputs do NOT match the oracle")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
