@@ -78,12 +78,14 @@ def attention_backward(dout, q, k, v, out, saved, causal: bool, scale: float, dl
     def widen(x, column):  # (B, H, N, D) -> (B, H, N, D + 1)
         return torch.cat([x, column.to(x.dtype)], dim=-1)
 
-    zeros = q.new_zeros(*q.shape[:-1], 1)  # (B, H, N, 1)
+    def zeros(x):  # (B, H, N, 1), N of x: keys may be more or fewer than queries
+        return x.new_zeros(*x.shape[:-1], 1)
+
     dq, dk, dv = _kernel_backward(
-        widen(dout, torch.ones_like(zeros)),
-        widen(q, zeros),
-        widen(k, zeros),
-        widen(v, zeros),
+        widen(dout, torch.ones_like(zeros(q))),
+        widen(q, zeros(q)),
+        widen(k, zeros(k)),
+        widen(v, zeros(v)),
         widen(out, -dlse.unsqueeze(-1)),
         saved,
         causal,
