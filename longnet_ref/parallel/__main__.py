@@ -1,0 +1,216 @@
+"""Launch sequence-parallel dilated attention on real processes (LongNet Sec. 3.1).
+
+    torchrun --nproc-per-node 4 -m longnet_ref.parallel --seq-len 65536 --causal
+
+Every rank builds the same `MultiheadDilatedAttention` (same seed), holds its own chunk of
+the input x (B, N/P, E), and runs forward and backward of `SequenceParallelDilatedAttention`
+over torch.distributed (gloo on CPU, nccl with --device cuda). Rank 0 then prints, per rank,
+the time of the forward and backward and the bytes each rank's collectives moved, and checks
+the result against the single-device layer on the whole sequence (when it fits, --check):
+outputs, input gradients and parameter gradients (summed over ranks).
+
+Faults: --kill-rank R makes rank R kill itself (SIGKILL) just before its forward; the other
+ranks are then waiting for it in a collective and fail (gloo reports the closed connection,
+or gives up after --timeout seconds), so the launch exits non-zero instead of hanging.
+Without torchrun, `python -m longnet_ref.parallel` runs a single rank (P = 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..layer import MultiheadDilatedAttention
+from .comm import as_communicator
+from .layer import SequenceParallelDilatedAttention
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}  # max error / max |reference|
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m longnet_ref.parallel", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--seq-len", type=int, default=65536, help="N, the whole sequence (divisible by the number of ranks)"
+    )
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
+    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, nccl")
+    p.add_argument(
+        "--check", choices=["auto", "yes", "no"], default="auto", help="compare with one device (auto: if small)"
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a collective may wait before failing")
+    p.add_argument("--kill-rank", type=int, default=-1, help="fault injection: this rank dies before its forward")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (gloo connects lazily)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def init(args):
+    """Join the process group torchrun describes in the environment, or be a group of one."""
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    timeout = timedelta(seconds=args.timeout)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # plain `python -m longnet_ref.parallel`: a single rank
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def megabytes(n):
+    return f"{n / 2**20:8.2f}"
+
+
+def report(args, P, reports, layer):
+    """Rank 0's table: time and traffic per rank, per branch."""
+    N, l, B, E = args.seq_len, args.seq_len // P, args.batch, args.embed_dim
+    print(
+        f"LongNet sequence parallelism: N = {N:,} tokens over P = {P} ranks (l = {l:,} each), "
+        f"{dist.get_backend()} on {args.device}, {args.dtype}, {'causal' if args.causal else 'non-causal'}"
+    )
+    kinds = []
+    for w, r in zip(layer.segment_lengths, layer.dilation_rates):
+        w = min(w, N)
+        kinds.append(f"({w}, {r}) " + ("local" if w <= l else f"{w // l} ranks/segment"))
+    print(f"layer: B = {B}, E = {E}, H = {layer.num_heads}; branches (w, r): " + " | ".join(kinds))
+    branches = sorted({b for rep in reports for b in rep["branch_sent"]})
+    header = "rank  forward s  backward s  all-gather MB sent/recv  reduce-scatter MB sent/recv"
+    print(header + "".join(f"  branch {b} MB" for b in branches))
+    for rep in reports:
+        line = (
+            f"{rep['rank']:4d}  {rep['forward']:9.3f}  {rep['backward']:10.3f}  "
+            f"{megabytes(rep['gather'][0])} / {megabytes(rep['gather'][1])}       "
+            f"{megabytes(rep['scatter'][0])} / {megabytes(rep['scatter'][1])}"
+        )
+        print(line + "".join(f"  {megabytes(rep['branch_sent'].get(b, 0))}   " for b in branches))
+    itemsize = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    dense = (P - 1) * 2 * B * l * E * itemsize  # all-gathering every rank's whole K and V
+    print(f"for comparison, all-gathering dense K and V would send {megabytes(dense).strip()} MB per rank")
+
+
+def check(args, P, rank, layer, sp, x_local, y_local, dy_local):
+    """Gather x, y, dy, dx to rank 0 and compare with the single-device layer. True if within tolerance."""
+    grads = [p.grad.clone() for p in sp.parameters()]
+    for g in grads:  # the full parameter gradient is the sum of every rank's part
+        dist.all_reduce(g)
+
+    def gather(t):
+        parts = [torch.empty_like(t) for _ in range(P)] if rank == 0 else None
+        dist.gather(t.contiguous(), parts, dst=0)
+        return torch.cat(parts, dim=1) if rank == 0 else None
+
+    x, y, dy, dx = (gather(t) for t in (x_local.detach(), y_local.detach(), dy_local, x_local.grad))
+    if rank != 0:
+        return True
+    start = time.perf_counter()
+    x_ref = x.clone().requires_grad_()
+    y_ref = layer(x_ref)
+    y_ref.backward(dy)
+    errors = {
+        "y": (y - y_ref).abs().max() / y_ref.abs().max(),
+        "dx": (dx - x_ref.grad).abs().max() / x_ref.grad.abs().max(),
+        # k_proj.bias has a zero gradient in exact arithmetic (softmax ignores a shift shared by
+        # every key): measure every parameter against the largest parameter gradient.
+        "dW": max((g - p.grad).abs().max() for g, p in zip(grads, layer.parameters()))
+        / max(p.grad.abs().max() for p in layer.parameters()),
+    }
+    tol = TOLERANCE[DTYPES[args.dtype]]
+    ok = all(e <= tol for e in errors.values())
+    print(
+        f"check vs one device ({time.perf_counter() - start:.1f} s): max error / max |reference|: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+        + f" (tolerance {tol:.0e}) "
+        + ("OK" if ok else "FAILED")
+    )
+    return ok
+
+
+def run(args, rank, P):
+    if args.seq_len % P:
+        raise SystemExit(f"--seq-len {args.seq_len} is not divisible by the number of ranks {P}")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(args.seed)  # the same parameters on every rank
+    layer = MultiheadDilatedAttention(
+        args.embed_dim, args.heads, args.segment_lengths, args.dilation_rates, causal=args.causal
+    ).to(device, dtype)
+    sp = SequenceParallelDilatedAttention.from_layer(layer)
+    l = args.seq_len // P
+    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own chunk
+    x_local = torch.randn(args.batch, l, args.embed_dim, generator=generator).to(device, dtype).requires_grad_()
+    dy_local = torch.randn(args.batch, l, args.embed_dim, generator=generator).to(device, dtype)
+
+    dist.barrier()
+    if rank == args.kill_rank:
+        print(f"rank {rank}: --kill-rank {rank}: dying before the forward", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    for _ in range(args.warmup):
+        sp(x_local).backward(dy_local)
+    sp.zero_grad(set_to_none=True)
+    x_local.grad = None
+    as_communicator(None).records.clear()  # count the timed step only
+    dist.barrier()
+    start = time.perf_counter()
+    y_local = sp(x_local)
+    middle = time.perf_counter()
+    y_local.backward(dy_local)
+    end = time.perf_counter()
+
+    records = as_communicator(None).records
+    branch_sent = {}
+    for (_, branch), (sent, _) in records.traffic(phase="forward", op="all_gather").items():
+        branch_sent[branch] = sent
+    totals = {
+        op: [sum(r.bytes_sent for r in records if r.op == op), sum(r.bytes_received for r in records if r.op == op)]
+        for op in ("all_gather", "reduce_scatter")
+    }
+    mine = {
+        "rank": rank,
+        "forward": middle - start,
+        "backward": end - middle,
+        "branch_sent": branch_sent,
+        "gather": totals["all_gather"],
+        "scatter": totals["reduce_scatter"],
+    }
+    reports = [None] * P
+    dist.all_gather_object(reports, mine)
+    if rank == 0:
+        report(args, P, reports, layer)
+    do_check = args.check == "yes" or (args.check == "auto" and args.batch * args.seq_len * args.embed_dim <= 2**24)
+    if do_check and not check(args, P, rank, layer, sp, x_local, y_local, dy_local):
+        return 1
+    if not do_check and rank == 0:
+        print("check vs one device skipped (--check auto: too large; use --check yes)")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, P = init(args)
+    code = run(args, rank, P)
+    # Leave together: a rank that tears its connections down while rank 0 still checks can
+    # abort the others' gloo threads.
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Communicators: the collectives the per-rank algorithm needs, and a record of every call.
+
+The sequence-parallel algorithm (`algorithm.py`, LongNet Sec. 3.1) talks to its peers
+through a tiny interface:
+
+- `rank`, `world_size`;
+- `all_gather(x, ranks)`: every rank in `ranks` gives a tensor of one shape S and gets all
+  of them, stacked in rank order: (g, *S) for g = len(ranks);
+- `reduce_scatter(y, ranks)`: the backward of `all_gather`: every rank gives (g, *S), and
+  the i-th rank of `ranks` gets the sum over ranks of y[i], shape S;
+- `all_gather_object(obj)`: small Python objects from every rank of the world (input checks).
+
+`AllGather` wraps the first two in one autograd Function: the forward gathers, the backward
+reduce-scatters. Whatever the communicator, the algorithm's forward *and* backward are the
+same code. Two communicators implement the interface:
+
+- `TorchDistributed`: any torch.distributed process group (gloo on CPU, nccl on GPU);
+- `simulated.SimulatedComm`: every rank a thread of one process (for notebooks and tests).
+
+Both append a `Collective` to `records` for every call, with the traffic of a
+bandwidth-optimal (ring) implementation: gathering chunks of c elements among g ranks sends
+and receives (g - 1) c elements per rank, and so does the reduce-scatter that is its backward.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One rank's part in one collective call."""
+
+    op: str  # "all_gather", "reduce_scatter" or "all_gather_object"
+    phase: str  # "forward" or "backward"
+    branch: int | None  # index of the dilated branch; None for the input check
+    ranks: tuple  # the ranks taking part
+    rank: int  # the rank this record belongs to
+    elements_sent: int
+    elements_received: int
+    bytes_sent: int
+    bytes_received: int
+
+
+class CommStats(list):
+    """A list of `Collective` records, with sums over them."""
+
+    def traffic(self, *, phase=None, op=None):
+        """{(rank, branch): (bytes_sent, bytes_received)}, summed over the records of one phase / op (or all)."""
+        totals = defaultdict(lambda: [0, 0])
+        for rec in self:
+            if (phase is None or rec.phase == phase) and (op is None or rec.op == op):
+                totals[rec.rank, rec.branch][0] += rec.bytes_sent
+                totals[rec.rank, rec.branch][1] += rec.bytes_received
+        return {key: tuple(value) for key, value in totals.items()}
+
+    def bytes_per_rank(self, *, phase="forward", op="all_gather"):
+        """{rank: bytes sent} of the branches' collectives in one phase (the input check excluded)."""
+        totals = defaultdict(int)
+        for (rank, branch), (sent, _) in self.traffic(phase=phase, op=op).items():
+            if branch is not None:
+                totals[rank] += sent
+        return dict(sorted(totals.items()))
+
+
+class Communicator:
+    """Base class: rank, world size, and the record of every collective (subclasses move the data)."""
+
+    rank: int
+    world_size: int
+
+    def __init__(self):
+        self.records = CommStats()
+
+    def _record(self, op, phase, branch, ranks, chunk_elements, element_size):
+        moved = (len(ranks) - 1) * chunk_elements  # ring traffic, sent and received alike
+        self.records.append(
+            Collective(
+                op, phase, branch, tuple(ranks), self.rank, moved, moved, moved * element_size, moved * element_size
+            )
+        )
+
+    def all_gather(self, x, ranks, branch=None):  # (*S) -> (g, *S)
+        raise NotImplementedError
+
+    def reduce_scatter(self, y, ranks, branch=None):  # (g, *S) -> (*S)
+        raise NotImplementedError
+
+    def all_gather_object(self, obj) -> list:
+        raise NotImplementedError
+
+    def prepare(self, rank_sets) -> None:
+        """Called by every rank with the same sets of ranks before their first collective."""
+
+
+class AllGather(torch.autograd.Function):
+    """Differentiable all-gather among `ranks`: (*S) -> (g, *S). Its backward is a reduce-scatter.
+
+    Slot j of the result is rank j's x, so the gradient of rank j's x is the sum, over every
+    rank that used the gathered tensor, of its gradient for slot j: a reduce-scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, x, comm, ranks, branch):
+        ctx.comm, ctx.ranks, ctx.branch = comm, tuple(ranks), branch
+        return comm.all_gather(x.contiguous(), ctx.ranks, branch=branch)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.reduce_scatter(grad.contiguous(), ctx.ranks, branch=ctx.branch), None, None, None
+
+
+class JoinBackward(torch.autograd.Function):
+    """Identity on `out` whose backward also reaches `gathered` (with a zero gradient).
+
+    The reduce-scatter in the all-gather's backward is a collective: every rank of the
+    segment must run it, even a rank whose output does not read the gathered keys (the first
+    rank of a causal segment, or a rank that keeps no row of a head offset when r > l).
+    Autograd skips nodes the output does not depend on, so we make it depend on them.
+    """
+
+    @staticmethod
+    def forward(ctx, out, gathered):
+        ctx.gathered_shape = gathered.shape
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.gathered_shape)
+
+
+def all_gather(x, comm, ranks, branch=None):
+    """`AllGather.apply` with keyword arguments: the gathered (g, *x.shape), differentiable."""
+    return AllGather.apply(x, comm, tuple(ranks), branch)
+
+
+# torch >= 2.10 renamed the single-tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+# Sub-groups are created once per (default group, global ranks): creating the same ranks twice
+# would reuse the same store keys.
+_SUBGROUPS: dict = {}
+_COMMUNICATORS: dict = {}
+
+
+class TorchDistributed(Communicator):
+    """The interface over a torch.distributed process group (default: the whole world).
+
+    A segment's ranks get their own sub-group (`dist.new_group`), created once and cached.
+    Groups are created with `use_local_synchronization=True`, so only a group's members take
+    part in creating it; `prepare` creates every group a rank belongs to in one global order
+    (sorted), so two ranks never wait on each other's groups in opposite orders.
+    """
+
+    def __init__(self, group=None):
+        super().__init__()
+        self.group = dist.group.WORLD if group is None else group
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+
+    def _global_rank(self, rank):
+        return rank if self.group is dist.group.WORLD else dist.get_global_rank(self.group, rank)
+
+    def _subgroup(self, ranks):
+        if len(ranks) == self.world_size:
+            return self.group
+        key = (dist.group.WORLD, tuple(self._global_rank(r) for r in ranks))
+        if key not in _SUBGROUPS:
+            _SUBGROUPS[key] = dist.new_group(list(key[1]), use_local_synchronization=True)
+        return _SUBGROUPS[key]
+
+    def prepare(self, rank_sets):
+        for ranks in sorted(set(map(tuple, rank_sets))):
+            if self.rank in ranks and len(ranks) > 1:
+                self._subgroup(ranks)
+
+    def all_gather(self, x, ranks, branch=None):
+        out = x.new_empty(len(ranks) * x.numel())  # (g * |S|,)
+        _all_gather_single(out, x.reshape(-1), group=self._subgroup(ranks))
+        self._record("all_gather", "forward", branch, ranks, x.numel(), x.element_size())
+        return out.view(len(ranks), *x.shape)  # (g, *S)
+
+    def reduce_scatter(self, y, ranks, branch=None):
+        out = y.new_empty(y.shape[1:])  # (*S)
+        _reduce_scatter_single(out.view(-1), y.reshape(-1), group=self._subgroup(ranks))
+        self._record("reduce_scatter", "backward", branch, ranks, out.numel(), y.element_size())
+        return out
+
+    def all_gather_object(self, obj):
+        objects = [None] * self.world_size
+        dist.all_gather_object(objects, obj, group=self.group)
+        self._record("all_gather_object", "forward", None, range(self.world_size), len(pickle.dumps(obj)), 1)
+        return objects
+
+
+def as_communicator(group) -> Communicator:
+    """A `Communicator` as is; None (the default group) or a ProcessGroup wrapped, once, in `TorchDistributed`."""
+    if isinstance(group, Communicator):
+        return group
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "group=None needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group, or launch with torchrun); to run the "
+                "algorithm in one process use simulate_sequence_parallel or SimulatedGroup"
+            )
+        group = dist.group.WORLD
+    elif not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise ValueError(
+            f"group must be None, a torch.distributed ProcessGroup or a Communicator, got {type(group).__name__}"
+        )
+    if group not in _COMMUNICATORS:
+        _COMMUNICATORS[group] = TorchDistributed(group)
+    return _COMMUNICATORS[group]

@@ -1,0 +1,169 @@
+"""Sequence parallelism in one process: every rank is a thread (for notebooks and tests).
+
+`SimulatedGroup(P)` runs a function once per rank, each rank in its own thread with its own
+`SimulatedComm`. The communicator moves tensors through shared memory behind a barrier, so
+the per-rank code is exactly the code that runs on torch.distributed; only the few lines
+that move bytes differ. Every collective is recorded in `group.records` (`comm.Collective`).
+
+`simulate_sequence_parallel` cuts full (B, H, N, D) tensors into P chunks, runs
+`sequence_parallel_attention` on every simulated rank and concatenates the outputs. It is
+differentiable: its backward runs every rank's backward in that rank's thread again, so the
+all-gathers' reduce-scatters happen between threads as they would between processes.
+
+A rank that raises aborts the barriers: the other ranks fail at their next collective
+instead of waiting forever (and a barrier also gives up after `timeout` seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import torch
+
+from ..checks import as_positive_int, check_qkv
+from .algorithm import sequence_parallel_attention
+from .comm import CommStats, Communicator
+
+
+class SimulatedGroup:
+    """P ranks in one process, one thread each: `group.run(fn)` calls `fn(comm)` on every rank."""
+
+    def __init__(self, world_size, *, timeout=120.0):
+        self.world_size = as_positive_int("world_size", world_size)
+        self.timeout = float(timeout)
+        self.records = CommStats()  # shared by every rank's communicator, in the order of the calls
+        self.comms = [SimulatedComm(self, rank) for rank in range(self.world_size)]
+        self._lock = threading.Lock()
+        self._rounds = {}  # ranks -> (barrier, slots) of the collective those ranks are in
+        self._aborted = False
+
+    def exchange(self, ranks, rank, value):
+        """Every rank in `ranks` gives a value and gets all of them, in the order of `ranks`."""
+        with self._lock:
+            if self._aborted:
+                raise threading.BrokenBarrierError("another simulated rank failed")
+            barrier, slots = self._rounds.setdefault(ranks, (threading.Barrier(len(ranks), timeout=self.timeout), {}))
+        slots[rank] = value
+        barrier.wait()
+        values = [slots[j] for j in ranks]
+        barrier.wait()  # nobody writes the next round's slot before every rank has read this one
+        return values
+
+    def abort(self):
+        with self._lock:
+            self._aborted = True
+            for barrier, _ in self._rounds.values():
+                barrier.abort()
+
+    def run(self, fn, *, return_exceptions=False):
+        """Call `fn(comm)` for every rank, each in its own thread; the results in rank order.
+
+        If a rank raises, the others are released from their barriers and the first real
+        error (not a consequence of the abort) is raised; `return_exceptions=True` returns
+        every rank's exception in place of its result instead.
+        """
+        results = [None] * self.world_size
+        failed = [False] * self.world_size
+
+        def target(rank):
+            try:
+                results[rank] = fn(self.comms[rank])
+            except BaseException as error:  # noqa: BLE001 - handed to the caller below
+                results[rank], failed[rank] = error, True
+                self.abort()
+
+        threads = [
+            threading.Thread(target=target, args=(rank,), name=f"rank {rank}") for rank in range(self.world_size)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self._rounds, self._aborted = {}, False  # fresh barriers for the next run
+        if return_exceptions or not any(failed):
+            return results
+        errors = [error for error, bad in zip(results, failed) if bad]
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+
+
+class SimulatedComm(Communicator):
+    """One rank of a `SimulatedGroup`: the communicator interface over shared memory."""
+
+    def __init__(self, group, rank):
+        super().__init__()
+        self.group, self.rank, self.world_size = group, rank, group.world_size
+        self.records = group.records
+
+    def all_gather(self, x, ranks, branch=None):
+        parts = self.group.exchange(ranks, self.rank, x.detach().clone())
+        self._record("all_gather", "forward", branch, ranks, x.numel(), x.element_size())
+        return torch.stack(parts)  # (g, *S)
+
+    def reduce_scatter(self, y, ranks, branch=None):
+        parts = self.group.exchange(ranks, self.rank, y.detach().clone())  # g tensors (g, *S)
+        me = ranks.index(self.rank)
+        self._record("reduce_scatter", "backward", branch, ranks, y[0].numel(), y.element_size())
+        return torch.stack([part[me] for part in parts]).sum(0)  # (*S), summed in rank order
+
+    def all_gather_object(self, obj):
+        objects = self.group.exchange(tuple(range(self.world_size)), self.rank, copy.deepcopy(obj))
+        self._record("all_gather_object", "forward", None, range(self.world_size), len(pickle.dumps(obj)), 1)
+        return objects
+
+
+class _Simulation(torch.autograd.Function):
+    """(q, k, v) -> out over simulated ranks; the backward runs every rank's backward in its thread."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, options):
+        P = group.world_size
+        needs_grad = any(ctx.needs_input_grad[:3])
+        chunks = [  # rank p's (q, k, v): (B, H, l, D) each, leaves of that rank's graph
+            tuple(x.detach().chunk(P, dim=2)[p].requires_grad_(needs_grad) for x in (q, k, v)) for p in range(P)
+        ]
+
+        def rank_forward(comm):
+            with torch.enable_grad():
+                return sequence_parallel_attention(*chunks[comm.rank], *options[:2], **options[2], group=comm)
+
+        outs = group.run(rank_forward)
+        ctx.group, ctx.chunks, ctx.outs = group, chunks, outs
+        return torch.cat([out.detach() for out in outs], dim=2)  # (B, H, N, D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        douts = dout.chunk(ctx.group.world_size, dim=2)
+
+        def rank_backward(comm):
+            p = comm.rank
+            return torch.autograd.grad(ctx.outs[p], ctx.chunks[p], douts[p])
+
+        grads = ctx.group.run(rank_backward)  # per rank (dq, dk, dv), each (B, H, l, D)
+        dq, dk, dv = (torch.cat([g[i] for g in grads], dim=2) for i in range(3))
+        return dq, dk, dv, None, None
+
+
+def simulate_sequence_parallel(
+    q, k, v, world_size, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper"
+):
+    """Run `sequence_parallel_attention` on `world_size` simulated ranks: `(out, stats)`.
+
+    Args:
+        q, k, v: (B, H, N, D), the whole sequence; rank p gets positions [p N/P, (p+1) N/P).
+        world_size: P, dividing N. The other arguments as in `sequence_parallel_attention`.
+
+    Returns:
+        out (B, H, N, D), differentiable in q, k and v, and `stats`: the `CommStats` list of
+        every collective (forward ones now; the backward's reduce-scatters are appended when
+        the backward runs).
+    """
+    check_qkv(q, k, v)
+    P = as_positive_int("world_size", world_size)
+    if q.shape[2] % P:
+        raise ValueError(f"the sequence length N = {q.shape[2]} is not divisible by world_size {P}")
+    group = SimulatedGroup(P)
+    options = (segment_lengths, dilation_rates, {"causal": causal, "head_offsets": head_offsets})
+    out = _Simulation.apply(q, k, v, group, options)
+    return out, group.records
