@@ -1,7 +1,7 @@
 """Sequence parallelism in one process: every rank is a thread (for notebooks and tests).
 
 `SimulatedGroup(P)` runs a function once per rank, each rank in its own thread with its own
-`SimulatedComm`. The communicator moves tensors through shared memory behind a barrier, so
+`SimulatedComm`. The communicator moves tensors through shared memory (a rendezvous per collective), so
 the per-rank code is exactly the code that runs on torch.distributed; only the few lines
 that move bytes differ. Every collective is recorded in `group.records` (`comm.Collective`).
 
@@ -10,8 +10,8 @@ that move bytes differ. Every collective is recorded in `group.records` (`comm.C
 differentiable: its backward runs every rank's backward in that rank's thread again, so the
 all-gathers' reduce-scatters happen between threads as they would between processes.
 
-A rank that raises aborts the barriers: the other ranks fail at their next collective
-instead of waiting forever (and a barrier also gives up after `timeout` seconds).
+A rank that raises aborts the group: the other ranks fail at their next collective instead
+of waiting forever (and a collective also gives up after `timeout` seconds).
 """
 
 from __future__ import annotations
@@ -35,32 +35,53 @@ class SimulatedGroup:
         self.timeout = float(timeout)
         self.records = CommStats()  # shared by every rank's communicator, in the order of the calls
         self.comms = [SimulatedComm(self, rank) for rank in range(self.world_size)]
-        self._lock = threading.Lock()
-        self._rounds = {}  # ranks -> (barrier, slots) of the collective those ranks are in
+        self._reset()
+
+    def _reset(self):
+        self._cond = threading.Condition()
+        self._rounds = {}  # (ranks, n) -> {rank: value}: the n-th collective among `ranks`
+        self._readers = {}  # (ranks, n) -> ranks that still have to read that round
+        self._count = {}  # (ranks, rank) -> how many collectives among `ranks` this rank has entered
         self._aborted = False
 
     def exchange(self, ranks, rank, value):
-        """Every rank in `ranks` gives a value and gets all of them, in the order of `ranks`."""
-        with self._lock:
-            if self._aborted:
-                raise threading.BrokenBarrierError("another simulated rank failed")
-            barrier, slots = self._rounds.setdefault(ranks, (threading.Barrier(len(ranks), timeout=self.timeout), {}))
-        slots[rank] = value
-        barrier.wait()
-        values = [slots[j] for j in ranks]
-        barrier.wait()  # nobody writes the next round's slot before every rank has read this one
-        return values
+        """Every rank in `ranks` gives a value and gets all of them, in the order of `ranks`.
+
+        Rounds are numbered per set of ranks, so a fast rank's next collective never mixes with
+        the current one. A rank waits until every rank of the round has arrived, or until the
+        group is aborted (another rank failed) or `timeout` seconds pass.
+        """
+        with self._cond:
+            n = self._count.get((ranks, rank), 0)
+            self._count[ranks, rank] = n + 1
+            slots = self._rounds.setdefault((ranks, n), {})
+            slots[rank] = value
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: len(slots) == len(ranks) or self._aborted, timeout=self.timeout)
+            if len(slots) < len(ranks):  # a completed round is delivered even if the group aborts later
+                self._aborted = True
+                self._cond.notify_all()
+                raise threading.BrokenBarrierError(
+                    f"simulated rank {rank} gave up waiting for ranks {ranks}: another rank failed or did not come "
+                    f"within {self.timeout:g} s"
+                )
+            values = [slots[j] for j in ranks]
+            readers = self._readers.setdefault((ranks, n), set(ranks))
+            readers.discard(rank)
+            if not readers:  # everyone has read: forget the round
+                del self._rounds[ranks, n], self._readers[ranks, n]
+            return values
 
     def abort(self):
-        with self._lock:
+        """Release every rank waiting in a collective (they raise BrokenBarrierError)."""
+        with self._cond:
             self._aborted = True
-            for barrier, _ in self._rounds.values():
-                barrier.abort()
+            self._cond.notify_all()
 
     def run(self, fn, *, return_exceptions=False):
         """Call `fn(comm)` for every rank, each in its own thread; the results in rank order.
 
-        If a rank raises, the others are released from their barriers and the first real
+        If a rank raises, the others are released from their collectives and the first real
         error (not a consequence of the abort) is raised; `return_exceptions=True` returns
         every rank's exception in place of its result instead.
         """
@@ -81,7 +102,7 @@ class SimulatedGroup:
             thread.start()
         for thread in threads:
             thread.join()
-        self._rounds, self._aborted = {}, False  # fresh barriers for the next run
+        self._reset()  # a fresh start for the next run
         if return_exceptions or not any(failed):
             return results
         errors = [error for error, bad in zip(results, failed) if bad]

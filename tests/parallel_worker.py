@@ -1,0 +1,99 @@
+"""Worker processes for tests/test_parallel_distributed.py: real torch.distributed (gloo) ranks.
+
+`worker(rank, world_size, init_file, cases, queue)` joins a gloo group through a file on
+disk (no port to collide with other test runs), runs every case with
+`sequence_parallel_attention` on its chunk, compares against the single-device result it
+computes itself, and puts one result dict per case on `queue`. Cases run in order in one
+group, so an error case that left a rank behind in a collective would break the next case.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from longnet_ref import MultiheadDilatedAttention, dilated_attention
+from longnet_ref.parallel import SequenceParallelDilatedAttention, sequence_parallel_attention
+
+
+def exact_case(rank, P, case):
+    """Outputs and gradients of q, k, v on this rank's chunk vs one device: max abs errors."""
+    torch.manual_seed(case.get("seed", 0))
+    B, H, N, D = 2, case.get("heads", 4), case["N"], 8
+    dtype = getattr(torch, case.get("dtype", "float64"))
+    q, k, v, dout = (torch.randn(B, H, N, D, dtype=dtype) for _ in range(4))
+    options = {"causal": case["causal"], "head_offsets": case.get("head_offsets", "paper")}
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = dilated_attention(*full, case["ws"], case["rs"], **options)
+    ref.backward(dout)
+    l = N // P
+    mine = slice(rank * l, (rank + 1) * l)
+    local = [x[:, :, mine].clone().requires_grad_() for x in (q, k, v)]
+    out = sequence_parallel_attention(*local, case["ws"], case["rs"], **options)
+    out.backward(dout[:, :, mine])
+    errors = {"out": (out - ref[:, :, mine]).abs().max().item()}
+    for name, x, x_full in zip("qkv", local, full):
+        errors["d" + name] = (x.grad - x_full.grad[:, :, mine]).abs().max().item()
+    return {"errors": errors}
+
+
+def error_case(rank, P, case):
+    """Bad input (on one rank or all): report the exception every rank raised."""
+    q = torch.randn(1, 4, case["N"] // P if rank != case.get("odd_rank") else case["N"] // P // 2, 8)
+    try:
+        sequence_parallel_attention(q, q, q, case["ws"], case["rs"])
+    except ValueError as error:
+        return {"raised": "ValueError", "message": str(error)}
+    return {"raised": None}
+
+
+def layer_case(rank, P, case):
+    """The sequence-parallel layer vs the layer: output, input and (all-reduced) parameter gradients."""
+    torch.manual_seed(0)
+    layer = MultiheadDilatedAttention(32, 4, case["ws"], case["rs"], causal=case["causal"]).double()
+    parallel = SequenceParallelDilatedAttention.from_layer(layer)
+    x, dy = torch.randn(2, case["N"], 32, dtype=torch.float64), torch.randn(2, case["N"], 32, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_()
+    layer(x_ref).backward(dy)
+    l = case["N"] // P
+    mine = slice(rank * l, (rank + 1) * l)
+    x_local = x[:, mine].clone().requires_grad_()
+    y = parallel(x_local)
+    y.backward(dy[:, mine])
+    errors = {"y": (y - layer(x)[:, mine]).abs().max().item(), "dx": (x_local.grad - x_ref.grad[:, mine]).abs().max().item()}
+    for (name, p), p_ref in zip(parallel.named_parameters(), layer.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)  # each rank holds its tokens' share of the parameter gradient
+        errors[name] = (grad - p_ref.grad).abs().max().item()
+    return {"errors": errors}
+
+
+def die_case(rank, P, case):
+    """Fault injection: `case["rank"]` dies (SIGKILL) between two collectives; the others carry on into one."""
+    if rank == case["rank"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return exact_case(rank, P, case)
+
+
+CASES = {"exact": exact_case, "error": error_case, "layer": layer_case, "die": die_case}
+
+
+def worker(rank, world_size, init_file, cases, queue, timeout_s=20.0):
+    torch.set_num_threads(1)  # P processes share the machine's cores
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
+        for index, case in enumerate(cases):
+            result = CASES[case["kind"]](rank, world_size, case)
+            queue.put({"rank": rank, "case": index, **result})
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as error:  # report, then fail the process
+        queue.put({"rank": rank, "case": "crash", "error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()})
+        raise SystemExit(1) from None

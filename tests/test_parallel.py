@@ -1,0 +1,293 @@
+"""Sequence parallelism, simulated in one process (LongNet Sec. 3.1): exact, accounted, fault-safe.
+
+Every test runs the same per-rank code as torch.distributed (tests/test_parallel_distributed.py
+runs it on real gloo processes), with each rank a thread of a `SimulatedGroup`.
+"""
+
+import math
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rand_qkv
+
+from longnet_ref import MultiheadDilatedAttention, dense_attention, dilated_attention, fused_attention, oracle_attention
+from longnet_ref.parallel import (
+    SequenceParallelDilatedAttention,
+    SimulatedGroup,
+    sequence_parallel_attention,
+    simulate_sequence_parallel,
+)
+
+# (world size P, segment lengths, dilation rates, what it exercises); N = 64 everywhere.
+CONFIGS = [
+    (1, [8, 32, 64], [1, 2, 4], "one rank: every branch local"),
+    (2, [8, 32, 64, 128], [1, 2, 4, 8], "P = 2: local branches, one segment over both ranks, w > N"),
+    (4, [8, 32], [1, 2], "a segment spanning 2 of 4 ranks"),
+    (4, [16, 64], [1, 4], "a segment spanning all 4 ranks"),
+    (4, [16, 256], [2, 8], "w > N: one segment over all ranks"),
+    (8, [8, 32, 64, 128], [1, 2, 4, 8], "P = 8: segments over 4 and 8 ranks, w > N"),
+    (8, [48], [3], "ragged last segment (N % w != 0): 6 ranks, then 2"),
+    (8, [32, 64], [3, 16], "r does not divide l (padded rows), r > l (ranks with no row)"),
+]
+
+
+def grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def assert_matches_single_device(P, ws, rs, *, causal, dtype, tol, H=4, head_offsets="paper", B=2, N=64, D=8):
+    q, k, v = rand_qkv(B, H, N, D, dtype=dtype, requires_grad=True)
+    out, _ = simulate_sequence_parallel(q, k, v, P, ws, rs, causal=causal, head_offsets=head_offsets)
+    ref = dilated_attention(q, k, v, ws, rs, causal=causal, head_offsets=head_offsets)
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+    dout = torch.randn_like(out)
+    for got, want in zip(grads(out, (q, k, v), dout), grads(ref, (q, k, v), dout)):
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("P, ws, rs, what", CONFIGS, ids=[c[3] for c in CONFIGS])
+def test_simulated_equals_single_device_float64(P, ws, rs, what, causal):
+    assert_matches_single_device(P, ws, rs, causal=causal, dtype=torch.float64, tol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("P", [2, 4, 8])
+def test_simulated_equals_single_device_float32(P, causal):
+    assert_matches_single_device(P, [8, 32, 64, 128], [1, 2, 4, 8], causal=causal, dtype=torch.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("head_offsets", ["torchscale", "none"])
+def test_simulated_other_head_offset_rules(head_offsets):
+    # H = 6 with r = 4: the torchscale rule leaves residue 3 uncovered; rows no head keeps stay 0.
+    assert_matches_single_device(4, [16, 64], [2, 4], causal=True, dtype=torch.float64, tol=1e-10, H=6, head_offsets=head_offsets)
+
+
+def test_simulated_equals_the_oracle():
+    """Independent of `dilated_attention`: the dense softmax with multiplicity bias log c."""
+    q, k, v = rand_qkv(1, 4, 64, 8, requires_grad=True)
+    ws, rs = [8, 32, 128], [1, 2, 8]
+    out, _ = simulate_sequence_parallel(q, k, v, 4, ws, rs, causal=True)
+    ref, _ = oracle_attention(q, k, v, ws, rs, causal=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    dout = torch.randn_like(out)
+    for got, want in zip(grads(out, (q, k, v), dout), grads(ref, (q, k, v), dout)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_return_lse_is_the_merged_log_sum_exp():
+    q, k, v = rand_qkv(1, 4, 64, 8)
+    ws, rs = [16, 64], [1, 4]
+    _, ref_lse = dilated_attention(q, k, v, ws, rs, causal=True, return_lse=True)
+    chunks = [tuple(x.chunk(4, dim=2)[p] for x in (q, k, v)) for p in range(4)]
+    results = SimulatedGroup(4).run(
+        lambda comm: sequence_parallel_attention(*chunks[comm.rank], ws, rs, causal=True, group=comm, return_lse=True)
+    )
+    torch.testing.assert_close(torch.cat([lse for _, lse in results], dim=2), ref_lse, rtol=0, atol=1e-10)
+
+
+def test_fused_attention_gradient_with_more_or_fewer_keys_than_queries():
+    """The distributed branch attends its queries to blocks of other lengths: out and lse gradients are exact."""
+    for n_queries, n_keys in [(4, 12), (12, 4)]:
+        q = torch.randn(2, 3, n_queries, 8, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, 3, n_keys, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        (o, s), (o_ref, s_ref) = fused_attention(q, k, v), dense_attention(q, k, v)
+        do, ds = torch.randn_like(o), torch.randn_like(s)
+        got = grads((o * do).sum() + (s * ds).sum(), (q, k, v), None)
+        want = grads((o_ref * do).sum() + (s_ref * ds).sum(), (q, k, v), None)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- communication accounting
+
+
+def expected_traffic(N, P, ws, rs, *, B, H, D, itemsize):
+    """Closed form: {(rank, branch): bytes} sent (= received) by the all-gather of each distributed branch.
+
+    Branch (w, r) with w' = min(w, N) > l = N / P: the segment of rank p holds g ranks; every
+    rank sends its K and V rows, padded to ceil(l / r) per head, to the g - 1 others.
+    """
+    l, table = N // P, {}
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        w = min(w, N)
+        if w <= l:
+            continue
+        for p in range(P):
+            first = p // (w // l) * (w // l)
+            g = min(first + w // l, P) - first
+            if g > 1:
+                table[p, i] = (g - 1) * 2 * B * H * math.ceil(l / r) * D * itemsize
+    return table
+
+
+@pytest.mark.parametrize("P, ws, rs", [(4, [8, 32, 64], [1, 2, 4]), (8, [48, 128], [3, 16])])
+def test_stats_match_the_closed_form(P, ws, rs):
+    B, H, N, D = 2, 4, 64, 8
+    q, k, v = rand_qkv(B, H, N, D, requires_grad=True)
+    out, stats = simulate_sequence_parallel(q, k, v, P, ws, rs, causal=True)
+    want = expected_traffic(N, P, ws, rs, B=B, H=H, D=D, itemsize=8)
+    forward = {key: sent for key, (sent, received) in stats.traffic(op="all_gather").items() if sent == received}
+    assert forward == want
+    out.backward(torch.randn_like(out))  # the backward's reduce-scatters join the same list
+    assert {key: sent for key, (sent, _) in stats.traffic(op="reduce_scatter").items()} == want
+    # the ranks taking part are exactly the segment's ranks, never the whole world
+    l = N // P
+    for rec in stats:
+        if rec.branch is None:
+            assert rec.op == "all_gather_object" and rec.ranks == tuple(range(P))
+            continue
+        per_segment = min(ws[rec.branch], N) // l
+        first = rec.rank // per_segment * per_segment
+        assert rec.ranks == tuple(range(first, min(first + per_segment, P)))
+    assert sum(rec.op == "all_gather_object" for rec in stats) == P  # one input check per rank
+
+
+def test_bytes_per_rank_stay_constant_when_n_and_p_double():
+    """The paper's claim (Sec. 3.2): with w / r bounded, each rank's traffic does not grow with N."""
+    B, H, D, l = 1, 4, 8, 16
+    ws, rs = [16, 64, 128], [1, 4, 8]  # w / r = 16 for every branch
+    per_rank, dense = {}, {}
+    for P in (8, 16, 32):
+        N = l * P
+        q, k, v = rand_qkv(B, H, N, D)
+        _, stats = simulate_sequence_parallel(q, k, v, P, ws, rs)
+        sent = stats.bytes_per_rank()
+        assert len(set(sent.values())) == 1, sent  # every rank moves the same
+        per_rank[N] = sent[0]
+        dense[N] = (P - 1) * 2 * B * H * l * D * 8  # all-gathering whole K and V
+    assert len(set(per_rank.values())) == 1, per_rank
+    # gathered rows per head: (w/l - 1) * l/r < w / r per branch, nowhere near the dense (P - 1) l
+    assert per_rank[128] == sum((w // l - 1) * 2 * B * H * (l // r) * D * 8 for w, r in zip(ws[1:], rs[1:]))
+    assert per_rank[128] < dense[128] < dense[256] < dense[512]  # dense K/V would grow like N
+
+
+# ---------------------------------------------------------------- bad input, on every rank
+
+
+def run_every_rank(P, make_args, **kwargs):
+    """Call sequence_parallel_attention on P simulated ranks with per-rank arguments; results or exceptions."""
+    group = SimulatedGroup(P, timeout=20)
+    return group.run(lambda comm: sequence_parallel_attention(*make_args(comm.rank), group=comm, **kwargs), return_exceptions=True)
+
+
+def chunk_args(P, ws, rs, N=64):
+    q, k, v = rand_qkv(1, 4, N, 8)
+    return lambda p: (*(x.chunk(P, dim=2)[p] for x in (q, k, v)), ws, rs)
+
+
+@pytest.mark.parametrize(
+    "ws, message",
+    [
+        ([12], r"segment_lengths\[0\] = 12 must divide the local length l = N / P = 16"),
+        ([8, 24], r"segment_lengths\[1\] = 24 is longer than the local length l = N / P = 16 .* not a multiple"),
+    ],
+)
+def test_bad_divisibility_raises_on_every_rank(ws, message):
+    results = run_every_rank(4, chunk_args(4, ws, [1] * len(ws)))
+    assert all(isinstance(r, ValueError) and re.search(message, str(r)) for r in results), results
+
+
+def test_shapes_that_differ_between_ranks_raise_on_every_rank():
+    q, k, v = rand_qkv(1, 4, 64, 8)
+
+    def args(p):  # rank 2 holds 8 rows instead of 16
+        n = 8 if p == 2 else 16
+        return q[:, :, :n], k[:, :, :n], v[:, :, :n], [16], [1]
+
+    results = run_every_rank(4, args)
+    assert all(isinstance(r, ValueError) and "every rank must pass the same shape" in str(r) for r in results)
+    assert "rank 2: (1, 4, 8, 8)" in str(results[0])
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda a: (a[0][0], *a[1:]), r"invalid input on rank 1: q must be 4-D"),
+        (lambda a: (*a[:3], [32], [2]), r"every rank must pass the same segment_lengths and dilation_rates"),
+        (lambda a: (*a[:3], [16], [32]), r"invalid input on rank 1: dilation_rate\[0\] 32 is larger"),
+        (lambda a: (a[0].requires_grad_(), *a[1:]), r"every rank must pass the same requires_grad"),
+    ],
+    ids=["one-rank-3d", "branches-differ", "one-rank-bad-branch", "requires-grad-differs"],
+)
+def test_one_rank_with_bad_input_makes_every_rank_raise(spoil, message):
+    base = chunk_args(4, [16], [1])
+
+    def args(p):
+        a = base(p)
+        return spoil((a[0].clone(), *a[1:])) if p == 1 else a
+
+    results = run_every_rank(4, args)
+    assert all(isinstance(r, ValueError) and re.search(message, str(r)) for r in results), results
+
+
+def test_a_rank_that_fails_releases_the_others():
+    """A rank that raises outside the checks (a bug, an OOM) must not leave the others in a barrier."""
+    make = chunk_args(4, [16, 64], [1, 4])
+
+    def fn(comm):
+        if comm.rank == 3:
+            raise RuntimeError("rank 3 crashed")
+        return sequence_parallel_attention(*make(comm.rank), group=comm)
+
+    start = time.perf_counter()
+    results = SimulatedGroup(4, timeout=30).run(fn, return_exceptions=True)
+    assert time.perf_counter() - start < 10
+    assert isinstance(results[3], RuntimeError)
+    assert all(isinstance(r, threading.BrokenBarrierError) for r in results[:3])
+    with pytest.raises(RuntimeError, match="rank 3 crashed"):  # run() raises the root cause
+        SimulatedGroup(4, timeout=30).run(fn)
+
+
+def test_bad_arguments_of_the_entry_points():
+    q, k, v = rand_qkv(1, 4, 64, 8)
+    with pytest.raises(ValueError, match="not divisible by world_size 5"):
+        simulate_sequence_parallel(q, k, v, 5, [16], [1])
+    with pytest.raises(ValueError, match="world_size must be a positive integer, got 0"):
+        simulate_sequence_parallel(q, k, v, 0, [16], [1])
+    with pytest.raises(ValueError, match="group must be None, a torch.distributed ProcessGroup or a Communicator"):
+        sequence_parallel_attention(q, k, v, [16], [1], group="world")
+    if not torch.distributed.is_initialized():
+        with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+            sequence_parallel_attention(q, k, v, [16], [1])
+
+
+# ---------------------------------------------------------------- the layer
+
+
+@pytest.mark.parametrize("P, causal", [(2, False), (4, True)])
+def test_sequence_parallel_layer_equals_the_layer(P, causal):
+    torch.manual_seed(1)
+    layer = MultiheadDilatedAttention(32, 4, [8, 32, 64], [1, 2, 4], causal=causal).double()
+    parallel = SequenceParallelDilatedAttention.from_layer(layer)
+    x = torch.randn(2, 64, 32, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    chunks = [c.clone().requires_grad_() for c in x.chunk(P, dim=1)]
+
+    def step(comm):  # one rank: forward and backward of its chunk
+        y = parallel(chunks[comm.rank], group=comm)
+        y.backward(dy.chunk(P, dim=1)[comm.rank])
+        return y.detach()
+
+    y = torch.cat(SimulatedGroup(P).run(step), dim=1)
+    x_ref = x.clone().requires_grad_()
+    y_ref = layer(x_ref)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cat([c.grad for c in chunks], dim=1), x_ref.grad, rtol=0, atol=1e-10)
+    # threads share the parameters, so their .grad already holds the sum over ranks
+    for (name, p), p_ref in zip(parallel.named_parameters(), layer.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
+    with pytest.raises(ValueError, match=r"x must be \(B, N/P, 32\)"):
+        parallel(torch.randn(2, 16, 8))
+
+
+def test_readme_sequence_parallel_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- readme-parallel-example -->\n```python\n(.*?)```", readme, re.S)
+    assert match, "README.md has no <!-- readme-parallel-example --> block"
+    exec(compile(match.group(1), "README.md", "exec"), {})
