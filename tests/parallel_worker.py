@@ -65,7 +65,10 @@ def layer_case(rank, P, case):
     x_local = x[:, mine].clone().requires_grad_()
     y = parallel(x_local)
     y.backward(dy[:, mine])
-    errors = {"y": (y - layer(x)[:, mine]).abs().max().item(), "dx": (x_local.grad - x_ref.grad[:, mine]).abs().max().item()}
+    errors = {
+        "y": (y - layer(x)[:, mine]).abs().max().item(),
+        "dx": (x_local.grad - x_ref.grad[:, mine]).abs().max().item(),
+    }
     for (name, p), p_ref in zip(parallel.named_parameters(), layer.parameters()):
         grad = p.grad.clone()
         dist.all_reduce(grad)  # each rank holds its tokens' share of the parameter gradient
@@ -87,7 +90,11 @@ def worker(rank, world_size, init_file, cases, queue, timeout_s=20.0):
     torch.set_num_threads(1)  # P processes share the machine's cores
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
         )
         for index, case in enumerate(cases):
             result = CASES[case["kind"]](rank, world_size, case)
@@ -95,5 +102,12 @@ def worker(rank, world_size, init_file, cases, queue, timeout_s=20.0):
         dist.barrier()
         dist.destroy_process_group()
     except BaseException as error:  # report, then fail the process
-        queue.put({"rank": rank, "case": "crash", "error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()})
+        queue.put(
+            {
+                "rank": rank,
+                "case": "crash",
+                "error": f"{type(error).__name__}: {error}",
+                "trace": traceback.format_exc(),
+            }
+        )
         raise SystemExit(1) from None

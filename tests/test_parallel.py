@@ -64,7 +64,9 @@ def test_simulated_equals_single_device_float32(P, causal):
 @pytest.mark.parametrize("head_offsets", ["torchscale", "none"])
 def test_simulated_other_head_offset_rules(head_offsets):
     # H = 6 with r = 4: the torchscale rule leaves residue 3 uncovered; rows no head keeps stay 0.
-    assert_matches_single_device(4, [16, 64], [2, 4], causal=True, dtype=torch.float64, tol=1e-10, H=6, head_offsets=head_offsets)
+    assert_matches_single_device(
+        4, [16, 64], [2, 4], causal=True, dtype=torch.float64, tol=1e-10, H=6, head_offsets=head_offsets
+    )
 
 
 def test_simulated_equals_the_oracle():
@@ -172,7 +174,9 @@ def test_bytes_per_rank_stay_constant_when_n_and_p_double():
 def run_every_rank(P, make_args, **kwargs):
     """Call sequence_parallel_attention on P simulated ranks with per-rank arguments; results or exceptions."""
     group = SimulatedGroup(P, timeout=20)
-    return group.run(lambda comm: sequence_parallel_attention(*make_args(comm.rank), group=comm, **kwargs), return_exceptions=True)
+    return group.run(
+        lambda comm: sequence_parallel_attention(*make_args(comm.rank), group=comm, **kwargs), return_exceptions=True
+    )
 
 
 def chunk_args(P, ws, rs, N=64):

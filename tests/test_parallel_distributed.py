@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import parallel_worker
 import pytest
 import torch.multiprocessing as mp
-
-import parallel_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo on loopback, POSIX signals")
@@ -25,7 +24,9 @@ def launch(P, cases, tmp_path, *, timeout=120.0):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init_file = tmp_path / "gloo_init"
-    procs = [ctx.Process(target=parallel_worker.worker, args=(rank, P, str(init_file), cases, queue)) for rank in range(P)]
+    procs = [
+        ctx.Process(target=parallel_worker.worker, args=(rank, P, str(init_file), cases, queue)) for rank in range(P)
+    ]
     start = time.monotonic()
     for proc in procs:
         proc.start()
@@ -61,9 +62,13 @@ def exact_cases(P):
         ([8, 32, N, 2 * N], [1, 2, 4, 8]),  # the mixture
     ]
     cases = [
-        {"kind": "exact", "N": N, "ws": ws, "rs": rs, "causal": causal} for ws, rs in configs for causal in (False, True)
+        {"kind": "exact", "N": N, "ws": ws, "rs": rs, "causal": causal}
+        for ws, rs in configs
+        for causal in (False, True)
     ]
-    cases.append({"kind": "exact", "N": N, "ws": [16, N], "rs": [2, 4], "causal": True, "heads": 6, "head_offsets": "torchscale"})
+    cases.append(
+        {"kind": "exact", "N": N, "ws": [16, N], "rs": [2, 4], "causal": True, "heads": 6, "head_offsets": "torchscale"}
+    )
     return cases
 
 
@@ -85,7 +90,9 @@ def test_gloo_processes_equal_single_device(P, tmp_path):
     for rank in range(P):
         assert max(results[rank, n_exact]["errors"].values()) <= 1e-5  # float32
         divisibility, shapes = results[rank, n_exact + 1], results[rank, n_exact + 2]
-        assert divisibility["raised"] == "ValueError" and "segment_lengths[0] = 12 must divide" in divisibility["message"]
+        assert (
+            divisibility["raised"] == "ValueError" and "segment_lengths[0] = 12 must divide" in divisibility["message"]
+        )
         assert shapes["raised"] == "ValueError" and "every rank must pass the same shape" in shapes["message"]
         assert max(results[rank, n_exact + 3]["errors"].values()) <= 1e-10  # the layer
     print(f"P = {P}: {len(cases)} cases in {elapsed:.1f} s")
@@ -119,7 +126,9 @@ LAUNCH = ["--seq-len", "256", "--segment-lengths", "32", "128", "256", "--dilati
 
 
 def test_launcher_runs_forward_backward_and_checks(tmp_path):
-    proc, elapsed = torchrun("--nproc-per-node", "2", "-m", "longnet_ref.parallel", *LAUNCH, "--dtype", "float64", timeout=120)
+    proc, elapsed = torchrun(
+        "--nproc-per-node", "2", "-m", "longnet_ref.parallel", *LAUNCH, "--dtype", "float64", timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "N = 256 tokens over P = 2 ranks (l = 128 each)" in out
@@ -130,7 +139,9 @@ def test_launcher_runs_forward_backward_and_checks(tmp_path):
 
 
 def test_launcher_exits_nonzero_fast_when_a_rank_dies():
-    proc, elapsed = torchrun("--nproc-per-node", "2", "-m", "longnet_ref.parallel", *LAUNCH, "--kill-rank", "1", timeout=90)
+    proc, elapsed = torchrun(
+        "--nproc-per-node", "2", "-m", "longnet_ref.parallel", *LAUNCH, "--kill-rank", "1", timeout=90
+    )
     assert proc.returncode != 0
     assert elapsed < 60, elapsed
     assert "dying before the forward" in proc.stdout
