@@ -4,6 +4,7 @@ Every test runs the same per-rank code as torch.distributed (tests/test_parallel
 runs it on real gloo processes), with each rank a thread of a `SimulatedGroup`.
 """
 
+import inspect
 import math
 import re
 import threading
@@ -295,3 +296,19 @@ def test_readme_sequence_parallel_example_runs():
     match = re.search(r"<!-- readme-parallel-example -->\n```python\n(.*?)```", readme, re.S)
     assert match, "README.md has no <!-- readme-parallel-example --> block"
     exec(compile(match.group(1), "README.md", "exec"), {})
+
+
+@pytest.mark.skipif(
+    "rotary" not in inspect.signature(MultiheadDilatedAttention).parameters, reason="the layer has no rotary option"
+)
+def test_sequence_parallel_layer_gives_rotary_global_positions():
+    def rotary(q, k, positions):  # any position-dependent map shows whether positions are global
+        angle = positions.to(q.dtype)[:, None] * 0.1  # (N, 1)
+        return q * torch.cos(angle) + q.roll(1, dims=-1) * torch.sin(angle), k * torch.cos(angle)
+
+    torch.manual_seed(2)
+    layer = MultiheadDilatedAttention(32, 4, [8, 32, 64], [1, 2, 4], causal=True, rotary=rotary).double()
+    parallel = SequenceParallelDilatedAttention.from_layer(layer)
+    x = torch.randn(2, 64, 32, dtype=torch.float64)
+    y = torch.cat(SimulatedGroup(4).run(lambda comm: parallel(x.chunk(4, dim=1)[comm.rank], group=comm)), dim=1)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=1e-10)

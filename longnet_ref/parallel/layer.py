@@ -11,8 +11,11 @@ Shape legend: B batch, N length, l = N / P local length, E = H * D embedding dim
 
 from __future__ import annotations
 
+import torch
+
 from ..layer import MultiheadDilatedAttention
 from .algorithm import sequence_parallel_attention
+from .comm import as_communicator
 
 
 class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
@@ -20,8 +23,9 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
 
     `group`: None (torch.distributed's default group), a ProcessGroup, or a `Communicator`
     (a rank of a `SimulatedGroup`); `forward(x, group=...)` overrides it for one call.
-    Local branches use the fast path whatever `implementation` says. Dropout draws from each
-    rank's own random stream, so with dropout > 0 only the distribution matches one device.
+    Local branches use the fast path whatever `implementation` says. A `rotary` position
+    encoding (if the layer has one) gets global positions, rank * l + 0..l-1. Dropout draws
+    from each rank's own random stream, so with dropout > 0 only the distribution matches one device.
     """
 
     def __init__(self, *args, group=None, **kwargs):
@@ -41,6 +45,7 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
             bias=layer.q_proj.bias is not None,
             head_offsets=layer.head_offsets,
             group=group,
+            **({} if getattr(layer, "rotary", None) is None else {"rotary": layer.rotary}),
         )
         reference = next(layer.parameters())
         parallel.to(reference.device, reference.dtype)
@@ -52,7 +57,11 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, N/P, {self.embed_dim}), got shape {tuple(x.shape)}")
         B, l, E = x.shape
+        group = self.group if group is None else group
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, l, D)
+        if getattr(self, "rotary", None) is not None:  # positions are global: this chunk starts at rank * l
+            start = as_communicator(group).rank * l
+            q, k = self.rotary(q, k, torch.arange(start, start + l, device=x.device))
         out = sequence_parallel_attention(
             q,
             k,
@@ -61,7 +70,7 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
             self.dilation_rates,
             causal=self.causal,
             head_offsets=self.head_offsets,
-            group=self.group if group is None else group,
+            group=group,
         )
         out = self.dropout(out)  # identity in eval mode
         out = out.transpose(1, 2).reshape(B, l, E)  # (B, l, H*D)
