@@ -151,7 +151,7 @@ def test_stats_match_the_closed_form(P, ws, rs):
 
 
 def test_bytes_per_rank_stay_constant_when_n_and_p_double():
-    """The paper's claim (Sec. 3.2): with w / r bounded, each rank's traffic does not grow with N."""
+    """The paper's claim (Sec. 3.1): with w / r bounded, each rank's traffic does not grow with N."""
     B, H, D, l = 1, 4, 8, 16
     ws, rs = [16, 64, 128], [1, 4, 8]  # w / r = 16 for every branch
     per_rank, dense = {}, {}

@@ -1,4 +1,4 @@
-"""Sequence parallelism for dilated attention: the per-rank algorithm (LongNet Sec. 3.1, Fig. 4).
+"""Sequence parallelism for dilated attention: the per-rank algorithm (LongNet Sec. 3.1).
 
 The N tokens are split into P contiguous chunks of l = N / P, one per rank: rank p holds
 positions [p l, (p + 1) l). Every rank runs `sequence_parallel_attention` on its own chunk.
