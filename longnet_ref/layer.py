@@ -10,6 +10,7 @@ Shape legend: B batch, N length, E = H * D embedding dim, H heads, D head dim.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .checks import as_positive_int, check_branches, check_head_offsets, check_implementation
@@ -31,6 +32,12 @@ class MultiheadDilatedAttention(nn.Module):
         bias: biases on the four projections.
         head_offsets: "paper", "torchscale" or "none".
         implementation: "fast" (default) or "readable".
+        rotary: optional callable `rotary(q, k, positions) -> (q, k)` on (B, H, N, D) tensors,
+            applied after the projections and before attention, with `positions` the (N,)
+            absolute positions of the rows (0..N-1 here). Relative position schemes such as
+            RoPE (`longnet_ref.model.RotaryEmbedding`) live here, because they must rotate q and
+            k, not the layer's input. Default None: no positions (the layer is permutation
+            equivariant apart from its causal mask and segments).
     """
 
     def __init__(
@@ -45,6 +52,7 @@ class MultiheadDilatedAttention(nn.Module):
         bias=True,
         head_offsets="paper",
         implementation="fast",
+        rotary=None,
     ):
         super().__init__()
         embed_dim = as_positive_int("embed_dim", embed_dim)
@@ -65,6 +73,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.dropout = nn.Dropout(float(dropout))
+        if rotary is not None and not callable(rotary):
+            raise ValueError(f"rotary must be None or a callable (q, k, positions) -> (q, k), got {rotary!r}")
+        self.rotary = rotary  # an nn.Module is registered as a submodule by this assignment
 
     def split_heads(self, x):
         B, N, E = x.shape
@@ -76,6 +87,8 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(f"x must be (B, N, {self.embed_dim}), got shape {tuple(x.shape)}")
         B, N, E = x.shape
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, torch.arange(N, device=x.device))  # positions 0..N-1
         out = dilated_attention(
             q,
             k,

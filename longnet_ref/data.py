@@ -1,0 +1,165 @@
+"""Data that needs no download: Python's own standard library as a byte-level corpus, and a
+synthetic key-value recall task that measures how far back a model can reach.
+
+The paper trained on source code (The Stack). Every Python installation carries a corpus of
+source code: the standard library's `.py` files, found through `sysconfig`, so the same code
+runs on a laptop, in CI and in Colab. Bytes are the tokens (vocabulary 256): no tokenizer,
+and bits per byte compare across models directly.
+
+Train/validation split is by file (a file is wholly in one split, so validation measures
+generalisation to unseen files, not memorised neighbours), decided by a CRC32 of the file's
+path relative to the library root: deterministic across runs, processes and machines, and a
+file's split does not depend on which other files exist. The corpus differs between Python
+versions, as the standard library does.
+
+Shape legend: B batch, N sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+import zlib
+from pathlib import Path
+
+import torch
+
+from .checks import as_positive_int
+
+VOCAB_SIZE = 256
+IGNORE = -100  # target value that F.cross_entropy skips
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root=None) -> list[str]:
+    """Relative POSIX paths of the library's .py files, sorted; third-party packages excluded."""
+    root = stdlib_root() if root is None else Path(root)
+    if not root.is_dir():
+        raise ValueError(f"root must be a directory of .py files, got {str(root)!r}")
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    paths = (p.relative_to(root) for p in root.rglob("*.py") if p.is_file())
+    return sorted(p.as_posix() for p in paths if not skip.intersection(p.parts))
+
+
+def split_of(path: str, val_fraction: float = 0.05) -> str:
+    """ "train" or "val" for a relative path: CRC32 of the path, not Python's salted hash()."""
+    return "val" if zlib.crc32(path.encode()) % 10_000 < val_fraction * 10_000 else "train"
+
+
+def load_corpus(root=None, val_fraction: float = 0.05) -> dict[str, torch.Tensor]:
+    """{"train": uint8 (N_train,), "val": uint8 (N_val,)}: the files of each split, concatenated in path order.
+
+    Each file ends with a newline (one is added if missing), so files never run together.
+    """
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    root = stdlib_root() if root is None else Path(root)
+    chunks = {"train": [], "val": []}
+    for path in stdlib_files(root):
+        text = (root / path).read_bytes()
+        chunks[split_of(path, val_fraction)].append(text if text.endswith(b"\n") else text + b"\n")
+    corpus = {}
+    for split, parts in chunks.items():
+        if not parts:
+            raise ValueError(f"the {split} split of {str(root)!r} is empty; val_fraction={val_fraction!r}")
+        corpus[split] = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+    return corpus
+
+
+def random_windows(data, seq_len, batch_size, generator=None):
+    """A training batch: random windows of the byte stream, inputs (B, N) and next-byte targets (B, N)."""
+    N, B = as_positive_int("seq_len", seq_len), as_positive_int("batch_size", batch_size)
+    if data.numel() < N + 1:
+        raise ValueError(f"seq_len {N} needs at least {N + 1} bytes of data, got {data.numel()}")
+    starts = torch.randint(0, data.numel() - N, (B,), generator=generator)  # (B,)
+    idx = starts[:, None] + torch.arange(N + 1)  # (B, N+1)
+    window = data[idx].long()  # (B, N+1)
+    return window[:, :-1], window[:, 1:]
+
+
+def eval_windows(data, seq_len, num_bytes):
+    """Consecutive windows over the first `num_bytes` bytes: inputs and targets (num_bytes // N, N).
+
+    Cutting the same bytes into windows of different lengths makes bits per byte comparable
+    across test lengths: only the context each byte gets changes, not the bytes scored.
+    """
+    N, total = as_positive_int("seq_len", seq_len), as_positive_int("num_bytes", num_bytes)
+    if total % N:
+        raise ValueError(f"num_bytes {total} is not a multiple of seq_len {N}")
+    if data.numel() < total + 1:
+        raise ValueError(f"num_bytes {total} needs {total + 1} bytes of data, got {data.numel()}")
+    x = data[:total].long().view(-1, N)  # (M, N)
+    y = data[1 : total + 1].long().view(-1, N)  # (M, N)
+    return x, y
+
+
+# --- The synthetic long-range task: key-value recall across a haystack -----------------------
+#
+# Bytes:  filler  a-z and space, random (the haystack: nothing to learn in it)
+#         needle  one byte 128 + 8*key + value  (16 keys x 8 values)
+#         query   one byte "A" + key, later in the sequence; the target there is "0" + value
+# Keys are distinct within a sequence, so every query has one answer: the value of the needle
+# with its key, `distance` positions back. Only the answers are scored (targets elsewhere are
+# IGNORE). A model answers above chance (1/8) at distance d only if information can travel d
+# positions: the reach of its attention pattern, measured directly.
+NUM_KEYS, NUM_VALUES = 16, 8
+FILLER = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz "), dtype=torch.long)
+
+
+def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_per_pair=8, distances=None):
+    """Inputs x (B, N), targets y (B, N) (IGNORE except at queries) and distance (B, N) (0 except at queries).
+
+    Each of `num_pairs` needles is asked for `queries_per_pair` times, each query at its own
+    distance. distances: None samples them log-uniformly in [1, N - 2], so every scale is
+    trained; a list (evaluation at fixed distances) gives each needle `queries_per_pair`
+    different distances from it.
+    """
+    B, N = as_positive_int("batch_size", batch_size), as_positive_int("seq_len", seq_len)
+    num_pairs, per_pair = as_positive_int("num_pairs", num_pairs), as_positive_int("queries_per_pair", queries_per_pair)
+    if num_pairs > NUM_KEYS or num_pairs * (1 + 2 * per_pair) > N // 2:
+        raise ValueError(
+            f"num_pairs {num_pairs} x queries_per_pair {per_pair} must fit in half of seq_len {N} "
+            f"(and num_pairs <= {NUM_KEYS})"
+        )
+    if distances is not None and (len(set(distances)) < per_pair or min(distances) < 1 or max(distances) > N - 2):
+        raise ValueError(
+            f"distances must hold at least queries_per_pair = {per_pair} different values in "
+            f"[1, seq_len - 2 = {N - 2}], got {distances!r}"
+        )
+    x = FILLER[torch.randint(0, len(FILLER), (B, N), generator=generator)]  # (B, N) haystack
+    y = torch.full((B, N), IGNORE, dtype=torch.long)
+    dist = torch.zeros((B, N), dtype=torch.long)
+
+    def uniform(n):  # an int in [0, n), from the generator
+        return int(torch.randint(0, n, (1,), generator=generator))
+
+    def pick_distances():
+        if distances is not None:
+            choices = sorted(set(distances))
+            return [choices[i] for i in torch.randperm(len(choices), generator=generator)[:per_pair].tolist()]
+        u = torch.rand(per_pair, generator=generator, dtype=torch.float64).tolist()
+        return [int(math.exp(math.log(N - 2) * t)) for t in u]  # log-uniform in [1, N - 2]
+
+    for b in range(B):
+        used = set()
+        for key in torch.randperm(NUM_KEYS, generator=generator)[:num_pairs].tolist():
+            value = uniform(NUM_VALUES)
+            for _ in range(1000):  # rejection sampling of free positions; fails only if crowded
+                ds = pick_distances()
+                needle = uniform(N - 1 - max(ds))  # every query q = needle + d <= N - 2: its answer fits at q + 1
+                taken = {needle} | {needle + d for d in ds} | {needle + d + 1 for d in ds}
+                if len(taken) == 1 + 2 * per_pair and not taken & used:
+                    break
+            else:
+                raise ValueError(f"could not place {num_pairs} x {per_pair} queries in seq_len {N}; ask for fewer")
+            used |= taken
+            x[b, needle] = 128 + NUM_VALUES * key + value
+            for d in ds:
+                x[b, needle + d] = ord("A") + key
+                x[b, needle + d + 1] = ord("0") + value  # the answer, so the text reads "...A3..."
+                y[b, needle + d] = ord("0") + value
+                dist[b, needle + d] = d
+    return x, y, dist

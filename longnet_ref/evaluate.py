@@ -1,0 +1,92 @@
+"""Measuring a trained model: bits per byte at a test length, recall accuracy against distance,
+and the attention FLOPs of a configuration.
+
+Shape legend: B batch, N length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, eval_windows, recall_batch
+
+
+def autocast_for(device):
+    """bf16 autocast on a GPU that has it natively (fp16 on older GPUs such as the T4); none on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if native_bf16 else torch.float16)
+
+
+@torch.no_grad()
+def bits_per_byte(model, data, seq_len, num_bytes, *, batch_size=8, device="cpu"):
+    """Mean next-byte cross-entropy in bits over the first `num_bytes` bytes of `data`, in windows of seq_len.
+
+    Every byte of every window is scored, including the first bytes of a window, which have
+    little context; cutting the same bytes into longer windows gives each byte more context on
+    average, which is how a longer test length can help (Table 2).
+    """
+    was_training = model.training
+    model.eval()
+    x, y = eval_windows(data, seq_len, num_bytes)  # (M, N) each
+    total = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        with autocast_for(device):
+            logits = model(xb)  # (b, N, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
+    model.train(was_training)
+    return total / y.numel() / math.log(2)
+
+
+def recall_distances(seq_len):
+    """Distances the recall evaluation asks about: 1/128 of the length up to 7/8 of it."""
+    fractions = (1 / 128, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+    return sorted({min(seq_len - 2, max(1, round(seq_len * f))) for f in fractions})
+
+
+def recall_eval_set(seq_len, num_sequences, distances=None, *, num_pairs=4, seed=1234):
+    """A fixed evaluation set of the recall task: each needle asked at 8 of the given distances."""
+    distances = recall_distances(seq_len) if distances is None else list(distances)
+    generator = torch.Generator().manual_seed(seed)
+    per_pair = min(8, len(set(distances)))
+    return recall_batch(
+        num_sequences, seq_len, generator, num_pairs=num_pairs, queries_per_pair=per_pair, distances=distances
+    )
+
+
+@torch.no_grad()
+def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu"):
+    """{distance: fraction of queries answered correctly (argmax)} and the mean loss on answers."""
+    was_training = model.training
+    model.eval()
+    x, y, dist = eval_set
+    correct, count, loss_sum = {}, {}, 0.0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb, db = (t[i : i + batch_size].to(device) for t in (x, y, dist))
+        with autocast_for(device):
+            logits = model(xb)  # (b, N, V)
+        scored = yb != IGNORE  # (b, N)
+        loss_sum += F.cross_entropy(logits[scored].float(), yb[scored], reduction="sum").item()
+        hit = logits[scored].argmax(-1) == yb[scored]
+        for d, h in zip(db[scored].tolist(), hit.tolist()):
+            correct[d] = correct.get(d, 0) + int(h)
+            count[d] = count.get(d, 0) + 1
+    model.train(was_training)
+    accuracy = {d: correct[d] / count[d] for d in sorted(count)}
+    return accuracy, loss_sum / max(1, sum(count.values()))
+
+
+def attention_flops(seq_len, segment_lengths, dilation_rates, *, embed_dim, num_layers):
+    """Attention FLOPs per sequence (forward, QK^T and PV, non-causal count), LONGNET.md Sec. 1:
+    one branch costs 4 * H * D * N * w / r^2 with w clipped to N; H * D = E.
+    """
+    N = seq_len
+    per_layer = sum(4 * embed_dim * N * min(w, N) / r**2 for w, r in zip(segment_lengths, dilation_rates))
+    return num_layers * per_layer

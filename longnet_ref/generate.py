@@ -1,0 +1,147 @@
+"""Token-by-token decoding with a key/value cache that respects segments and head offsets.
+
+A causal dilated branch (w, r) is prefix-consistent: the output at position p depends only
+on positions <= p, through rules that use absolute positions alone (LONGNET.md Sec. 1):
+
+    segment   s = p // w                              (w >= N: one segment, s = 0)
+    kept      (p - s*w) % r == o_h                    head h's offset o_h
+    keys      the kept positions j of segment s with j <= p (p itself included)
+
+A query the branch does not keep gets out 0 and lse -inf there; the branches are merged by
+their log-sum-exps (Eq. 10, `merge_branches`). So the new token's attention needs only the
+cached keys and values of its own segment, rotated (RoPE) once at their own positions. The
+official torchscale decoding treats a new token as if it started a new segment and attends
+every cached key: wrong past the first segment. Here a test checks that cached decoding gives
+the full forward's logits at every step, past the largest segment length.
+
+Shape legend: B batch, H heads, N length, D head dim, L keys in the window, E = H * D.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention import dense_attention
+from .mixture import dilated_attention, merge_branches
+from .patterns import head_offset
+
+
+class KVCache:
+    """Keys (after RoPE) and values of every layer, in buffers that grow as tokens arrive."""
+
+    def __init__(self, num_layers: int):
+        self.keys = [None] * num_layers  # each (B, H, N, D)
+        self.values = [None] * num_layers
+        self.length = 0  # tokens cached so far (all layers agree once a forward has finished)
+
+    def __call__(self, layer_index, attn, h):
+        """Attention of layer `layer_index` for new inputs h (B, T, E) at positions length..length+T-1."""
+        B, T, E = h.shape
+        start = self.length
+        positions = torch.arange(start, start + T, device=h.device)  # (T,) absolute positions
+        q, k, v = (attn.split_heads(proj(h)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (B, H, T, D)
+        if attn.rotary is not None:
+            q, k = attn.rotary(q, k, positions)
+        if self.keys[layer_index] is None:
+            self.keys[layer_index], self.values[layer_index] = k, v
+        else:
+            self.keys[layer_index] = torch.cat([self.keys[layer_index], k], dim=2)  # (B, H, start+T, D)
+            self.values[layer_index] = torch.cat([self.values[layer_index], v], dim=2)
+        if start == 0:
+            # The prompt: the ordinary forward (fast path) on the whole prefix.
+            out = dilated_attention(
+                q,
+                k,
+                v,
+                attn.segment_lengths,
+                attn.dilation_rates,
+                causal=True,
+                head_offsets=attn.head_offsets,
+                implementation=attn.implementation,
+            )  # (B, H, T, D)
+        else:
+            keys, values = self.keys[layer_index], self.values[layer_index]
+            rows = [cached_attention(q[:, :, t : t + 1], keys, values, start + t, attn) for t in range(T)]
+            out = torch.cat(rows, dim=2)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, E)  # (B, T, H*D)
+        return attn.out_proj(out)
+
+    def advance(self, num_tokens: int):
+        self.length += num_tokens
+
+
+def cached_attention(q, keys, values, p, attn):
+    """The mixture's output for one query q (B, H, 1, D) at absolute position p, from the cache.
+
+    keys, values: (B, H, >= p+1, D), position j at index j. Each branch attends its segment's
+    window keys[s*w : p+1] with the rows of other residues masked (-inf bias), exactly the
+    keys the full forward's branch gives this query; `dense_attention` returns out 0 and
+    lse -inf where every key is masked, which is what a branch that skips the query gives.
+    """
+    H = q.shape[1]
+    outs, lses = [], []
+    for w, r in zip(attn.segment_lengths, attn.dilation_rates):
+        first = (p // w) * w  # start of p's segment
+        window = torch.arange(first, p + 1, device=q.device)  # (L,) positions p can see in this branch
+        offsets = torch.tensor([head_offset(j, H, r, attn.head_offsets) for j in range(H)], device=q.device)  # (H,)
+        key_kept = (window[None, :] - first) % r == offsets[:, None]  # (H, L)
+        query_kept = (p - first) % r == offsets  # (H,): a head that skips p sees nothing here
+        visible = key_kept & query_kept[:, None]  # (H, L)
+        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
+        out, lse = dense_attention(
+            q, keys[:, :, first : p + 1], values[:, :, first : p + 1], bias=bias[None, :, None, :]
+        )  # out (B, H, 1, D), lse (B, H, 1)
+        outs.append(out)
+        lses.append(lse)
+    out, _ = merge_branches(outs, lses)  # Eq. 10
+    return out  # (B, H, 1, D)
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, *, temperature=1.0, top_k=None, generator=None, return_logits=False):
+    """Continue `prompt` (B, T) int64 by `max_new_tokens` tokens, one at a time, with a KV cache.
+
+    temperature 0 means greedy (argmax). top_k keeps the k most likely tokens before sampling.
+    Returns the tokens (B, T + max_new_tokens); with `return_logits=True` also the logits
+    (B, T + max_new_tokens - 1, V) that produced every position after the first (the
+    prompt's from the prefill forward, then one per decoding step).
+    """
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be (B, T) token ids with T >= 1, got shape {tuple(prompt.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
+    was_training = model.training
+    model.eval()
+    cache = KVCache(len(model.blocks))
+    logits = model(prompt, attend=cache)  # prefill: (B, T, V)
+    cache.advance(prompt.shape[1])
+    tokens, all_logits = prompt, [logits]
+    for step in range(max_new_tokens):
+        new = sample(logits[:, -1], temperature, top_k, generator)  # (B, 1)
+        tokens = torch.cat([tokens, new], dim=1)
+        if step < max_new_tokens - 1:  # the last token's own prediction is never needed
+            logits = model(new, attend=cache)  # (B, 1, V): one query against the cache
+            cache.advance(1)
+            all_logits.append(logits)
+    model.train(was_training)
+    if return_logits:
+        return tokens, torch.cat(all_logits, dim=1)[:, : tokens.shape[1] - 1]
+    return tokens
+
+
+def sample(logits, temperature, top_k, generator=None):
+    """logits (B, V) -> next tokens (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)

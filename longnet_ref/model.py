@@ -1,0 +1,195 @@
+"""A small decoder-only LongNet language model (LongNet Sec. 4, Table 2, in miniature).
+
+    bytes (B, N) -> token embedding (B, N, E)
+                 -> L x [ x + Attention(LN(x)),  x + MLP(LN(x)) ]      pre-norm blocks
+                 -> LN -> tied output head (B, N, V)
+
+The attention is `MultiheadDilatedAttention` (causal), of one of three kinds:
+
+- "dilated": LongNet's mixture of branches (w_i, r_i) (Eqs. 9-10);
+- "dense":   one branch w = infinity, r = 1: ordinary causal attention at any length;
+- "local":   the mixture's first branch alone (w_0, r = 1): attention inside fixed windows,
+             the cheap baseline that cannot see past its window.
+
+Positions: rotary embeddings (RoPE, Su et al. 2021) rotate q and k by their absolute
+positions, so q.k depends only on the distance between them. The paper used XPOS (Sun et al.
+2022), which is RoPE times an exponential decay per dimension that damps far-away scores. We
+use plain RoPE because (1) it is the relative scheme every reader will meet elsewhere, (2) it
+needs no decay scale tuned to the training length, and (3) with dilated attention the far
+context is already thinned out by the sparse branches, which is the effect we want to see, not
+a decay that hides it. Both run at test lengths longer than training; neither needs a learned
+table that stops at the training length.
+
+Shape legend: B batch, N length, E embedding dim, H heads, D = E / H head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checks import as_positive_int, check_branches
+from .layer import MultiheadDilatedAttention
+
+ATTENTION_KINDS = ("dilated", "dense", "local")
+UNBOUNDED = sys.maxsize  # "dense" attention: one segment longer than any sequence
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; saved in checkpoints as a dict."""
+
+    attention: str = "dilated"
+    segment_lengths: list = field(default_factory=lambda: [256, 512, 1024])
+    dilation_rates: list = field(default_factory=lambda: [1, 2, 4])
+    vocab_size: int = 256  # bytes
+    embed_dim: int = 128
+    num_heads: int = 4
+    num_layers: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    head_offsets: str = "paper"
+    implementation: str = "fast"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        check_branches(self.segment_lengths, self.dilation_rates)
+        self.segment_lengths, self.dilation_rates = list(self.segment_lengths), list(self.dilation_rates)
+        for name in ("vocab_size", "embed_dim", "num_heads", "num_layers", "mlp_ratio"):
+            as_positive_int(name, getattr(self, name))
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} must split into num_heads {self.num_heads} heads of even size (RoPE)"
+            )
+
+    def branches(self):
+        """The (segment_lengths, dilation_rates) the attention kind actually uses."""
+        if self.attention == "dense":
+            return [UNBOUNDED], [1]
+        if self.attention == "local":
+            return [self.segment_lengths[0]], [1]
+        return list(self.segment_lengths), list(self.dilation_rates)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE: rotate each pair of dims (i, i + D/2) of q and k by the angle `position * base^(-2i/D)`.
+
+    Then q_m . k_n depends on m - n only, so a cached key rotated once at its own position is
+    valid for every later query. No parameters and no buffers: angles are computed from the
+    positions each call, so nothing limits the length and checkpoints carry nothing for it.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.base = head_dim, float(base)
+
+    def rotate(self, x, positions):
+        """x (B, H, N, D) at positions (N,) -> rotated x, same shape and dtype."""
+        D = x.shape[-1]
+        # float64 angles for float64 inputs (exact tests), float32 otherwise (bf16 would lose the angle)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        inv_freq = self.base ** (-torch.arange(0, D, 2, device=x.device, dtype=dtype) / D)  # (D/2,)
+        angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # (N, D/2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x[..., : D // 2], x[..., D // 2 :]  # (B, H, N, D/2) each
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, N, D)
+
+    def forward(self, q, k, positions):
+        return self.rotate(q, positions), self.rotate(k, positions)
+
+    def extra_repr(self):
+        return f"head_dim={self.head_dim}, base={self.base}"
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        E = config.embed_dim
+        segment_lengths, dilation_rates = config.branches()
+        self.ln_attn = nn.LayerNorm(E)
+        self.attn = MultiheadDilatedAttention(
+            E,
+            config.num_heads,
+            segment_lengths,
+            dilation_rates,
+            causal=True,
+            dropout=config.dropout,
+            head_offsets=config.head_offsets,
+            implementation=config.implementation,
+            rotary=rotary,
+        )
+        self.ln_mlp = nn.LayerNorm(E)
+        self.mlp = nn.Sequential(
+            nn.Linear(E, config.mlp_ratio * E),
+            nn.GELU(),
+            nn.Linear(config.mlp_ratio * E, E),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x, attend=None):
+        """x (B, N, E) -> (B, N, E). `attend(attn, h)` replaces `attn(h)` (cached decoding)."""
+        h = self.ln_attn(x)
+        x = x + (self.attn(h) if attend is None else attend(self.attn, h))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class LongNetLM(nn.Module):
+    """Decoder-only byte-level LM with dilated (or dense, or local) attention."""
+
+    def __init__(self, config: ModelConfig | None = None, **overrides):
+        super().__init__()
+        config = ModelConfig(**overrides) if config is None else config
+        self.config = config
+        E = config.embed_dim
+        self.embed = nn.Embedding(config.vocab_size, E)
+        self.rotary = RotaryEmbedding(E // config.num_heads, config.rope_base)  # shared by every layer
+        self.blocks = nn.ModuleList(Block(config, self.rotary) for _ in range(config.num_layers))
+        self.ln_final = nn.LayerNorm(E)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds to the stream, so shrink its output
+        # projection by sqrt(2L) to keep the stream's variance flat in depth.
+        for block in self.blocks:
+            for proj in (block.attn.out_proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, *, attend=None):
+        """idx (B, N) int64 -> logits (B, N, V); with targets (B, N), also the mean cross-entropy.
+
+        Targets equal to -100 are ignored (the recall task scores only its answers).
+        `attend` is forwarded to every block; `generate.KVCache` uses it.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, N) token ids, got shape {tuple(idx.shape)}")
+        x = self.embed(idx)  # (B, N, E)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if attend is None else lambda attn, h, i=i: attend(i, attn, h))
+        logits = F.linear(self.ln_final(x), self.embed.weight)  # (B, N, V), head tied to the embedding
+        if targets is None:
+            return logits
+        flat = logits.flatten(0, 1)  # (B*N, V)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()  # the softmax of a half-precision autocast run, in float32
+        loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())

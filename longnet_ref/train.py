@@ -1,0 +1,324 @@
+"""Train a small LongNet: `python -m longnet_ref.train --attention dilated --seq-len 1024 --out runs/x`.
+
+What one run does: build `LongNetLM` (model.py), draw random windows of the standard-library
+corpus (or recall sequences, `--task recall`), AdamW with warmup and cosine decay, evaluate
+every `--eval-every` steps (validation bits per byte, or recall accuracy), save a checkpoint
+and metrics.json into `--out` at every evaluation. `--resume CKPT` continues a run exactly: the
+checkpoint holds the model, the optimiser, the step, and every random state (weights init,
+dropout, data), so the resumed loss curve is the uninterrupted one (a test checks it).
+`--pause-at STEP` stops after STEP with a checkpoint, as a time limit would.
+
+Presets: "cpu" (the default, about 10 minutes on an unloaded 2-core CPU), "gpu" (a Colab GPU,
+about 15 minutes), "tiny" (seconds; tests and CI). Explicit flags override the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import load_corpus, random_windows, recall_batch
+from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_eval_set
+from .model import ATTENTION_KINDS, LongNetLM, ModelConfig
+
+TASKS = ("code", "recall")
+# fields that define the model or the data stream: a resumed run must agree on them
+MODEL_FIELDS = ("attention", "seq_len", "embed_dim", "num_heads", "num_layers", "segment_lengths", "dilation_rates")
+
+
+@dataclass
+class TrainConfig:
+    attention: str = "dilated"
+    seq_len: int = 1024
+    steps: int = 600
+    batch_size: int = 8
+    embed_dim: int = 128
+    num_heads: int = 4
+    num_layers: int = 4
+    segment_lengths: list = field(default_factory=list)  # empty: [N/4, N/2, N]
+    dilation_rates: list = field(default_factory=list)  # empty: [1, 2, 4]
+    task: str = "code"
+    num_pairs: int = 4  # recall task: needles per sequence, each asked 8 times
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_size: int = 16  # code: validation windows of seq_len; recall: sequences
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # CPU threads; 0: torch's default (one per core)
+
+    def __post_init__(self):
+        """Fill the default mixture from seq_len and check every field; errors name the CLI flag."""
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"--attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        for name in ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"--threads must be 0 (torch's default) or a positive integer, got {self.threads!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
+        N = self.seq_len
+        if not self.segment_lengths and not self.dilation_rates:
+            self.segment_lengths = [max(1, N // 4), max(2, N // 2), max(4, N)]
+            self.dilation_rates = [1, 2, 4]
+        if len(self.segment_lengths) != len(self.dilation_rates):
+            raise ValueError(
+                f"--segment-lengths {self.segment_lengths} and --dilation-rates {self.dilation_rates} "
+                "must have the same number of entries"
+            )
+        if self.attention == "dilated" and max(self.segment_lengths) < N:
+            # Every branch's segments nest inside the largest one, so no information crosses a
+            # largest-segment boundary in any number of layers: training would see chunks.
+            raise ValueError(
+                f"--seq-len {N} is not covered by --segment-lengths {self.segment_lengths}: the largest "
+                f"segment length must be >= the training length, or tokens {max(self.segment_lengths)} "
+                "apart in different segments never exchange information"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads {self.num_heads}")
+        self.model_config()  # validates the branches and head size with ModelConfig's messages
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            attention=self.attention,
+            segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            num_layers=self.num_layers,
+        )
+
+
+PRESETS = {
+    "cpu": {},  # the TrainConfig defaults
+    "gpu": dict(seq_len=4096, steps=1500, batch_size=8, embed_dim=384, num_heads=8, num_layers=6, lr=1e-3),
+    "tiny": dict(seq_len=64, steps=20, batch_size=4, embed_dim=32, num_heads=4, num_layers=2, eval_every=10, warmup=5),
+}
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def learning_rate(config, step):
+    """Linear warmup to lr, then cosine decay to lr / 10 at the last step."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def read_checkpoint(path, map_location="cpu"):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--resume checkpoint {str(path)!r} does not exist")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """(model, checkpoint dict) from a checkpoint file written by `train`."""
+    checkpoint = read_checkpoint(path, map_location)
+    model = LongNetLM(ModelConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
+
+
+def save_checkpoint(path, **state):
+    tmp = Path(f"{path}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+
+
+def train(config: TrainConfig, out, *, resume=None, pause_at=None, progress=True, corpus=None):
+    """Train (or resume) a run into the folder `out`; returns (model, metrics dict).
+
+    `corpus` (from `data.load_corpus`) may be passed to skip reading the library again.
+    """
+    out = Path(out)
+    device = pick_device(config.device)
+    checkpoint = None
+    if resume is not None:
+        checkpoint = read_checkpoint(resume)
+        saved = checkpoint["train_config"]
+        for name in MODEL_FIELDS + ("task", "seed", "batch_size"):
+            if saved[name] != getattr(config, name):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(config, name)!r} differs from the checkpoint's {saved[name]!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        # On a shared CPU one thread per run can be many times faster than two threads
+        # fighting other processes (OpenMP workers spin while they wait for each other).
+        torch.set_num_threads(config.threads)
+
+    torch.manual_seed(config.seed)  # weights, then dropout
+    data_rng = torch.Generator().manual_seed(config.seed + 1)  # the training stream
+    model = LongNetLM(config.model_config()).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+    autocast = autocast_for(device)
+    # fp16 (GPUs without native bf16) needs loss scaling; bf16 and float32 do not
+    fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    if config.task == "code":
+        corpus = load_corpus() if corpus is None else corpus
+        val = corpus["val"]
+    else:
+        eval_set = recall_eval_set(config.seq_len, config.eval_size, num_pairs=config.num_pairs)
+
+    def batch():
+        if config.task == "code":
+            return random_windows(corpus["train"], config.seq_len, config.batch_size, data_rng)
+        x, y, _ = recall_batch(config.batch_size, config.seq_len, data_rng, num_pairs=config.num_pairs)
+        return x, y
+
+    def evaluate(step):
+        if config.task == "code":
+            bpb = bits_per_byte(model, val, config.seq_len, config.eval_size * config.seq_len, device=device)
+            return {"step": step, "val_bpb": bpb}
+        accuracy, loss = recall_accuracy(model, eval_set, device=device)
+        return {"step": step, "recall_loss": loss, "recall_accuracy": accuracy}
+
+    metrics = {"train_config": asdict(config), "device": str(device), "train": [], "eval": []}
+    step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        data_rng.set_state(checkpoint["rng"]["data"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        metrics["train"], metrics["eval"], step = (
+            checkpoint["metrics"]["train"],
+            checkpoint["metrics"]["eval"],
+            checkpoint["step"],
+        )
+    metrics["parameters"] = model.num_parameters()
+
+    def save():
+        rng = {"torch": torch.get_rng_state(), "data": data_rng.get_state()}
+        rng["cuda"] = torch.cuda.get_rng_state() if device.type == "cuda" else None
+        save_checkpoint(
+            out / "checkpoint.pt",
+            step=step,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            rng=rng,
+            train_config=asdict(config),
+            model_config=model.config.to_dict(),
+            metrics={"train": metrics["train"], "eval": metrics["eval"]},
+        )
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    model.train()
+    stop = config.steps if pause_at is None else min(config.steps, pause_at)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"{config.attention} N={config.seq_len}")
+    try:
+        while step < stop:
+            start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            x, y = (t.to(device) for t in batch())  # (B, N) each
+            with autocast:
+                _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seconds = time.perf_counter() - start
+            record = {"step": step, "loss": loss.item(), "seconds": seconds, "tokens_per_s": x.numel() / seconds}
+            metrics["train"].append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % config.eval_every == 0 or step == config.steps:
+                metrics["eval"].append(evaluate(step))
+                bar.write(f"step {step}: " + json.dumps(metrics["eval"][-1]))
+                save()
+        if step % config.eval_every and step != config.steps:  # paused between evaluations
+            save()
+    except KeyboardInterrupt:
+        save()  # keep what was done; resume with --resume out/checkpoint.pt
+        raise
+    finally:
+        bar.close()
+    return model, metrics
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m longnet_ref.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; flags below override")
+    p.add_argument("--attention", choices=ATTENTION_KINDS, help="dilated (LongNet), dense, or local (first branch)")
+    p.add_argument("--task", choices=TASKS, help="code: the standard library; recall: key-value recall")
+    p.add_argument("--out", required=True, help="folder for checkpoint.pt and metrics.json")
+    p.add_argument("--resume", help="continue from this checkpoint.pt")
+    p.add_argument("--pause-at", type=int, help="stop after this step with a checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ints = ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "num_pairs")
+    for name in ints + ("warmup", "eval_every", "eval_size", "seed", "threads"):
+        p.add_argument("--" + name.replace("_", "-"), type=int)
+    for name in ("lr", "weight_decay", "grad_clip"):
+        p.add_argument("--" + name.replace("_", "-"), type=float)
+    for name in ("segment_lengths", "dilation_rates"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, nargs="+", help="e.g. 256 512 1024")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    return p
+
+
+def config_from_args(args) -> TrainConfig:
+    values = dict(PRESETS[args.preset])
+    names = {f.name for f in fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return TrainConfig(**values)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if args.pause_at is not None and args.pause_at < 1:
+            raise ValueError(f"--pause-at must be a positive step, got {args.pause_at!r}")
+        if args.resume is not None and not Path(args.resume).is_file():
+            raise ValueError(f"--resume checkpoint {args.resume!r} does not exist")
+        pick_device(config.device)
+    except ValueError as error:
+        parser.error(str(error))  # usage + message, exit status 2
+    _, metrics = train(config, args.out, resume=args.resume, pause_at=args.pause_at, progress=not args.no_progress)
+    last = metrics["eval"][-1] if metrics["eval"] else {}
+    print(json.dumps({"out": args.out, "steps": len(metrics["train"]), **last}))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The standard-library corpus (split by file, deterministic) and the recall task."""
+
+import zlib
+
+import pytest
+import torch
+
+from longnet_ref.data import (
+    FILLER,
+    IGNORE,
+    NUM_VALUES,
+    eval_windows,
+    load_corpus,
+    random_windows,
+    recall_batch,
+    split_of,
+    stdlib_files,
+)
+
+
+@pytest.fixture
+def library(tmp_path):
+    """A small library: nested packages, a site-packages folder to skip, a file with no final newline."""
+    files = {f"pkg/mod{i}.py": f"x = {i}\n" * (i + 1) for i in range(30)}
+    files["top.py"] = "print('no newline')"
+    files["site-packages/thirdparty.py"] = "import this\n"
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    (tmp_path / "notes.txt").write_text("not python\n")
+    return tmp_path, files
+
+
+def test_files_are_sorted_and_third_party_is_skipped(library):
+    root, files = library
+    found = stdlib_files(root)
+    assert found == sorted(p for p in files if not p.startswith("site-packages"))
+
+
+def test_split_is_by_file_and_deterministic(library):
+    root, files = library
+    corpus = load_corpus(root, val_fraction=0.3)
+    expected = {"train": b"", "val": b""}
+    for path in stdlib_files(root):
+        text = files[path].encode()
+        split = "val" if zlib.crc32(path.encode()) % 10_000 < 3_000 else "train"
+        expected[split] += text if text.endswith(b"\n") else text + b"\n"
+    for split in ("train", "val"):
+        assert bytes(corpus[split].tolist()) == expected[split] and corpus[split].dtype == torch.uint8
+    again = load_corpus(root, val_fraction=0.3)
+    assert all(torch.equal(corpus[s], again[s]) for s in ("train", "val"))
+    # a file's split depends on its own path only: adding a file leaves the other split as it was
+    (root / "pkg" / "new.py").write_text("y = 1\n")
+    other = "train" if split_of("pkg/new.py", 0.3) == "val" else "val"
+    assert torch.equal(load_corpus(root, val_fraction=0.3)[other], corpus[other])
+
+
+def test_the_real_library_splits_about_five_percent_by_file():
+    files = stdlib_files()
+    assert len(files) > 100 and files == sorted(files)
+    assert not any("site-packages" in p for p in files)
+    val = [p for p in files if split_of(p) == "val"]
+    assert 0.02 < len(val) / len(files) < 0.08
+    assert split_of(val[0]) == "val" and split_of(val[0], 0.5) == "val"  # thresholds nest
+
+
+def test_random_windows_are_next_byte_pairs_and_reproducible():
+    data = torch.arange(200, dtype=torch.uint8)
+    x, y = random_windows(data, 16, 5, torch.Generator().manual_seed(3))
+    assert x.shape == y.shape == (5, 16) and x.dtype == torch.long
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    x2, _ = random_windows(data, 16, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(x, x2)
+
+
+def test_eval_windows_cover_the_same_bytes_at_every_length():
+    data = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+    for n in (8, 32, 128):
+        x, y = eval_windows(data, n, 512)
+        assert x.shape == (512 // n, n)
+        assert torch.equal(x.flatten(), data[:512].long()) and torch.equal(y.flatten(), data[1:513].long())
+    with pytest.raises(ValueError, match="num_bytes 500 is not a multiple of seq_len 64"):
+        eval_windows(data, 64, 500)
+    with pytest.raises(ValueError, match="num_bytes"):
+        eval_windows(data, 8, 1000)
+
+
+def test_recall_answers_are_the_values_of_the_needles_distance_back():
+    x, y, dist = recall_batch(6, 512, torch.Generator().manual_seed(0), num_pairs=4, queries_per_pair=8)
+    scored = y != IGNORE
+    assert scored.sum() == 6 * 4 * 8  # every query placed, none overwritten
+    for b, q in scored.nonzero().tolist():
+        key = x[b, q] - ord("A")
+        needle = x[b, q - dist[b, q]]
+        assert needle == 128 + NUM_VALUES * key + (y[b, q] - ord("0"))  # the needle with this key...
+        assert x[b, q + 1] == y[b, q]  # ...and the answer follows the query in the text
+        assert ((x[b] >= 128) & ((x[b] - 128) // NUM_VALUES == key)).sum() == 1  # one needle per key
+    answers = torch.zeros_like(scored)
+    answers[:, 1:] = scored[:, :-1]
+    haystack = ~scored & ~answers & (x < 128)
+    assert torch.isin(x[haystack], FILLER).all()
+    assert dist[scored].min() >= 1 and dist[scored].max() <= 510 and (dist[~scored] == 0).all()
+
+
+def test_recall_at_fixed_distances_and_reproducible():
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = recall_batch(4, 256, g1, num_pairs=4, queries_per_pair=3, distances=[3, 100, 200])
+    b = recall_batch(4, 256, g2, num_pairs=4, queries_per_pair=3, distances=[3, 100, 200])
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+    assert sorted(a[2][a[1] != IGNORE].tolist()) == [3] * 16 + [100] * 16 + [200] * 16  # each needle, each distance
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_pairs=17), "num_pairs"),
+        (dict(num_pairs=4, queries_per_pair=20, seq_len=64), "fit"),
+        (dict(distances=[0], queries_per_pair=1), "distances"),
+        (dict(distances=[255], queries_per_pair=1), "distances"),
+        (dict(distances=[5, 6], queries_per_pair=3), "distances"),
+        (dict(seq_len=0), "seq_len"),
+    ],
+)
+def test_bad_recall_arguments(kwargs, match):
+    args = dict(batch_size=2, seq_len=256)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        recall_batch(args.pop("batch_size"), args.pop("seq_len"), **args)
+
+
+@pytest.mark.parametrize("val_fraction", [0, 1, 1.5])
+def test_bad_val_fraction(library, val_fraction):
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_corpus(library[0], val_fraction=val_fraction)
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(ValueError, match="root"):
+        stdlib_files(tmp_path / "nowhere")

@@ -1,0 +1,125 @@
+"""Cached decoding equals the full causal forward at every step, past the largest segment."""
+
+import pytest
+import torch
+
+import longnet_ref.generate as gen
+from longnet_ref.generate import generate
+from longnet_ref.model import LongNetLM
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(attention, ws=(4, 8, 16), rs=(1, 2, 4), seed=0):
+    torch.manual_seed(seed)
+    return LongNetLM(
+        attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), embed_dim=32, num_heads=4, num_layers=2
+    ).double()
+
+
+@pytest.mark.parametrize("attention", ["dilated", "dense", "local"])
+@pytest.mark.parametrize("prompt_len", [1, 11])
+def test_cached_logits_equal_the_full_forward_at_every_step(attention, prompt_len):
+    """40 tokens: past the largest segment (16) twice; a prompt of 11 ends inside a segment."""
+    model = tiny(attention)
+    prompt = torch.randint(0, 256, (2, prompt_len))
+    rng = torch.Generator().manual_seed(0)
+    tokens, logits = generate(model, prompt, 41 - prompt_len, generator=rng, return_logits=True)
+    assert tokens.shape == (2, 41) and torch.equal(tokens[:, :prompt_len], prompt)
+    assert len(set(tokens[0].tolist())) > 20  # sampled, varied tokens: equal ones would hide a wrong pattern
+    full = model(tokens)[:, :-1]  # (B, 40, V): the logits that predicted tokens 1..40
+    for step in range(40):  # every step, so a failure names the first wrong position
+        torch.testing.assert_close(logits[:, step], full[:, step], rtol=0, atol=1e-10, msg=f"position {step}")
+
+
+def stepwise_logits(model, tokens):
+    """Teacher forcing through the cache: feed tokens (B, N) one at a time -> logits (B, N, V)."""
+    cache, logits = gen.KVCache(len(model.blocks)), []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            logits.append(model(tokens[:, t : t + 1], attend=cache))
+            cache.advance(1)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("head_offsets", ["paper", "torchscale", "none"])
+def test_every_head_offset_rule_is_respected_by_the_cache(head_offsets):
+    torch.manual_seed(0)
+    model = LongNetLM(segment_lengths=[4, 12], dilation_rates=[1, 3], embed_dim=32, num_heads=4, num_layers=2)
+    model = model.double()  # r = 3 does not divide H = 4: the rules give different offsets
+    for block in model.blocks:
+        block.attn.head_offsets = head_offsets
+    tokens = torch.randint(0, 256, (2, 30))
+    torch.testing.assert_close(stepwise_logits(model, tokens), model(tokens), rtol=0, atol=1e-10)
+
+
+def test_a_cache_that_ignores_segments_is_wrong(monkeypatch):
+    """The official decoding's mistake: attend every cached key, as if all were one segment."""
+    model = tiny("dilated")
+    tokens = torch.randint(0, 256, (1, 30))  # random tokens: identical ones would hide any pattern
+    full = model(tokens)
+    real = gen.cached_attention
+
+    def one_segment(q, keys, values, p, attn):
+        class Unsegmented:  # same layer, every segment length stretched past the sequence
+            segment_lengths = [10**9] * len(attn.segment_lengths)
+            dilation_rates, head_offsets = attn.dilation_rates, attn.head_offsets
+
+        return real(q, keys, values, p, Unsegmented)
+
+    monkeypatch.setattr(gen, "cached_attention", one_segment)
+    wrong = stepwise_logits(model, tokens)
+    early, late = (wrong - full)[0, :4].abs().max(), (wrong - full)[0, 16:].abs().max()
+    assert early < 1e-10  # inside the first segment of every branch the two agree
+    assert late > 1e-4  # past it they do not
+
+
+def test_greedy_is_the_argmax_of_the_full_forward_and_top_k_1_is_greedy():
+    model = tiny("dilated")
+    prompt = torch.randint(0, 256, (2, 5))
+    greedy = generate(model, prompt, 20, temperature=0)
+    full = model(greedy)
+    assert torch.equal(greedy[:, 5:], full[:, 4:-1].argmax(-1))
+    sampled = generate(model, prompt, 20, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, greedy)
+
+
+def test_sampling_is_reproducible_with_a_generator_and_restores_training_mode():
+    model = tiny("local")
+    model.train()
+    prompt = torch.randint(0, 256, (1, 3))
+    a = generate(model, prompt, 15, generator=torch.Generator().manual_seed(5))
+    b = generate(model, prompt, 15, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and model.training
+
+
+def test_zero_new_tokens_returns_the_prompt():
+    model = tiny("dense")
+    prompt = torch.randint(0, 256, (1, 6))
+    tokens, logits = generate(model, prompt, 0, return_logits=True)
+    assert torch.equal(tokens, prompt)
+    torch.testing.assert_close(logits, model(prompt)[:, :-1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompt=torch.zeros(5, dtype=torch.long)), "prompt"),
+        (dict(prompt=torch.zeros(1, 0, dtype=torch.long)), "prompt"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = dict(prompt=torch.zeros(1, 2, dtype=torch.long), max_new_tokens=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(tiny("dense"), args.pop("prompt"), args.pop("max_new_tokens"), **args)

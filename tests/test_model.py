@@ -1,0 +1,154 @@
+"""The LongNet language model: RoPE hook, kinds of attention, against the oracle, it learns."""
+
+import pytest
+import torch
+
+from longnet_ref import MultiheadDilatedAttention, dilated_attention, oracle_attention
+from longnet_ref.model import LongNetLM, ModelConfig, RotaryEmbedding
+
+TINY = dict(embed_dim=32, num_heads=4, num_layers=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: two OpenMP threads only wait on each other (badly so on a shared CPU)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(attention="dilated", ws=(4, 8, 16), rs=(1, 2, 4), seed=0):
+    torch.manual_seed(seed)
+    return LongNetLM(attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), **TINY).double()
+
+
+def test_rope_scores_depend_on_distance_only():
+    rope = RotaryEmbedding(8)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+
+    def score(m, n):
+        return (rope.rotate(q, torch.tensor([m])) * rope.rotate(k, torch.tensor([n]))).sum()
+
+    torch.testing.assert_close(score(7, 3), score(1007, 1003), rtol=0, atol=1e-12)
+    assert not torch.allclose(score(7, 3), score(7, 4))  # and it does depend on the distance
+    # a rotation: norms are kept
+    torch.testing.assert_close(rope.rotate(q, torch.tensor([5])).norm(), q.norm(), rtol=0, atol=1e-12)
+
+
+def test_layer_rotary_hook_rotates_q_and_k_before_attention():
+    E, H, N, ws, rs = 16, 4, 21, [4, 8], [1, 2]
+    rope = RotaryEmbedding(E // H)
+    layer = MultiheadDilatedAttention(E, H, ws, rs, causal=True, rotary=rope).double()
+    x = torch.randn(2, N, E, dtype=torch.float64)
+    q, k, v = (layer.split_heads(p(x)) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    positions = torch.arange(N)
+    q, k = rope.rotate(q, positions), rope.rotate(k, positions)
+    out = dilated_attention(q, k, v, ws, rs, causal=True)
+    expected = layer.out_proj(out.transpose(1, 2).reshape(2, N, E))
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    assert "rotary" in dict(layer.named_children())  # moves with .to(device) like any submodule
+
+
+def test_layer_rejects_a_rotary_that_is_not_callable():
+    with pytest.raises(ValueError, match="rotary"):
+        MultiheadDilatedAttention(16, 4, [8], [1], rotary="rope")
+
+
+def oracle_attend(layer_index, attn, h):
+    """The layer's attention through the dense oracle (explicit multiplicity mask)."""
+    B, N, E = h.shape
+    q, k, v = (attn.split_heads(p(h)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = attn.rotary(q, k, torch.arange(N))
+    ws = [min(w, N) for w in attn.segment_lengths]
+    out, _ = oracle_attention(q, k, v, ws, attn.dilation_rates, causal=True)
+    return attn.out_proj(out.transpose(1, 2).reshape(B, N, E))
+
+
+@pytest.mark.parametrize("attention", ["dilated", "dense", "local"])
+def test_model_equals_the_model_with_oracle_attention(attention):
+    model = tiny(attention)
+    idx = torch.randint(0, 256, (2, 37))  # past the largest segment, ragged last segment
+    torch.testing.assert_close(model(idx), model(idx, attend=oracle_attend), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("ws", [[64], [64, 128], [40, 64, 1000]])
+def test_degenerate_mixture_equals_the_dense_model(ws):
+    """Branches with w >= N and r = 1 all see the whole causal prefix: that is dense attention."""
+    dense, mixture = tiny("dense"), tiny("dilated", ws=ws, rs=[1] * len(ws))
+    mixture.load_state_dict(dense.state_dict())
+    idx = torch.randint(0, 256, (2, 40))
+    torch.testing.assert_close(mixture(idx), dense(idx), rtol=0, atol=1e-12)
+    # the check has teeth: a real mixture (w < N, r > 1) computes something else
+    sparse = tiny("dilated", ws=[8, 40], rs=[1, 2])
+    sparse.load_state_dict(dense.state_dict())
+    assert (sparse(idx) - dense(idx)).abs().max() > 1e-4
+
+
+def test_kinds_use_their_branches():
+    config = ModelConfig(attention="local", segment_lengths=[16, 32], dilation_rates=[1, 2])
+    assert config.branches() == ([16], [1])
+    assert ModelConfig(attention="dilated", segment_lengths=[16, 32], dilation_rates=[1, 2]).branches() == (
+        [16, 32],
+        [1, 2],
+    )
+    ws, rs = ModelConfig(attention="dense").branches()
+    assert rs == [1] and ws[0] > 2**40
+
+
+@pytest.mark.parametrize("attention, reaches", [("local", False), ("dilated", True), ("dense", True)])
+def test_reach_past_the_first_segment(attention, reaches):
+    """Changing byte 2 changes the prediction at 20 only if attention reaches across segments of 4..8."""
+    model = tiny(attention, ws=(8, 16, 32), rs=(1, 2, 4))
+    idx = torch.randint(0, 256, (1, 24))
+    changed = idx.clone()
+    changed[0, 2] = (idx[0, 2] + 1) % 256
+    moved = (model(idx)[0, 20] - model(changed)[0, 20]).abs().max()
+    assert (moved > 1e-9) == reaches
+
+
+def test_one_optimiser_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = LongNetLM(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4], **TINY)
+    x = torch.randint(0, 256, (4, 33))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _, before = model(x[:, :-1], x[:, 1:])
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        _, after = model(x[:, :-1], x[:, 1:])
+    assert after < before - 0.05, (before.item(), after.item())
+
+
+def test_loss_skips_ignored_targets_and_head_is_tied():
+    model = tiny()
+    x = torch.randint(0, 256, (1, 10))
+    y = torch.full((1, 10), -100)
+    y[0, 3] = 65
+    logits, loss = model(x, y)
+    torch.testing.assert_close(loss, -torch.log_softmax(logits[0, 3], -1)[65], rtol=0, atol=1e-12)
+    # the output head is the embedding matrix: counted once, no (V, E) head of its own
+    V, E, L = 256, TINY["embed_dim"], TINY["num_layers"]
+    block = 4 * (E * E + E) + (E * 4 * E + 4 * E) + (4 * E * E + E) + 2 * 2 * E  # attention, MLP, norms
+    assert model.num_parameters() == V * E + L * block + 2 * E
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(attention="sparse"), "attention"),
+        (dict(segment_lengths=[8, 16], dilation_rates=[1]), "same length"),
+        (dict(segment_lengths=[2], dilation_rates=[4]), "dilation_rate"),
+        (dict(embed_dim=30, num_heads=4), "embed_dim"),
+        (dict(embed_dim=12, num_heads=4), "even"),
+        (dict(num_layers=0), "num_layers"),
+    ],
+)
+def test_bad_model_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**overrides)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match="idx"):
+        tiny()(torch.zeros(10, dtype=torch.long))

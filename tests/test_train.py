@@ -1,0 +1,147 @@
+"""The training loop and its CLI: it learns, it resumes exactly, every bad flag is refused clearly."""
+
+import json
+
+import pytest
+import torch
+
+from longnet_ref.train import PRESETS, TrainConfig, build_parser, load_checkpoint, main, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """A small byte corpus (real Python source, this package's own) so tests skip reading the library."""
+    import longnet_ref
+
+    text = b"".join(
+        p.read_bytes() for p in sorted(__import__("pathlib").Path(longnet_ref.__file__).parent.glob("*.py"))
+    )
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    return {"train": data[: len(data) * 9 // 10], "val": data[len(data) * 9 // 10 :]}
+
+
+def tiny(**overrides):
+    values = dict(PRESETS["tiny"], threads=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_a_tiny_run_learns_and_writes_metrics_and_checkpoint(tmp_path, corpus):
+    _, metrics = train(tiny(steps=30, eval_every=15), tmp_path, progress=False, corpus=corpus)
+    losses = [r["loss"] for r in metrics["train"]]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # from ~5.5 nats down
+    assert [e["step"] for e in metrics["eval"]] == [15, 30]
+    assert metrics["eval"][1]["val_bpb"] < metrics["eval"][0]["val_bpb"] < 8.5
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["train"] == metrics["train"] and on_disk["train_config"]["attention"] == "dilated"
+    assert all(r["tokens_per_s"] > 0 for r in on_disk["train"])
+
+
+def test_checkpoint_round_trip(tmp_path, corpus):
+    model, _ = train(tiny(steps=4, eval_every=4), tmp_path, progress=False, corpus=corpus)
+    loaded, checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["step"] == 4 and loaded.config == model.config
+    x = torch.randint(0, 256, (2, 64))
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("task", ["code", "recall"])
+def test_a_resumed_run_continues_the_same_loss_curve_exactly(tmp_path, corpus, task):
+    config = tiny(steps=8, eval_every=4, task=task, seq_len=256 if task == "recall" else 64)
+    full_model, full = train(config, tmp_path / "full", progress=False, corpus=corpus)
+    _, first = train(config, tmp_path / "parts", pause_at=3, progress=False, corpus=corpus)
+    assert len(first["train"]) == 3
+    resumed_model, resumed = train(
+        config, tmp_path / "parts", resume=tmp_path / "parts" / "checkpoint.pt", progress=False, corpus=corpus
+    )
+    assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in full["train"]]  # bit for bit
+    assert resumed["eval"] == full["eval"]
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_resuming_with_another_model_is_refused(tmp_path, corpus):
+    train(tiny(steps=2, eval_every=2), tmp_path, progress=False, corpus=corpus)
+    with pytest.raises(ValueError, match="--attention 'dense' differs from the checkpoint's 'dilated'"):
+        train(tiny(steps=4, attention="dense"), tmp_path, resume=tmp_path / "checkpoint.pt", corpus=corpus)
+
+
+def test_the_cli_runs_end_to_end(tmp_path, capsys):
+    argv = ["--preset", "tiny", "--task", "recall", "--seq-len", "256", "--steps", "3", "--eval-every", "3"]
+    metrics = main(argv + ["--attention", "local", "--threads", "1", "--out", str(tmp_path), "--no-progress"])
+    assert len(metrics["train"]) == 3 and metrics["train_config"]["attention"] == "local"
+    assert set(metrics["eval"][0]["recall_accuracy"]) and (tmp_path / "checkpoint.pt").is_file()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+
+
+BAD_FLAGS = [
+    (["--attention", "sparse"], "--attention", "sparse"),
+    (["--task", "wiki"], "--task", "wiki"),
+    (["--preset", "huge"], "--preset", "huge"),
+    (["--seq-len", "2048", "--segment-lengths", "256", "512", "--dilation-rates", "1", "2"], "--seq-len", "2048"),
+    (["--seq-len", "0"], "--seq-len", "0"),
+    (["--seq-len", "abc"], "--seq-len", "abc"),
+    (["--steps", "0"], "--steps", "0"),
+    (["--batch-size", "-2"], "--batch-size", "-2"),
+    (["--segment-lengths", "16", "32", "--dilation-rates", "1"], "--segment-lengths", "[16, 32]"),
+    (["--seq-len", "16", "--segment-lengths", "2", "16", "--dilation-rates", "4", "1"], "dilation_rate[0]", "4"),
+    (["--embed-dim", "30", "--num-heads", "4"], "--embed-dim", "30"),
+    (["--num-layers", "0"], "--num-layers", "0"),
+    (["--lr", "0"], "--lr", "0"),
+    (["--threads", "-1"], "--threads", "-1"),
+    (["--eval-every", "0"], "--eval-every", "0"),
+    (["--pause-at", "0"], "--pause-at", "0"),
+    (["--device", "tpu"], "--device", "tpu"),
+    (["--resume", "no/such/checkpoint.pt"], "--resume", "no/such/checkpoint.pt"),
+]
+if not torch.cuda.is_available():
+    BAD_FLAGS.append((["--device", "cuda"], "--device cuda", "no CUDA"))
+
+
+@pytest.mark.parametrize("flags, flag, value", BAD_FLAGS)
+def test_every_bad_flag_is_an_argparse_error_naming_flag_and_value(tmp_path, capsys, flags, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "tiny", "--out", str(tmp_path / "run")] + flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err, err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_out_is_required(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--steps", "3"])
+    assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(attention="sparse"), "--attention must be one of"),
+        (dict(seq_len=128, segment_lengths=[16, 64], dilation_rates=[1, 2]), "--seq-len 128 is not covered"),
+        (dict(steps=1.5), "--steps"),
+    ],
+)
+def test_config_errors_are_value_errors_naming_the_flag(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**overrides)
+
+
+def test_local_and_dense_need_no_cover():
+    assert tiny(attention="local", seq_len=128, segment_lengths=[16], dilation_rates=[1]).seq_len == 128
+    assert tiny(attention="dense", seq_len=128, segment_lengths=[16], dilation_rates=[1]).seq_len == 128
+    assert tiny(seq_len=100).segment_lengths == [25, 50, 100]  # the default mixture from --seq-len
+
+
+def test_missing_checkpoint_in_the_library_call(tmp_path):
+    with pytest.raises(ValueError, match="--resume checkpoint .*missing.pt' does not exist"):
+        train(tiny(), tmp_path, resume=tmp_path / "missing.pt")
