@@ -52,7 +52,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--check", choices=["auto", "yes", "no"], default="auto", help="compare with one device (auto: if small)"
     )
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a collective may wait before failing")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds a collective may wait before failing (also for rank 0's check)",
+    )
     p.add_argument("--kill-rank", type=int, default=-1, help="fault injection: this rank dies before its forward")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (gloo connects lazily)")
     p.add_argument("--seed", type=int, default=0)
@@ -204,7 +209,12 @@ def run(args, rank, P):
 def main(argv=None):
     args = parse_args(argv)
     rank, P = init(args)
-    code = run(args, rank, P)
+    try:
+        code = run(args, rank, P)
+    except ValueError as error:  # bad configuration: every rank raises the same error
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        code = 2
     # Leave together: a rank that tears its connections down while rank 0 still checks can
     # abort the others' gloo threads.
     dist.barrier()
