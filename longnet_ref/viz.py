@@ -1,12 +1,36 @@
 """Pictures of LongNet (matplotlib). Every picture of a pattern is drawn from `attention_pattern`.
 
+- `plot_branches`: which (query, key) pairs each branch keeps for one head, one colour per
+  branch, and their union (overlaps blend the colours), like the paper's Figure 2.
+- `plot_heads`: one branch, one colour per head: the heads' offsets tile the segment (Figure 3).
+- `plot_multiplicity`: c(h, q, k), in how many branches q attends k (the merge's weights, Eq. 10).
+
+Up to `DETAIL_LIMIT` tokens every pair is a pixel. Beyond, the picture is block-summarised:
+each pixel is the mean of c over a block x block tile, computed from stripes of rows of the
+pattern (`patterns.pattern_rows`, the rows of `attention_pattern`), so memory stays
+O(H * stripe * N); `MAX_PATTERN_WORK` caps H * N^2, the time it takes.
+
 `save_fig(fig, name)` writes a PNG into the repository's figures/ folder whatever the working
 directory (nbval runs a notebook from its own folder; scripts run from anywhere).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checks import as_positive_int, check_branches, check_head_offsets
+from .patterns import attention_pattern, pattern_rows
+
+# One colour per branch, as in the paper's figures (matplotlib's tab10).
+BRANCH_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+DETAIL_LIMIT = 384  # tokens: full detail up to here, block-summarised beyond
+MAX_PIXELS = 256  # pixels per side of a block summary
+MAX_PATTERN_WORK = 2**28  # H * N^2 entries of c a picture may compute (about 10 s)
+STRIPE_ENTRIES = 2**23  # H * rows * N entries held at once
 
 
 def figures_dir() -> Path:
@@ -28,3 +52,160 @@ def save_fig(fig, name: str, *, dpi: int = 120) -> Path:
     # metadata without a Software/date stamp keeps the bytes stable across runs and versions
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return path
+
+
+def png_bytes(fig, *, dpi: int = 80, tight: bool = True) -> bytes:
+    """The figure as PNG bytes (for `ipywidgets.Image`), without a timestamp; tight=False draws once, faster."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def block_size(seq_len: int) -> int:
+    """Tokens per pixel side: 1 up to DETAIL_LIMIT, else enough for at most MAX_PIXELS pixels."""
+    return 1 if seq_len <= DETAIL_LIMIT else -(-seq_len // MAX_PIXELS)
+
+
+def pattern_blocks(
+    seq_len, segment_lengths, dilation_rates, num_heads, *, causal=False, head_offsets="paper", block=None
+) -> torch.Tensor:
+    """Mean of c(h, q, k) over block x block tiles: float64 (H, ceil(N / b), ceil(N / b)).
+
+    block = 1 gives `attention_pattern` itself (as float). A ragged last tile is averaged
+    over its real pairs only.
+    """
+    n = as_positive_int("seq_len", seq_len)
+    check_branches(segment_lengths, dilation_rates)
+    num_heads = as_positive_int("num_heads", num_heads)
+    check_head_offsets(head_offsets)
+    b = block_size(n) if block is None else as_positive_int("block", block)
+    if num_heads * n * n > MAX_PATTERN_WORK:
+        raise ValueError(
+            f"seq_len {n} with num_heads {num_heads} needs {num_heads * n * n:.3g} pattern entries, more than "
+            f"MAX_PATTERN_WORK = {MAX_PATTERN_WORK}; draw a shorter sequence (the pattern repeats every max(w))"
+        )
+    if b == 1 and num_heads * n * n <= STRIPE_ENTRIES:
+        return attention_pattern(
+            n, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets
+        ).double()
+    nb = -(-n // b)  # pixels per side
+    sums = torch.zeros(num_heads, nb, nb, dtype=torch.float64)
+    rows_per_stripe = max(b, STRIPE_ENTRIES // (num_heads * n) // b * b)  # whole blocks of rows
+    for start in range(0, n, rows_per_stripe):
+        queries = torch.arange(start, min(start + rows_per_stripe, n))
+        c = pattern_rows(
+            n, queries, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets
+        )
+        c = torch.nn.functional.pad(c.double(), (0, nb * b - n, 0, (-len(queries)) % b))  # (H, Q', nb*b)
+        tiles = c.view(num_heads, -1, b, nb, b).sum(dim=(2, 4))  # (H, Q'/b, nb)
+        sums[:, start // b : start // b + tiles.shape[1]] += tiles
+    sizes = torch.full((nb,), b, dtype=torch.float64)
+    sizes[-1] = n - (nb - 1) * b  # the ragged last tile
+    return sums / (sizes[:, None] * sizes[None, :])
+
+
+def blend(densities, colors) -> np.ndarray:
+    """Ink on white: each branch darkens a pixel towards its colour by its density; (P, P, 3) RGB in [0, 1]."""
+    from matplotlib.colors import to_rgb
+
+    image = np.ones((*densities[0].shape, 3))
+    for density, color in zip(densities, colors):
+        ink = 1.0 - np.asarray(to_rgb(color))  # (3,) what the colour removes from white
+        image *= 1.0 - np.asarray(density)[..., None].clip(0, 1) * ink
+    return image
+
+
+def dominant(densities, colors) -> np.ndarray:
+    """Block summaries: each pixel in the colours of the branches that keep pairs there, weighted by how many."""
+    from matplotlib.colors import to_rgb
+
+    weights = np.stack([np.asarray(d) for d in densities])  # (k, P, P)
+    total = weights.sum(axis=0)  # (P, P)
+    rgb = np.einsum("kpq,kc->pqc", weights, np.array([to_rgb(c) for c in colors]))  # (P, P, 3)
+    return np.where(total[..., None] > 0, rgb / np.maximum(total, 1e-300)[..., None], 1.0)
+
+
+def _axes(count, size=2.6, ax=None):
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        return ax.figure, np.atleast_1d(ax)
+    fig, axes = plt.subplots(1, count, figsize=(size * count, size + 0.3), squeeze=False)
+    return fig, axes[0]
+
+
+def _show(ax, image, seq_len, title, **kwargs):
+    b = block_size(seq_len)
+    extent = (-0.5, seq_len - 0.5, seq_len - 0.5, -0.5)  # axes in token positions, summarised or not
+    ax.imshow(image, extent=extent, interpolation="nearest", **kwargs)
+    ax.set_title(title + (f"\n(mean over {b}x{b} blocks)" if b > 1 else ""), fontsize=9)
+    ax.set_xlabel("key k", fontsize=8)
+    ax.set_ylabel("query q", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def check_head(head, num_heads) -> int:
+    """`head` as an int in [0, num_heads), or a ValueError naming it."""
+    if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or not 0 <= head < num_heads:
+        raise ValueError(f"head must be an integer in [0, num_heads) = [0, {num_heads}), got {head!r}")
+    return int(head)
+
+
+def plot_branches(
+    seq_len, segment_lengths, dilation_rates, num_heads=1, *, head=0, causal=False, head_offsets="paper", union=True
+):
+    """One panel per branch (its colour) for head `head`, then their union: the paper's Figure 2."""
+    branches = check_branches(segment_lengths, dilation_rates)
+    head = check_head(head, as_positive_int("num_heads", num_heads))
+    colors = [BRANCH_COLORS[i % len(BRANCH_COLORS)] for i in range(len(branches))]
+    per_branch = [
+        pattern_blocks(seq_len, [w], [r], num_heads, causal=causal, head_offsets=head_offsets)[head].numpy()
+        for w, r in branches
+    ]  # each (P, P): the fraction of each tile this branch keeps
+    summarised = block_size(seq_len) > 1
+    fig, axes = _axes(len(branches) + bool(union))
+    for ax, density, color, (w, r) in zip(axes, per_branch, colors, branches):
+        # summarised, a sparse branch keeps 1/r^2 of a tile: scale it to full colour to see where it acts
+        scaled = density / density.max() if summarised and density.max() > 0 else density
+        _show(ax, blend([scaled], [color]), seq_len, f"w={w}, r={r}" + (" (colour scaled)" if summarised else ""))
+    if union and summarised:
+        _show(axes[-1], dominant(per_branch, colors), seq_len, "union, by pairs per branch")
+    elif union:
+        _show(axes[-1], blend(per_branch, colors), seq_len, "union (overlaps blend)")
+    fig.suptitle(f"dilated attention, head {head}, N={seq_len}" + (", causal" if causal else ""), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_heads(seq_len, segment_length, dilation_rate, num_heads, *, causal=False, head_offsets="paper"):
+    """One branch (w, r), one colour per head, then all heads together: the paper's Figure 3."""
+    w, r = check_branches([segment_length], [dilation_rate])[0]
+    num_heads = as_positive_int("num_heads", num_heads)
+    density = pattern_blocks(seq_len, [w], [r], num_heads, causal=causal, head_offsets=head_offsets).numpy()
+    colors = [BRANCH_COLORS[h % len(BRANCH_COLORS)] for h in range(num_heads)]
+    fig, axes = _axes(num_heads + 1)
+    for h in range(num_heads):
+        _show(axes[h], blend([density[h]], [colors[h]]), seq_len, f"head {h}")
+    _show(axes[-1], blend(list(density), colors), seq_len, "all heads")
+    fig.suptitle(f"one branch w={w}, r={r}, offsets '{head_offsets}'", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_multiplicity(
+    seq_len, segment_lengths, dilation_rates, num_heads=1, *, head=0, causal=False, head_offsets="paper", ax=None
+):
+    """c(h, q, k) for one head: 0 masked, 2 = seen by two branches (it weighs twice in the merge)."""
+    import matplotlib.pyplot as plt
+
+    branches = check_branches(segment_lengths, dilation_rates)
+    head = check_head(head, as_positive_int("num_heads", num_heads))
+    c = pattern_blocks(seq_len, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets)
+    fig, (ax,) = _axes(1, size=3.6, ax=ax)
+    if block_size(seq_len) == 1:  # exact counts: one colour per value 0 .. k
+        style = dict(cmap=plt.get_cmap("viridis", len(branches) + 1), vmin=-0.5, vmax=len(branches) + 0.5)
+    else:  # block means are fractional
+        style = dict(cmap="viridis", vmin=0, vmax=len(branches))
+    _show(ax, c[head].numpy(), seq_len, f"multiplicity c(h={head}, q, k)", **style)
+    fig.colorbar(ax.images[-1], ax=ax, shrink=0.8, label="branches that keep (q, k)")
+    return fig

@@ -1,0 +1,268 @@
+"""Dependency paths: in how many stacked layers information gets from key j to query i (Eqs. 19-20).
+
+What is counted, exactly:
+- One attention layer is one *hop*. Information moves from key position j to query position i
+  in one hop when some head of some branch lets query i attend key j, i.e. c(h, i, j) > 0 for
+  some h (`attention_pattern`). The union over heads is right because the output projection
+  mixes all heads before the next layer reads them.
+- The residual stream keeps a token's own state, so what has reached position i stays there:
+  the set of positions reached from j only grows with depth.
+- `distance(j -> i)` is the least number of layers after which i depends on j; infinite when no
+  number of layers connects them. Non-causal: all ordered pairs (j, i) with j != i, N (N - 1)
+  of them. Causal: pairs with j < i only (information never flows backwards), N (N - 1) / 2.
+
+The paper's estimate (Sec. 2.4): with w_i = w0 a^i, layer l adds w0 a^l to the distance a token
+reaches, so after l layers it reaches D(l) = sum_{i<l} w0 a^i = w0 (a^l - 1) / (a - 1) (Eq. 19),
+and covering N tokens takes about L = log_a(N (a - 1) / w0) layers (Eq. 20).
+
+How it scales to N = 2^16 without an N x N matrix: a dilated branch (w, r) splits the positions
+it keeps into *classes* (segment s, residue o): inside one class every query sees every key
+(causal: every earlier key). So one hop is, per class, an OR over its members (causal: a
+running OR along the class in position order), and the reached sets of 64 sources travel
+together as the bits of one uint64 word. `path_length_stats` runs this breadth-first search for
+all N sources, a batch of 64 * words at a time: memory O(N * words), work O(N^2 k L / 64).
+
+Shape legend: N sequence length, G classes of a branch, K positions per class, Wd words per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .checks import as_positive_int, check_branches, check_head_offsets
+from .patterns import head_offset
+
+DENSE_FRACTION = 0.25  # above this fraction of busy classes, a hop runs on strided views instead of gathers
+
+
+@dataclass
+class PathStats:
+    """Distribution of dependency-path lengths over all counted pairs (see the module docstring).
+
+    `counts[d]` is the number of pairs at distance exactly d (counts[0] = 0: a pair has j != i).
+    """
+
+    seq_len: int
+    causal: bool
+    counts: np.ndarray
+    unreachable: int
+    seconds: float = 0.0
+    label: str = ""
+    pairs: int = field(init=False)
+
+    def __post_init__(self):
+        n = self.seq_len
+        self.pairs = n * (n - 1) // 2 if self.causal else n * (n - 1)
+        assert int(self.counts.sum()) + self.unreachable == self.pairs, "every counted pair has one distance"
+
+    @property
+    def max(self) -> float:
+        """Longest distance over all pairs: the maximum path length (inf if some pair is never connected)."""
+        if self.unreachable:
+            return math.inf
+        nonzero = np.flatnonzero(self.counts)
+        return int(nonzero[-1]) if len(nonzero) else 0
+
+    @property
+    def max_reachable(self) -> int:
+        """Longest finite distance (ignores unreachable pairs)."""
+        nonzero = np.flatnonzero(self.counts)
+        return int(nonzero[-1]) if len(nonzero) else 0
+
+    @property
+    def mean(self) -> float:
+        """Mean distance over the connected pairs."""
+        reached = self.counts.sum()
+        return float((np.arange(len(self.counts)) * self.counts).sum() / reached) if reached else math.nan
+
+
+def geometric_branches(seq_len, w0, ratio) -> tuple[list[int], list[int]]:
+    """The paper's geometric mixture (Sec. 2.4): w_i = w0 a^i, r_i = a^i, until one segment covers N.
+
+    The last w is the first one >= N: that branch is one segment over the whole sequence.
+    """
+    n, w0, a = as_positive_int("seq_len", seq_len), as_positive_int("w0", w0), as_positive_int("ratio", ratio)
+    if a < 2:
+        raise ValueError(f"ratio must be an integer >= 2, got {ratio!r}")
+    ws, rs = [], []
+    while True:
+        ws.append(w0 * a ** len(rs))
+        rs.append(a ** len(rs))
+        if ws[-1] >= n:
+            return ws, rs
+
+
+def eq19_reach(layers, w0, ratio) -> float:
+    """Eq. 19: distance a token's information travels in `layers` layers, w0 (a^l - 1) / (a - 1)."""
+    return w0 * (ratio**layers - 1) / (ratio - 1)
+
+
+def eq19_layers(seq_len, w0, ratio) -> int:
+    """Fewest layers whose Eq. 19 reach spans the sequence, D(l) >= N - 1."""
+    layers = 0
+    while eq19_reach(layers, w0, ratio) < seq_len - 1:
+        layers += 1
+    return layers
+
+
+def eq20_max_path(seq_len, w0, ratio) -> float:
+    """Eq. 20: maximum path length L = log_a(N (a - 1) / w0)."""
+    return math.log(seq_len * (ratio - 1) / w0, ratio)
+
+
+def kept_offsets(num_heads, dilation_rate, head_offsets="paper") -> list[int]:
+    """Residues some head keeps for dilation rate r (union over heads): always 0, 1, ..., m - 1."""
+    return sorted({head_offset(h, num_heads, dilation_rate, head_offsets) for h in range(num_heads)})
+
+
+def branch_classes(seq_len, segment_length, dilation_rate, num_heads, head_offsets="paper") -> np.ndarray:
+    """Positions of each class of the branch (w, r), union over heads: (G, K), padded with N.
+
+    A class is one segment s and one residue o that some head keeps: positions s*w + o + m*r
+    inside the segment, in increasing order. Query and key of a class see each other.
+    """
+    n, w, r = seq_len, segment_length, dilation_rate
+    offsets = np.array(kept_offsets(num_heads, r, head_offsets))  # (O,)
+    S, K = -(-n // w), -(-w // r)
+    s = np.arange(S)[:, None, None]  # (S, 1, 1)
+    within = offsets[None, :, None] + r * np.arange(K)[None, None, :]  # (1, O, K) position inside the segment
+    pos = s * w + within  # (S, O, K)
+    pos = np.where((within < w) & (pos < n), pos, n)  # ragged segment or residue: pad with N
+    pos = pos.reshape(-1, K)  # (G, K), G = S * O
+    return pos[pos[:, 0] < n]  # drop classes with no position at all
+
+
+@dataclass(frozen=True)
+class _Branch:
+    """The classes of one branch, as a strided view of the position axis when (w, r) tile N exactly, else an index."""
+
+    w: int
+    r: int
+    kept: int  # heads keep the residues 0 .. kept - 1
+    members: np.ndarray | None  # (G, K) positions padded with N; None: use the view
+
+    def classes(self, x):
+        """x (N + 1, ...) -> a view (S, K, m, ...) of the kept positions: segment, row, residue."""
+        n = x.shape[0] - 1
+        return x[:n].reshape(n // self.w, self.w // self.r, self.r, *x.shape[1:])[:, :, : self.kept]
+
+    def spread(self, frontier, active, out, causal):
+        """OR into `out` what the queries of this branch see of the `frontier` bits (one hop).
+
+        Only classes holding a frontier position do any work: late in the search there are few.
+        """
+        if self.members is None:
+            busy = self.classes(active).any(axis=1)  # (S, m) classes holding a frontier position
+            if busy.mean() > DENSE_FRACTION:  # most classes busy: strided views beat gathering
+                bits, target = self.classes(frontier), (self.classes(out), np.s_[:])  # (S, K, m, Wd)
+            else:
+                s, o = np.nonzero(busy)  # (A,) active classes: segment, residue
+                bits, target = self.classes(frontier)[s, :, o], (self.classes(out), np.s_[s, :, o])  # (A, K, Wd)
+        else:
+            members = self.members[active[self.members].any(axis=1)]  # (A, K)
+            bits = frontier[members]  # (A, K, Wd)
+            target = (out, members)
+        if len(bits) == 0:
+            return
+        if causal:
+            # a query sees the keys of its class at or before it: a running OR in position order
+            seen = np.bitwise_or.accumulate(bits, axis=1)  # (A, K, Wd)
+        else:
+            seen = np.bitwise_or.reduce(bits, axis=1, keepdims=True)  # (A, 1, Wd): everyone sees everyone
+        view, index = target
+        view[index] |= seen  # each position is in one class of a branch: no index repeats but the padding N
+
+
+def _plan(n, w, r, num_heads, head_offsets):
+    offsets = kept_offsets(num_heads, r, head_offsets)
+    kept = len(offsets)
+    assert offsets == list(range(kept)), "every offset rule keeps the residues 0 .. m - 1"
+    if n % w == 0 and w % r == 0:
+        return _Branch(w, r, kept, None)
+    return _Branch(w, r, kept, branch_classes(n, w, r, num_heads, head_offsets))
+
+
+def _search(sources, n, words, plans, causal, limit, counts):
+    """Breadth-first search from up to 64 * words sources at once; adds to counts[d] the pairs at distance d.
+
+    reached (N + 1, Wd): bit b of word b // 64 at row p says source b reaches position p (row N is
+    padding). A hop is OR-linear, so reached_{t+1} = reached_t | hop(frontier_t), with frontier_t
+    the bits that are new at depth t: the search only spreads the frontier.
+    """
+    bit = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))  # (64,)
+    b = np.arange(len(sources))
+    reached = np.zeros((n + 1, words), dtype=np.uint64)  # (N + 1, Wd)
+    reached[sources, b // 64] = bit[b % 64]
+    frontier = reached.copy()
+    for layer in range(1, limit + 1):
+        active = frontier.any(axis=1)  # (N + 1,) positions with new bits
+        nxt = np.zeros_like(reached)
+        for plan in plans:
+            plan.spread(frontier, active, nxt, causal)
+        nxt[n] = 0
+        nxt &= ~reached  # new at this depth only
+        fresh = int(np.bitwise_count(nxt).sum())
+        if fresh == 0:
+            return
+        counts[layer] += fresh
+        reached |= nxt
+        frontier = nxt
+
+
+def path_length_stats(
+    seq_len,
+    segment_lengths,
+    dilation_rates,
+    num_heads=1,
+    *,
+    causal=False,
+    head_offsets="paper",
+    words=16,
+    max_layers=None,
+) -> PathStats:
+    """Exact distribution of dependency-path lengths of a dilated mixture, over all pairs.
+
+    `segment_lengths=[N], dilation_rates=[1]` is dense attention; one branch `(w, 1)` is local
+    segments (pairs in different segments are never connected). Breadth-first search from all N
+    sources, 64 * `words` at a time (see the module docstring). `max_layers` stops early; pairs
+    not reached by then count as unreachable.
+    """
+    n = as_positive_int("seq_len", seq_len)
+    branches = check_branches(segment_lengths, dilation_rates)
+    num_heads = as_positive_int("num_heads", num_heads)
+    check_head_offsets(head_offsets)
+    words = as_positive_int("words", words)
+    limit = n if max_layers is None else as_positive_int("max_layers", max_layers)
+    start = time.perf_counter()
+    w_eff = [(min(w, n), r) for w, r in branches]  # one segment over everything when w >= N
+    plans = [_plan(n, w, r, num_heads, head_offsets) for w, r in w_eff if -(-w // r) > 1]  # K = 1 moves nothing
+    counts = np.zeros(limit + 1, dtype=np.int64)
+    for first in range(0, n, 64 * words):
+        _search(np.arange(first, min(first + 64 * words, n)), n, words, plans, causal, limit, counts)
+    counts = np.trim_zeros(counts, "b") if counts.any() else counts[:1]
+    pairs = n * (n - 1) // 2 if causal else n * (n - 1)
+    label = ", ".join(f"({w},{r})" for w, r in branches)
+    return PathStats(n, causal, counts, pairs - int(counts.sum()), time.perf_counter() - start, label)
+
+
+def window_path_stats(seq_len, window, *, causal=False) -> PathStats:
+    """Sliding-window attention, in closed form: query i sees keys j with |i - j| < window (causal: j <= i).
+
+    One layer moves information at most window - 1 positions, so distance(j -> i) =
+    ceil(|i - j| / (window - 1)); the maximum is ceil((N - 1) / (window - 1)), about N / window.
+    There are N - delta pairs at separation delta in each direction.
+    """
+    n = as_positive_int("seq_len", seq_len)
+    w = as_positive_int("window", window)
+    if w < 2:
+        raise ValueError(f"window must be >= 2 (a window of 1 connects nothing), got {window!r}")
+    start = time.perf_counter()
+    delta = np.arange(1, n, dtype=np.int64)  # (N - 1,) separations
+    hops = -(-delta // (w - 1))  # (N - 1,) ceil(delta / (w - 1))
+    per_direction = np.bincount(hops, weights=n - delta).astype(np.int64) if n > 1 else np.zeros(1, np.int64)
+    counts = per_direction if causal else 2 * per_direction
+    return PathStats(n, causal, counts, 0, time.perf_counter() - start, f"window {w}")

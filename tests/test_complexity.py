@@ -1,0 +1,135 @@
+"""The cost model: LONGNET.md Sec. 5 numbers, exact pair counts against attention_pattern, the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+
+from longnet_ref import attention_pattern
+from longnet_ref.complexity import (
+    TABLE2_DILATION_RATES,
+    TABLE2_SEGMENT_LENGTHS,
+    attended_pairs,
+    branch_flops,
+    cost_table,
+    dense_flops,
+    flop_ratio,
+    geometric_bound,
+    main,
+    mixture_flops,
+    reduction,
+)
+
+WS, RS = list(TABLE2_SEGMENT_LENGTHS), list(TABLE2_DILATION_RATES)
+
+
+def test_section5_flop_ratios():
+    # LONGNET.md Sec. 5: the Table 2 mixture against dense, w clipped to N
+    assert round(flop_ratio(8192, WS, RS), 3) == 0.472
+    assert round(flop_ratio(16384, WS, RS), 4) == 0.2535
+    assert round(flop_ratio(32768, WS, RS), 4) == 0.1302
+    assert round(flop_ratio(2048, WS, RS), 3) == 1.347  # more than dense
+
+
+def test_section5_per_branch_reductions():
+    assert [reduction(32768, w, r) for w, r in zip(WS, RS)] == [16, 32, 64, 72, 144]
+
+
+def test_flop_formula():
+    B, H, D, N = 2, 3, 5, 4096
+    assert dense_flops(N, batch=B, heads=H, head_dim=D) == 4 * B * H * D * N * N
+    assert branch_flops(N, 512, 4, batch=B, heads=H, head_dim=D) == 4 * B * H * D * N * 512 / 16
+    assert branch_flops(N, 10**6, 1) == dense_flops(N)  # w clipped to N
+    assert branch_flops(N, 512, 4, causal=True) == branch_flops(N, 512, 4) / 2
+    assert sum(mixture_flops(N, [512, 1024], [1, 2])) == branch_flops(N, 512, 1) + branch_flops(N, 1024, 2)
+
+
+@pytest.mark.parametrize(
+    "n, w, r, heads, causal, rule",
+    [
+        (64, 16, 4, 4, False, "paper"),
+        (64, 16, 4, 4, True, "paper"),
+        (50, 12, 5, 3, False, "paper"),  # ragged segment, w not a multiple of r
+        (50, 12, 5, 3, True, "torchscale"),
+        (37, 40, 3, 2, False, "none"),  # w > N
+        (33, 7, 7, 5, True, "paper"),
+    ],
+)
+def test_attended_pairs_is_the_pattern_sum(n, w, r, heads, causal, rule):
+    pattern = attention_pattern(n, [w], [r], heads, causal=causal, head_offsets=rule)
+    assert attended_pairs(n, w, r, heads, causal=causal, head_offsets=rule) == pattern.sum().item()
+
+
+def test_formula_is_exact_when_everything_divides():
+    # r | w | N and every head keeps K = w / r rows per segment: N / w segments of K^2 pairs
+    n, w, r, heads = 256, 32, 4, 4
+    assert branch_flops(n, w, r, heads=heads) == 4 * attended_pairs(n, w, r, heads)
+    # and the mixture's work is the pattern's total multiplicity (keys seen twice count twice)
+    ws, rs = [16, 64, 256], [1, 4, 16]
+    total = sum(attended_pairs(n, w, r, 16) for w, r in zip(ws, rs))
+    assert total == attention_pattern(n, ws, rs, 16).sum().item()
+    assert flop_ratio(n, ws, rs) == total / (16 * n * n)
+
+
+def test_geometric_bound_eq18():
+    for n in (2**12, 2**16, 2**20):
+        for w0, a in ((2048, 2), (512, 4), (64, 3)):
+            k = 1
+            while w0 * a ** (k - 1) < n:
+                k += 1
+            ws, rs = [w0 * a**i for i in range(k)], [a**i for i in range(k)]
+            assert flop_ratio(n, ws, rs) <= geometric_bound(n, w0, a) + 1e-12
+
+
+def test_cost_table():
+    B, H, D, P = 2, 12, 64, 8
+    table = cost_table(32768, WS, RS, batch=B, heads=H, head_dim=D, devices=P)
+    assert table["total"].ratio == pytest.approx(flop_ratio(32768, WS, RS))
+    assert table["dense"].score_elements == B * H * 32768**2
+    assert table["activation_elements"] == 4 * B * H * 32768 * D
+    # readable scores: B H S K^2; w = 16384, r = 6: S = 2, K = ceil(16384 / 6) = 2731
+    assert table["branches"][3].score_elements == B * H * 2 * 2731**2
+    # chunks of 4096 tokens: branches with w <= 4096 are local, the others gather 2 B H K D
+    assert [b.gathered_elements for b in table["branches"]] == [0, 0] + [
+        2 * B * H * -(-w // r) * D for w, r in zip(WS[2:], RS[2:])
+    ]
+    assert table["local"].ratio == pytest.approx(2048 / 32768)
+
+
+def test_cost_table_bad_input():
+    with pytest.raises(ValueError, match="devices"):
+        cost_table(1000, devices=3)
+    with pytest.raises(ValueError, match="heads"):
+        cost_table(1000, heads=0)
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["--seq-len", "32768"]) == 0
+    out = capsys.readouterr().out
+    assert "0.1302" in out and "dense" in out and "local (w=2048)" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seq-len", "0"], "seq_len must be a positive integer, got 0"),
+        (["--seq-len", "64", "--segment-lengths", "8", "16", "--dilation-rates", "1"], "same length"),
+        (["--seq-len", "64", "--segment-lengths", "8", "--dilation-rates", "9"], "dilation_rate[0] 9"),
+        (["--seq-len", "100", "--devices", "3"], "multiple of devices 3"),
+        (["--seq-len", "abc"], "invalid int value: 'abc'"),
+    ],
+)
+def test_cli_errors_are_clear(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_module_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "longnet_ref.complexity", "--seq-len", "8192", "--causal"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "0.4722" in result.stdout

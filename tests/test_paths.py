@@ -1,0 +1,186 @@
+"""Dependency paths: the structured search against a brute-force BFS on attention_pattern's N x N graph."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from longnet_ref import attention_pattern
+from longnet_ref import paths as P
+from longnet_ref.paths import (
+    eq19_layers,
+    eq19_reach,
+    eq20_max_path,
+    geometric_branches,
+    path_length_stats,
+    window_path_stats,
+)
+
+
+def bfs_distances(adjacent: torch.Tensor) -> torch.Tensor:
+    """All-pairs hop counts from a boolean (N query, N key) one-layer graph; -1 when never connected.
+
+    dist[j, i]: layers until query i depends on key j. Reached sets grow by one boolean
+    matrix product per layer (the residual keeps what was reached).
+    """
+    n = adjacent.shape[0]
+    step = (adjacent | torch.eye(n, dtype=torch.bool)).T.double()  # step[j, i]: i attends j
+    reach = torch.eye(n, dtype=torch.bool)
+    dist = torch.where(reach, 0, -1)
+    for layer in range(1, n + 1):
+        new = (reach.double() @ step) > 0
+        if torch.equal(new, reach):
+            break
+        dist[new & ~reach] = layer
+        reach = new
+    return dist
+
+
+def histogram(dist: torch.Tensor, causal: bool):
+    """(counts[d], unreachable) over the pairs paths.py counts: j != i, and j < i when causal."""
+    n = dist.shape[0]
+    pairs = ~torch.eye(n, dtype=torch.bool)
+    if causal:
+        pairs &= torch.ones(n, n, dtype=torch.bool).triu(1)  # dist[j, i] with j < i
+    values = dist[pairs]
+    return np.bincount(values[values >= 0].numpy(), minlength=1), int((values < 0).sum())
+
+
+def brute_force(n, ws, rs, heads, causal, rule):
+    adjacent = attention_pattern(n, ws, rs, heads, causal=causal, head_offsets=rule).sum(0) > 0  # union over heads
+    return histogram(bfs_distances(adjacent), causal)
+
+
+def same_counts(a, b):
+    size = max(len(a), len(b))
+    return np.array_equal(np.pad(a, (0, size - len(a))), np.pad(b, (0, size - len(b))))
+
+
+branch = st.integers(1, 48).flatmap(lambda w: st.tuples(st.just(w), st.integers(1, w)))  # (w, r <= w)
+configs = st.integers(1, 40).flatmap(
+    lambda n: st.tuples(
+        st.just(n),
+        st.lists(
+            st.integers(1, 48).flatmap(lambda w: st.tuples(st.just(w), st.integers(1, w))), min_size=1, max_size=3
+        ),
+        st.integers(1, 5),
+        st.booleans(),
+        st.sampled_from(["paper", "torchscale", "none"]),
+    )
+)
+
+
+@given(configs, st.sampled_from([0.25, -1.0, 2.0]))
+def test_matches_brute_force_any_configuration(config, dense_fraction):
+    n, branches, heads, causal, rule = config
+    ws, rs = [w for w, _ in branches], [r for _, r in branches]
+    P.DENSE_FRACTION, saved = dense_fraction, P.DENSE_FRACTION  # -1: always views, 2: always gathers
+    try:
+        stats = path_length_stats(n, ws, rs, heads, causal=causal, head_offsets=rule, words=1)
+    finally:
+        P.DENSE_FRACTION = saved
+    counts, unreachable = brute_force(n, ws, rs, heads, causal, rule)
+    assert same_counts(stats.counts, counts) and stats.unreachable == unreachable
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("w0, ratio, heads, rule", [(4, 2, 1, "paper"), (2, 2, 4, "paper"), (8, 4, 3, "torchscale")])
+def test_geometric_mixtures_match_brute_force(w0, ratio, heads, rule, causal):
+    for n in (16, 64, 128):  # powers of two: every branch takes the strided-view path
+        ws, rs = geometric_branches(n, w0, ratio)
+        stats = path_length_stats(n, ws, rs, heads, causal=causal, head_offsets=rule, words=2)
+        counts, unreachable = brute_force(n, ws, rs, heads, causal, rule)
+        assert same_counts(stats.counts, counts) and stats.unreachable == unreachable
+
+
+def test_batches_of_sources_add_up():
+    # 70 sources with words=1: two batches, the second partial
+    n, ws, rs = 70, [8, 16, 70], [1, 2, 4]
+    small = path_length_stats(n, ws, rs, 4, words=1)
+    large = path_length_stats(n, ws, rs, 4, words=4)
+    counts, unreachable = brute_force(n, ws, rs, 4, False, "paper")
+    assert same_counts(small.counts, counts) and same_counts(large.counts, counts) and small.unreachable == unreachable
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_is_one_hop(causal):
+    stats = path_length_stats(50, [50], [1], 1, causal=causal)
+    pairs = 50 * 49 // (2 if causal else 1)
+    assert stats.counts.tolist() == [0, pairs] and stats.max == 1 and stats.pairs == pairs
+
+
+def test_local_segments_never_cross():
+    n, w = 100, 30  # segments 30, 30, 30, 10
+    stats = path_length_stats(n, [w], [1], 2)
+    within = sum(s * (s - 1) for s in (30, 30, 30, 10))
+    assert stats.counts.tolist() == [0, within] and stats.unreachable == n * (n - 1) - within
+    assert stats.max == math.inf and stats.max_reachable == 1
+
+
+@pytest.mark.parametrize("n, window", [(1, 2), (2, 2), (37, 2), (64, 5), (100, 40), (30, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_closed_form_matches_brute_force(n, window, causal):
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    adjacent = (i - j).abs() < window  # (N query, N key)
+    if causal:
+        adjacent &= j <= i
+    counts, unreachable = histogram(bfs_distances(adjacent), causal)
+    stats = window_path_stats(n, window, causal=causal)
+    assert same_counts(stats.counts, counts) and unreachable == 0
+    assert stats.max == (math.ceil((n - 1) / (window - 1)) if n > 1 else 0)
+
+
+def test_statistics():
+    stats = window_path_stats(10, 4)  # distance ceil(d / 3)
+    d = np.abs(np.arange(10)[:, None] - np.arange(10)[None, :])
+    hops = -(-d[d > 0] // 3)
+    assert stats.mean == pytest.approx(hops.mean()) and stats.max == hops.max() == 3
+
+
+def test_geometric_branches():
+    assert geometric_branches(32768, 2048, 2) == ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])
+    assert geometric_branches(1000, 64, 4) == ([64, 256, 1024], [1, 4, 16])
+    assert geometric_branches(10, 64, 2) == ([64], [1])  # one segment already covers N
+    with pytest.raises(ValueError, match="ratio"):
+        geometric_branches(100, 4, 1)
+    with pytest.raises(ValueError, match="w0"):
+        geometric_branches(100, 0, 2)
+
+
+def test_paper_equations():
+    # LONGNET.md Sec. 3: w0 = 2048, a = 2 gives 4 at N = 32768 and about 19 at N = 1e9
+    assert eq20_max_path(32768, 2048, 2) == pytest.approx(4)
+    assert round(eq20_max_path(1e9, 2048, 2)) == 19
+    assert eq19_reach(3, 2048, 2) == 2048 + 4096 + 8192
+    # the fewest layers whose reach covers N agrees with Eq. 20 rounded up, up to the -1 of Eq. 19
+    for n in (2**12, 2**15, 10**6, 10**9):
+        layers = eq19_layers(n, 2048, 2)
+        assert eq19_reach(layers, 2048, 2) >= n - 1 > eq19_reach(layers - 1, 2048, 2)
+        assert layers - 1 <= eq20_max_path(n, 2048, 2) <= layers + 1
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: path_length_stats(0, [4], [1]), "seq_len"),
+        (lambda: path_length_stats(10, [4], [5]), "dilation_rate"),
+        (lambda: path_length_stats(10, [4], [1], 0), "num_heads"),
+        (lambda: path_length_stats(10, [4], [1], head_offsets="odd"), "head_offsets"),
+        (lambda: path_length_stats(10, [4], [1], words=0), "words"),
+        (lambda: window_path_stats(10, 1), "window"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_max_layers_stops_early():
+    ws, rs = geometric_branches(64, 2, 2)
+    full = path_length_stats(64, ws, rs, 1)
+    cut = path_length_stats(64, ws, rs, 1, max_layers=2)
+    assert full.max > 2 and cut.counts.tolist() == full.counts[:3].tolist()
+    assert cut.unreachable == full.counts[3:].sum()

@@ -1,0 +1,122 @@
+"""Pictures: every pixel comes from attention_pattern (exactly, or as a block mean); save_fig's folder."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+
+from longnet_ref import attention_pattern, viz  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def block_mean(c: torch.Tensor, b: int) -> torch.Tensor:
+    """Independent block mean of (H, N, N): average pooling over the real entries of each tile."""
+    H, n, _ = c.shape
+    nb = -(-n // b)
+    out = torch.zeros(H, nb, nb, dtype=torch.float64)
+    for i in range(nb):
+        for j in range(nb):
+            out[:, i, j] = c[:, i * b : (i + 1) * b, j * b : (j + 1) * b].double().mean(dim=(1, 2))
+    return out
+
+
+def test_full_detail_is_the_pattern():
+    args = (40, [8, 16, 40], [1, 2, 4], 3)
+    exact = attention_pattern(*args, causal=True, head_offsets="torchscale")
+    got = viz.pattern_blocks(*args, causal=True, head_offsets="torchscale")
+    torch.testing.assert_close(got, exact.double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n, block", [(100, 8), (99, 10), (64, 64)])
+def test_block_summary_is_the_block_mean(n, block):
+    args = (n, [6, 24, 100], [1, 3, 9], 2)
+    got = viz.pattern_blocks(*args, causal=True, block=block)
+    torch.testing.assert_close(got, block_mean(attention_pattern(*args, causal=True), block), rtol=0, atol=1e-12)
+
+
+def test_large_sequences_are_summarised_in_stripes(monkeypatch):
+    n = 600  # beyond DETAIL_LIMIT: ceil(600 / 256) = 3 tokens per pixel
+    assert viz.block_size(n) == 3 and viz.block_size(viz.DETAIL_LIMIT) == 1
+    monkeypatch.setattr(viz, "STRIPE_ENTRIES", 2 * n * 10)  # force many stripes of rows
+    args = (n, [32, 128, 512], [1, 4, 16], 2)
+    got = viz.pattern_blocks(*args)
+    assert got.shape == (2, 200, 200)
+    torch.testing.assert_close(got, block_mean(attention_pattern(*args), 3), rtol=0, atol=1e-12)
+
+
+def test_too_large_is_refused():
+    with pytest.raises(ValueError, match="seq_len 65536"):
+        viz.pattern_blocks(65536, [2048], [1], 1)
+
+
+def test_branch_panels_are_coloured_where_the_branch_attends():
+    n, ws, rs, H, head = 32, [8, 16, 32], [1, 2, 4], 4, 1
+    fig = viz.plot_branches(n, ws, rs, H, head=head)
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        image = fig.axes[i].images[0].get_array()  # (N, N, 3)
+        mask = attention_pattern(n, [w], [r], H)[head].numpy() > 0
+        colour = np.array(to_rgb(viz.BRANCH_COLORS[i]))
+        assert np.allclose(image[mask], colour) and np.allclose(image[~mask], 1.0)
+    union = fig.axes[len(ws)].images[0].get_array()
+    attended = attention_pattern(n, ws, rs, H)[head].numpy() > 0
+    assert np.all((union < 1).any(axis=-1) == attended)  # white exactly where no branch attends
+
+
+def test_heads_panels():
+    n, w, r, H = 32, 16, 4, 4
+    fig = viz.plot_heads(n, w, r, H)
+    pattern = attention_pattern(n, [w], [r], H).numpy()
+    for h in range(H):
+        image = fig.axes[h].images[0].get_array()
+        assert np.all((image < 1).any(axis=-1) == (pattern[h] > 0))
+
+
+def test_multiplicity_panel():
+    fig = viz.plot_multiplicity(48, [8, 16, 48], [1, 2, 4], 4, head=2, causal=True)
+    expected = attention_pattern(48, [8, 16, 48], [1, 2, 4], 4, causal=True)[2].double().numpy()
+    assert np.array_equal(np.asarray(fig.axes[0].images[0].get_array()), expected)
+
+
+def test_summarised_union_is_white_only_where_nothing_is_kept():
+    n, ws, rs = 512, [32, 128, 512], [1, 4, 16]
+    fig = viz.plot_branches(n, ws, rs, 1)
+    union = fig.axes[-1].images[0].get_array()
+    means = block_mean(attention_pattern(n, ws, rs, 1), viz.block_size(n))[0].numpy()
+    assert np.all((union < 1).any(axis=-1) == (means > 0))
+
+
+def test_bad_head():
+    with pytest.raises(ValueError, match="head must be an integer in"):
+        viz.plot_branches(16, [4], [1], 2, head=2)
+    with pytest.raises(ValueError, match="head must be an integer in"):
+        viz.plot_multiplicity(16, [4], [1], 2, head=1.0)
+
+
+def test_save_fig_writes_into_the_repo_figures_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    path = viz.save_fig(fig, "_test_save_fig")
+    try:
+        assert path == viz.figures_dir() / "_test_save_fig.png" and path.read_bytes()[:4] == b"\x89PNG"
+        assert not (tmp_path / "figures").exists()
+    finally:
+        path.unlink()
+    with pytest.raises(ValueError, match="name"):
+        viz.save_fig(fig, "sub/dir")
+
+
+def test_png_bytes_are_stable():
+    fig, ax = plt.subplots()
+    ax.imshow(np.eye(4))
+    assert viz.png_bytes(fig) == viz.png_bytes(fig) and viz.png_bytes(fig)[:4] == b"\x89PNG"

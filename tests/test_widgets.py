@@ -1,0 +1,102 @@
+"""Explorers: moving a control redraws the picture and changes the numbers, and the numbers are right."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from longnet_ref import attention_pattern  # noqa: E402
+from longnet_ref.paths import eq20_max_path, geometric_branches, path_length_stats  # noqa: E402
+from longnet_ref.widgets import format_numbers, path_explorer, pattern_explorer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    assert plt.get_fignums() == [], "a callback left a figure open"
+
+
+def expected_pattern_numbers(n, w0, a, k, heads, head, causal, offsets):
+    ws, rs = [w0 * a**i for i in range(k)], [a**i for i in range(k)]
+    c = attention_pattern(n, ws, rs, heads, causal=causal, head_offsets=offsets)
+    allowed = n * (n + 1) // 2 if causal else n * n
+    return dict(
+        flop_ratio=sum(min(w, n) / r**2 for w, r in zip(ws, rs)) / n,
+        coverage=(c[head] > 0).sum().item() / allowed,
+        coverage_all_heads=(c > 0).any(0).sum().item() / allowed,
+        overlap=(c[head] >= 2).sum().item() / (c[head] > 0).sum().item(),
+        work_ratio=c.sum().item() / (heads * allowed),
+    )
+
+
+def check_pattern_numbers(explorer):
+    v = explorer.values()
+    expected = expected_pattern_numbers(
+        v["seq_len"], v["w0"], v["ratio"], v["branches"], v["heads"], v["head"], v["causal"], v["offsets"]
+    )
+    assert explorer.numbers == pytest.approx(expected)
+
+
+def test_pattern_explorer_slider_changes_picture_and_numbers():
+    explorer = pattern_explorer()
+    check_pattern_numbers(explorer)
+    picture, numbers = bytes(explorer.image.value), dict(explorer.numbers)
+    assert picture[:4] == b"\x89PNG"
+    explorer.controls["w0"].value = 16  # what the browser test does with the mouse
+    assert bytes(explorer.image.value) != picture and explorer.numbers["flop_ratio"] != numbers["flop_ratio"]
+    check_pattern_numbers(explorer)
+    assert f'<span class="longnet-flop_ratio">{explorer.numbers["flop_ratio"]:.4f}</span>' in explorer.table.value
+
+
+@pytest.mark.parametrize(
+    "name, value, picture_changes, numbers_change",
+    [
+        ("seq_len", 96, True, True),
+        ("ratio", 3, True, True),
+        ("branches", 2, True, True),
+        ("heads", 5, False, True),  # head 1 keeps its offsets; all heads together now cover r = 4
+        ("head", 1, True, False),  # heads are symmetric: the picture moves, the fractions do not
+        ("causal", True, True, True),
+        ("offsets", "torchscale", True, True),  # with 3 heads head 1 gets offset 0 instead of 1 for r = 2
+    ],
+)
+def test_every_control_redraws(name, value, picture_changes, numbers_change):
+    explorer = pattern_explorer(heads=3)
+    explorer.controls["head"].value = 2 if name == "head" else 1
+    picture, numbers = bytes(explorer.image.value), dict(explorer.numbers)
+    explorer.controls[name].value = value
+    assert (bytes(explorer.image.value) != picture) == picture_changes
+    assert (explorer.numbers != numbers) == numbers_change
+    check_pattern_numbers(explorer)
+
+
+def test_head_slider_follows_the_number_of_heads():
+    explorer = pattern_explorer(heads=4)
+    explorer.controls["head"].value = 3
+    explorer.controls["heads"].value = 2
+    assert explorer.controls["head"].max == 1 and explorer.controls["head"].value == 1
+    check_pattern_numbers(explorer)
+
+
+def test_path_explorer_slider_changes_picture_and_numbers():
+    explorer = path_explorer(seq_len=128, w0=4, heads=1, window=8)
+    picture, numbers = bytes(explorer.image.value), dict(explorer.numbers)
+    stats = path_length_stats(128, *geometric_branches(128, 4, 2), 1)
+    assert numbers["max_path"] == stats.max and numbers["mean_path"] == pytest.approx(stats.mean)
+    assert numbers["window_max_path"] == 19  # ceil(127 / 7)
+    explorer.controls["w0"].value = 16
+    assert bytes(explorer.image.value) != picture
+    assert explorer.numbers["eq20"] == pytest.approx(eq20_max_path(128, 16, 2)) != numbers["eq20"]
+    stats = path_length_stats(128, *geometric_branches(128, 16, 2), 1)
+    assert explorer.numbers["max_path"] == stats.max
+    explorer.controls["causal"].value = True
+    stats = path_length_stats(128, *geometric_branches(128, 16, 2), 1, causal=True)
+    assert explorer.numbers["unreachable"] == stats.unreachable / stats.pairs
+
+
+def test_numbers_html():
+    html = format_numbers({"flop_ratio": 0.25, "max_path": 3, "a<b": 1.0})
+    assert '<span class="longnet-flop_ratio">0.2500</span>' in html and "max_path: <span" in html
+    assert "a&lt;b" in html
