@@ -1,0 +1,311 @@
+"""Notebook-wide checks: what notebooks/README.md asks of every notebook, where a machine can check it.
+
+nbval runs the notebooks themselves (the README's test command). These tests check what running
+them cannot: stored outputs stripped except the golden cells', the sanitize rules parsed as
+written, the setup cell and the one configured repository location, the Colab badges, a static
+figure before every slider, summary and exercises, a Colab install that leaves Colab's packages
+alone, and the helpers the notebooks use to compare what they build with the package.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from nbval.plugin import get_sanitize_patterns
+from packaging.requirements import Requirement
+
+from longnet_ref.notebook import compare, setup
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+SANITIZE = NOTEBOOK_DIR / "nbval_sanitize.cfg"
+GOLDEN = "nbval-check-output"
+BADGE = re.compile(
+    r"https://colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/main/notebooks/([\w.-]+\.ipynb)"
+)
+
+# What Colab preinstalls (snapshot; the floors must stay at or below these so that installing
+# this package there upgrades nothing). ipywidgets is the one that matters: Colab stays on 7.7.x.
+COLAB_PREINSTALLED = {
+    "torch": "2.6.0",
+    "numpy": "2.0.2",
+    "matplotlib": "3.10.0",
+    "ipywidgets": "7.7.1",
+    "tqdm": "4.67.1",
+}
+
+
+def cells(path, kind=None):
+    nb = json.loads(path.read_text())
+    return [c for c in nb["cells"] if kind is None or c["cell_type"] == kind]
+
+
+def text(cell):
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def is_golden(cell):
+    return GOLDEN in cell.get("metadata", {}).get("tags", [])
+
+
+def python_of(cell):
+    """A code cell's source parsed as Python: IPython magics (`%pip ...`) become `pass` at their indentation."""
+    lines = [re.sub(r"^(\s*)[%!].*$", r"\1pass", line) for line in text(cell).splitlines()]
+    return ast.parse("\n".join(lines))
+
+
+def configured_repo_url():
+    match = re.search(
+        r'<!-- repo-url -->\n`REPO_URL = "(https://github\.com/[\w.-]+/[\w.-]+)"`',
+        (NOTEBOOK_DIR / "README.md").read_text(),
+    )
+    assert match, 'notebooks/README.md must configure the repository: <!-- repo-url --> then `REPO_URL = "..."`'
+    return match.group(1)
+
+
+def notebook_ids():
+    return [p.stem for p in NOTEBOOKS]
+
+
+def test_the_first_three_notebooks_exist():
+    names = [p.stem for p in NOTEBOOKS]
+    for name in ("01_dense_attention", "02_dilated_branch", "03_mixture"):
+        assert name in names
+
+
+# -- nbval's sanitize rules ------------------------------------------------------------------
+
+
+def test_every_sanitize_rule_is_parsed_by_nbval():
+    """nbval drops a rule silently when its replacement is empty: count what its own parser reads."""
+    config = SANITIZE.read_text()
+    written = [line for line in config.splitlines() if line.startswith("regex:")]
+    parsed = get_sanitize_patterns(config)
+    assert len(parsed) == len(written) == 3, f"{len(written)} rules written, nbval parses {len(parsed)}: {parsed}"
+    # the hazard this test guards against: a rule with an empty replacement vanishes
+    assert get_sanitize_patterns("regex: x\nreplace:\n") == []
+
+
+def test_sanitize_rules_do_what_they_say():
+    rules = get_sanitize_patterns(SANITIZE.read_text())
+
+    def sanitize(s):
+        for regex, replacement in rules:
+            s = re.sub(regex, replacement, s)
+        return s
+
+    assert sanitize("out = [-0.0000  0.5]") == sanitize("out = [ 0.0000  0.5]")  # padded
+    assert sanitize("lse = -0.0000") == sanitize("lse = 0.0000")  # not padded
+    assert sanitize("x = -0.50, y = -0.0001, z = 1e-05") == "x = -0.50, y = -0.0001, z = 1e-05"  # signs kept
+    assert sanitize("c = 1:   116") == "c = 1: 116" != sanitize("c = 1:   117")  # only spacing is forgiven
+    assert sanitize("<Figure at 0x7f3a1c2b4d90>") == sanitize("<Figure at 0x7f00deadbeef>")
+
+
+# -- stored outputs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_stored_notebook_is_stripped_with_keep_count(path):
+    """Exactly what `nbstripout --keep-count` leaves: no outputs but the golden cells' (keep_output)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "nbstripout", "--keep-count", "--verify", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"run `nbstripout --keep-count {path.relative_to(ROOT)}`: {result.stdout}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_only_golden_cells_keep_outputs_and_they_are_plain_text(path):
+    golden = 0
+    for cell in cells(path, "code"):
+        if not is_golden(cell):
+            assert not cell["outputs"], f"output stored in a cell that is not golden:\n{text(cell)[:200]}"
+            continue
+        golden += 1
+        assert cell["metadata"].get("keep_output") is True, f"golden cell without keep_output:\n{text(cell)[:200]}"
+        assert cell["execution_count"] is not None and cell["outputs"], f"golden cell not run:\n{text(cell)[:200]}"
+        for output in cell["outputs"]:
+            assert output["output_type"] == "stream" and output["name"] == "stdout", f"golden output {output}"
+        # what differs from machine to machine is printed in ordinary cells
+        for forbidden in ("DEVICE", "SMOKE", "perf_counter", "time.time", "__version__", "compare(", "plt."):
+            assert forbidden not in text(cell), f"golden cell uses {forbidden!r}:\n{text(cell)[:200]}"
+    assert golden >= 2, f"{path.name} has {golden} golden cells"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_no_skipped_cells_and_no_swallowed_errors(path):
+    for cell in cells(path, "code"):
+        tags = cell.get("metadata", {}).get("tags", [])
+        assert not {"nbval-skip", "raises-exception", "nbval-raises-exception", "nbval-ignore-output"} & set(tags)
+        assert "NBVAL_SKIP" not in text(cell) and "NBVAL_RAISES_EXCEPTION" not in text(cell)
+        for node in ast.walk(python_of(cell)):
+            if isinstance(node, ast.ExceptHandler):
+                assert node.type is not None, f"bare except:\n{text(cell)[:300]}"
+                assert not all(isinstance(s, ast.Pass) for s in node.body), f"except ...: pass\n{text(cell)[:300]}"
+
+
+# -- skeleton, setup cell, repository location -----------------------------------------------
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_title_badge_abstract(path):
+    first = cells(path)[0]
+    assert first["cell_type"] == "markdown"
+    assert text(first).startswith(f"# {path.stem[:2]} · "), "title: '# NN · Title'"
+    badges = BADGE.findall(text(first))
+    assert badges == [(configured_repo_url().removeprefix("https://github.com/"), path.name)]
+    assert "What you will build" in text(first)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_setup_cell(path):
+    setup_cell = text(cells(path, "code")[0])
+    assert f'REPO_URL = "{configured_repo_url()}"' in setup_cell
+    assert 'if "google.colab" in sys.modules:\n    %pip install --quiet "git+{REPO_URL}"\n' in setup_cell
+    assert 'SMOKE = "CI" in os.environ' in setup_cell
+    assert re.search(r"^DEVICE = setup\(seed=\d+, smoke=SMOKE\)", setup_cell, re.M)
+    # the only install anywhere in the notebook, and it installs only this package
+    installs = [line for c in cells(path, "code") for line in text(c).splitlines() if "pip install" in line]
+    assert installs == ['    %pip install --quiet "git+{REPO_URL}"']
+
+
+def test_every_badge_points_at_the_configured_repository_and_an_existing_notebook():
+    repo = configured_repo_url().removeprefix("https://github.com/")
+    sources = [ROOT / "README.md", NOTEBOOK_DIR / "README.md", *NOTEBOOKS]
+    for source in sources:
+        for owner_repo, name in BADGE.findall(source.read_text()):
+            assert owner_repo == repo, f"{source.name}: badge for {owner_repo}, configured {repo}"
+            assert (NOTEBOOK_DIR / name).is_file(), f"{source.name}: badge for a missing notebook {name}"
+
+
+@pytest.mark.parametrize("readme", ["README.md", "notebooks/README.md"])
+def test_notebook_tables_list_every_notebook_with_a_badge(readme):
+    listed = {name for _, name in BADGE.findall((ROOT / readme).read_text())}
+    assert listed == {p.name for p in NOTEBOOKS}
+
+
+# -- widgets and figures ---------------------------------------------------------------------
+
+
+def is_named_call(node):
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+
+
+def is_call_to(node, names):
+    func = node.func if isinstance(node, ast.Call) else None
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    return name in names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_sliders_wrap_pure_plotting_functions_after_a_static_figure(path):
+    defined = {}  # plotting function name -> its FunctionDef
+    called = set()  # functions called directly so far, in notebook order (the static figures)
+    sliders = 0
+    for cell in cells(path, "code"):
+        assert "%matplotlib widget" not in text(cell) and "ipympl" not in text(cell), "core ipywidgets only"
+        for statement in python_of(cell).body:
+            if isinstance(statement, ast.FunctionDef):
+                defined[statement.name] = statement
+                continue
+            for node in ast.walk(statement):  # top-level code only: calls inside functions are not figures
+                if isinstance(node, ast.Call) and is_call_to(node, {"interact", "interactive", "interactive_output"}):
+                    sliders += 1
+                    target = node.args[0]
+                    assert isinstance(target, ast.Name) and target.id in defined, "a slider wraps a named function"
+                    function = defined[target.id]
+                    # the static figure: the function, or a drawing function it calls, run before with fixed arguments
+                    draws = {target.id} | {
+                        n.func.id for n in ast.walk(function) if is_named_call(n) and n.func.id in defined
+                    }
+                    assert draws & called, f"{target.id}: no static figure before the slider"
+                    prints = [n for n in ast.walk(function) if isinstance(n, ast.Call) and is_call_to(n, {"print"})]
+                    assert not prints, f"{target.id} prints: no print inside slider callbacks"
+                    last = function.body[-1]
+                    assert isinstance(last, ast.Expr) and ast.unparse(last.value) == "plt.show()", (
+                        f"{target.id} must end with plt.show()"
+                    )
+                elif is_named_call(node):
+                    called.add(node.func.id)
+    assert sliders >= 1, f"{path.name} has no slider"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_saved_figures_are_named_after_the_notebook_and_committed(path):
+    names = [
+        m.group(1) for c in cells(path, "code") for m in re.finditer(r'(?:save_fig\(fig, |save_as=)"([\w-]+)"', text(c))
+    ]
+    assert names, f"{path.name} saves no figure"
+    for name in names:
+        assert name.startswith(path.stem[:2] + "_"), f"figure {name} of {path.name} must start with {path.stem[:2]}_"
+        assert (ROOT / "figures" / f"{name}.png").is_file(), f"figures/{name}.png is not in the repository"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_summary_and_two_to_four_exercises(path):
+    markdown = "\n".join(text(c) for c in cells(path, "markdown"))
+    assert "## Summary" in markdown
+    exercises = markdown.split("## Exercises", 1)
+    assert len(exercises) == 2, "an '## Exercises' section"
+    numbered = re.findall(r"^\d+\. ", exercises[1], re.M)
+    assert 2 <= len(numbered) <= 4, f"{len(numbered)} exercises"
+
+
+# -- the Colab install -----------------------------------------------------------------------
+
+
+def test_colab_install_leaves_colab_packages_alone():
+    """Installing this package where torch & co. are preinstalled must upgrade nothing (notebooks/README.md)."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
+    requirements = [Requirement(s) for s in re.findall(r'"([^"]+)"', block)]
+    assert {r.name for r in requirements} == set(COLAB_PREINSTALLED)
+    for requirement in requirements:
+        assert all(spec.operator == ">=" for spec in requirement.specifier), f"{requirement}: lower bounds only"
+        assert requirement.specifier.contains(COLAB_PREINSTALLED[requirement.name]), (
+            f"{requirement} would replace Colab's {requirement.name} {COLAB_PREINSTALLED[requirement.name]}"
+        )
+
+
+# -- the helpers the notebooks use -----------------------------------------------------------
+
+
+def test_compare_passes_equal_values_and_prints_the_difference(capsys):
+    x = torch.tensor([1.0, -torch.inf, 2.0], dtype=torch.float64)
+    compare("same", x, x.clone())
+    compare("within atol", x, x + torch.tensor([1e-14, 0.0, 0.0], dtype=torch.float64))
+    out = capsys.readouterr().out
+    assert "same" in out and "exact: True" in out and "max abs diff: 0.0e+00" in out
+    assert "exact: False" in out and "max abs diff: 1.0e-14" in out
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        torch.tensor([1.0, -torch.inf, 2.001], dtype=torch.float64),  # a wrong value
+        torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64),  # 0 where -inf is expected
+        torch.tensor([1.0, torch.nan, 2.0], dtype=torch.float64),  # NaN
+        torch.tensor([1.0, -torch.inf], dtype=torch.float64),  # wrong shape
+        torch.tensor([1.0, -torch.inf, 2.0], dtype=torch.float32),  # wrong dtype
+    ],
+)
+def test_compare_fails_on_a_wrong_result(wrong):
+    expected = torch.tensor([1.0, -torch.inf, 2.0], dtype=torch.float64)
+    with pytest.raises(AssertionError):
+        compare("wrong", wrong, expected)
+
+
+def test_setup_seeds_picks_the_device_and_prints_versions(capsys):
+    device = setup(seed=3, smoke=True)
+    first = torch.randn(4)
+    assert setup(seed=3) == device and torch.equal(torch.randn(4), first)
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out and "longnet_ref" in out and "SMOKE (small CI sizes): True" in out
