@@ -44,11 +44,14 @@ def figures_dir() -> Path:
     return here
 
 
-def save_fig(fig, name: str, *, dpi: int = 120) -> Path:
-    """Save `fig` as figures/<name>.png (PNG: nbval compares SVG text, not PNG) and return the path."""
+def save_fig(fig, name: str, *, dpi: int = 120, folder=None) -> Path:
+    """Save `fig` as figures/<name>.png (PNG: nbval compares SVG text, not PNG) and return the path.
+
+    `folder` replaces figures/ (tests and `figures --out` write elsewhere).
+    """
     if not name or "/" in name or "\\" in name:
         raise ValueError(f"name must be a plain file name without folders, got {name!r}")
-    path = figures_dir() / (name if name.endswith(".png") else f"{name}.png")
+    path = (figures_dir() if folder is None else Path(folder)) / (name if name.endswith(".png") else f"{name}.png")
     # metadata without a Software/date stamp keeps the bytes stable across runs and versions
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return path
@@ -202,10 +205,16 @@ def plot_multiplicity(
     head = check_head(head, as_positive_int("num_heads", num_heads))
     c = pattern_blocks(seq_len, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets)
     fig, (ax,) = _axes(1, size=3.6, ax=ax)
-    if block_size(seq_len) == 1:  # exact counts: one colour per value 0 .. k
-        style = dict(cmap=plt.get_cmap("viridis", len(branches) + 1), vmin=-0.5, vmax=len(branches) + 0.5)
+    from matplotlib.colors import ListedColormap
+
+    k = len(branches)
+    if block_size(seq_len) == 1:  # exact counts: white for masked, then one colour per value 1 .. k
+        shades = plt.get_cmap("viridis_r")(np.linspace(0.15, 1.0, k))  # (k, 4), darker = counted more
+        style = dict(cmap=ListedColormap(["white", *shades]), vmin=-0.5, vmax=k + 0.5)
     else:  # block means are fractional
-        style = dict(cmap="viridis", vmin=0, vmax=len(branches))
+        style = dict(cmap="viridis_r", vmin=0, vmax=k)
     _show(ax, c[head].numpy(), seq_len, f"multiplicity c(h={head}, q, k)", **style)
-    fig.colorbar(ax.images[-1], ax=ax, shrink=0.8, label="branches that keep (q, k)")
+    bar = fig.colorbar(ax.images[-1], ax=ax, shrink=0.8, label="branches that keep (q, k)")
+    if block_size(seq_len) == 1:
+        bar.set_ticks(range(k + 1))
     return fig

@@ -120,3 +120,27 @@ def test_png_bytes_are_stable():
     fig, ax = plt.subplots()
     ax.imshow(np.eye(4))
     assert viz.png_bytes(fig) == viz.png_bytes(fig) and viz.png_bytes(fig)[:4] == b"\x89PNG"
+
+
+def test_figures_command_writes_pngs_elsewhere(tmp_path, capsys):
+    from longnet_ref import figures
+
+    names = ["patterns_branches", "path_distribution", "flops_vs_length", "memory_vs_length"]
+    assert figures.main(["--quick", "--out", str(tmp_path), *names]) == 0
+    for name in names:
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as exit_info:
+        figures.main(["no_such_figure"])
+    assert exit_info.value.code == 2 and "unknown figure names ['no_such_figure']" in capsys.readouterr().err
+
+
+def test_path_law_rows_are_the_path_statistics():
+    from longnet_ref import figures, paths
+
+    rows = figures.path_law([16, 128], mixtures=[(4, 2, 1, "m")], window=8)
+    assert rows["dense"] == [1, 1] and rows["window 8"] == [3, 19]  # ceil((N - 1) / 7)
+    assert rows["segments 8"] == [float("inf")] * 2
+    for n, longest, lost in zip([16, 128], rows["m"], rows["m causal"]):
+        ws, rs = paths.geometric_branches(n, 4, 2)
+        causal = paths.path_length_stats(n, ws, rs, 1, causal=True)
+        assert longest == paths.path_length_stats(n, ws, rs, 1).max and lost == causal.unreachable / causal.pairs
