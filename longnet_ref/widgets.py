@@ -1,7 +1,7 @@
-"""Interactive explorers (core ipywidgets, so they run in JupyterLab and Colab alike).
+"""Interactive explorers (core ipywidgets that exist in 7.7 and 8: JupyterLab and Colab alike).
 
 - `pattern_explorer()`: sliders for N, w0, the ratio a, the number of branches, heads and the
-  head shown; toggles for causal and the head-offset rule. It shows the pattern (from
+  head shown; a checkbox for causal and a menu for the head-offset rule. It shows the pattern (from
   `attention_pattern`), the FLOP ratio against dense (Eq. 17) and coverage / overlap numbers.
 - `path_explorer()`: the same knobs for dependency paths (`paths.py`): the distribution of
   path lengths of the mixture against a sliding window, with Eq. 20's prediction.
@@ -163,7 +163,7 @@ def pattern_explorer(seq_len=64, w0=8, ratio=2, branches=3, heads=4) -> Explorer
         heads=_slider("heads H", heads, 1, 8),
         head=_slider("head", 0, 0, 7),
         causal=widgets.Checkbox(value=False, description="causal"),
-        offsets=widgets.ToggleButtons(options=OFFSET_RULES, value="paper", description="offsets"),
+        offsets=widgets.Dropdown(options=OFFSET_RULES, value="paper", description="offsets"),
     )
 
     def follow_heads(change):  # the head slider only offers heads that exist
@@ -183,6 +183,6 @@ def path_explorer(seq_len=256, w0=4, ratio=2, heads=1, window=16) -> Explorer:
         heads=_slider("heads H", heads, 1, 16),
         window=_slider("window", window, 2, 256),
         causal=widgets.Checkbox(value=False, description="causal"),
-        offsets=widgets.ToggleButtons(options=OFFSET_RULES, value="paper", description="offsets"),
+        offsets=widgets.Dropdown(options=OFFSET_RULES, value="paper", description="offsets"),
     )
     return Explorer(path_view, controls, "Dependency paths", "longnet-path-explorer")
