@@ -103,7 +103,9 @@ def eval_windows(data, seq_len, num_bytes):
 #         query   one byte "A" + key, later in the sequence; the target there is "0" + value
 # Keys are distinct within a sequence, so every query has one answer: the value of the needle
 # with its key, `distance` positions back. Only the answers are scored (targets elsewhere are
-# IGNORE). A model answers above chance (1/8) at distance d only if information can travel d
+# IGNORE). The answer is never written into the text: if it were, a later query could copy
+# the answer of an earlier one instead of reaching back to the needle. So a model answers above
+# chance (1/8) at distance d only if information can travel d
 # positions: the reach of its attention pattern, measured directly.
 NUM_KEYS, NUM_VALUES = 16, 8
 FILLER = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz "), dtype=torch.long)
@@ -119,7 +121,7 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
     """
     B, N = as_positive_int("batch_size", batch_size), as_positive_int("seq_len", seq_len)
     num_pairs, per_pair = as_positive_int("num_pairs", num_pairs), as_positive_int("queries_per_pair", queries_per_pair)
-    if num_pairs > NUM_KEYS or num_pairs * (1 + 2 * per_pair) > N // 2:
+    if num_pairs > NUM_KEYS or num_pairs * (1 + per_pair) > N // 2:
         raise ValueError(
             f"num_pairs {num_pairs} x queries_per_pair {per_pair} must fit in half of seq_len {N} "
             f"(and num_pairs <= {NUM_KEYS})"
@@ -140,8 +142,12 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
         if distances is not None:
             choices = sorted(set(distances))
             return [choices[i] for i in torch.randperm(len(choices), generator=generator)[:per_pair].tolist()]
-        u = torch.rand(per_pair, generator=generator, dtype=torch.float64).tolist()
-        return [int(math.exp(math.log(N - 2) * t)) for t in u]  # log-uniform in [1, N - 2]
+        chosen = []
+        while len(chosen) < per_pair:  # distinct distances: two queries never share a position
+            d = int(math.exp(math.log(N - 2) * float(torch.rand(1, generator=generator, dtype=torch.float64))))
+            if d not in chosen:  # log-uniform in [1, N - 2]
+                chosen.append(d)
+        return chosen
 
     for b in range(B):
         used = set()
@@ -149,9 +155,9 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
             value = uniform(NUM_VALUES)
             for _ in range(1000):  # rejection sampling of free positions; fails only if crowded
                 ds = pick_distances()
-                needle = uniform(N - 1 - max(ds))  # every query q = needle + d <= N - 2: its answer fits at q + 1
-                taken = {needle} | {needle + d for d in ds} | {needle + d + 1 for d in ds}
-                if len(taken) == 1 + 2 * per_pair and not taken & used:
+                needle = uniform(N - 1 - max(ds))  # every query q = needle + d <= N - 2
+                taken = {needle} | {needle + d for d in ds}
+                if len(taken) == 1 + per_pair and not taken & used:
                     break
             else:
                 raise ValueError(f"could not place {num_pairs} x {per_pair} queries in seq_len {N}; ask for fewer")
@@ -159,7 +165,6 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
             x[b, needle] = 128 + NUM_VALUES * key + value
             for d in ds:
                 x[b, needle + d] = ord("A") + key
-                x[b, needle + d + 1] = ord("0") + value  # the answer, so the text reads "...A3..."
                 y[b, needle + d] = ord("0") + value
                 dist[b, needle + d] = d
     return x, y, dist

@@ -25,6 +25,7 @@ Shape legend: B batch, N length, E embedding dim, H heads, D = E / H head dim, V
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -193,3 +194,19 @@ class LongNetLM(nn.Module):
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def sequence_parallel(model, group=None):
+    """A copy of `model` whose attention layers are `SequenceParallelDilatedAttention` (paper Sec. 3).
+
+    Same weights; embeddings, MLPs, norms and the head act token by token, so each rank runs
+    the copy on its own chunk (B, N/P) of the tokens and gets its chunk of the logits. The
+    layers use `group` (torch.distributed's default when None); a simulated rank passes its
+    communicator per call: `parallel(chunk, attend=lambda i, attn, h: attn(h, group=comm))`.
+    """
+    from .parallel import SequenceParallelDilatedAttention  # imported here: the model itself needs no parallel code
+
+    parallel = copy.deepcopy(model)
+    for block in parallel.blocks:
+        block.attn = SequenceParallelDilatedAttention.from_layer(block.attn, group)
+    return parallel

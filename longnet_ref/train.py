@@ -46,7 +46,8 @@ class TrainConfig:
     segment_lengths: list = field(default_factory=list)  # empty: [N/4, N/2, N]
     dilation_rates: list = field(default_factory=list)  # empty: [1, 2, 4]
     task: str = "code"
-    num_pairs: int = 4  # recall task: needles per sequence, each asked 8 times
+    num_pairs: int = 4  # recall task: needles per sequence...
+    queries_per_pair: int = 8  # ...each asked this many times, at its own distance
     lr: float = 2e-3
     warmup: int = 50
     weight_decay: float = 0.1
@@ -161,7 +162,7 @@ def train(config: TrainConfig, out, *, resume=None, pause_at=None, progress=True
     if resume is not None:
         checkpoint = read_checkpoint(resume)
         saved = checkpoint["train_config"]
-        for name in MODEL_FIELDS + ("task", "seed", "batch_size"):
+        for name in MODEL_FIELDS + ("task", "num_pairs", "queries_per_pair", "seed", "batch_size"):
             if saved[name] != getattr(config, name):
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} {getattr(config, name)!r} differs from the checkpoint's {saved[name]!r}")
@@ -195,7 +196,13 @@ def train(config: TrainConfig, out, *, resume=None, pause_at=None, progress=True
     def batch():
         if config.task == "code":
             return random_windows(corpus["train"], config.seq_len, config.batch_size, data_rng)
-        x, y, _ = recall_batch(config.batch_size, config.seq_len, data_rng, num_pairs=config.num_pairs)
+        x, y, _ = recall_batch(
+            config.batch_size,
+            config.seq_len,
+            data_rng,
+            num_pairs=config.num_pairs,
+            queries_per_pair=config.queries_per_pair,
+        )
         return x, y
 
     def evaluate(step):
@@ -284,7 +291,7 @@ def build_parser():
     p.add_argument("--resume", help="continue from this checkpoint.pt")
     p.add_argument("--pause-at", type=int, help="stop after this step with a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ints = ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "num_pairs")
+    ints = ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "num_pairs", "queries_per_pair")
     for name in ints + ("warmup", "eval_every", "eval_size", "seed", "threads"):
         p.add_argument("--" + name.replace("_", "-"), type=int)
     for name in ("lr", "weight_decay", "grad_clip"):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from longnet_ref import MultiheadDilatedAttention, dilated_attention, oracle_attention
-from longnet_ref.model import LongNetLM, ModelConfig, RotaryEmbedding
+from longnet_ref.model import LongNetLM, ModelConfig, RotaryEmbedding, sequence_parallel
+from longnet_ref.parallel import SimulatedGroup
 
 TINY = dict(embed_dim=32, num_heads=4, num_layers=2)
 
@@ -152,3 +153,17 @@ def test_bad_model_config(overrides, match):
 def test_bad_input_shape():
     with pytest.raises(ValueError, match="idx"):
         tiny()(torch.zeros(10, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attention", ["dilated", "dense", "local"])
+def test_the_model_runs_sequence_parallel(attention):
+    """P = 4 simulated ranks, each on its chunk of 16 tokens: the chunks of the single-device logits."""
+    model = tiny(attention, ws=(8, 16, 32))
+    parallel = sequence_parallel(model)
+    idx = torch.randint(0, 256, (2, 64))
+
+    def rank(comm):
+        return parallel(idx.chunk(4, dim=1)[comm.rank], attend=lambda i, attn, h: attn(h, group=comm))
+
+    logits = torch.cat(SimulatedGroup(4).run(rank), dim=1)
+    torch.testing.assert_close(logits, model(idx), rtol=0, atol=1e-10)
