@@ -19,8 +19,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap, to_rgb
 
 from .checks import as_positive_int, check_branches, check_head_offsets
 from .patterns import attention_pattern, pattern_rows
@@ -109,8 +111,6 @@ def pattern_blocks(
 
 def blend(densities, colors) -> np.ndarray:
     """Ink on white: each branch darkens a pixel towards its colour by its density; (P, P, 3) RGB in [0, 1]."""
-    from matplotlib.colors import to_rgb
-
     image = np.ones((*densities[0].shape, 3))
     for density, color in zip(densities, colors):
         ink = 1.0 - np.asarray(to_rgb(color))  # (3,) what the colour removes from white
@@ -120,8 +120,6 @@ def blend(densities, colors) -> np.ndarray:
 
 def dominant(densities, colors) -> np.ndarray:
     """Block summaries: each pixel in the colours of the branches that keep pairs there, weighted by how many."""
-    from matplotlib.colors import to_rgb
-
     weights = np.stack([np.asarray(d) for d in densities])  # (k, P, P)
     total = weights.sum(axis=0)  # (P, P)
     rgb = np.einsum("kpq,kc->pqc", weights, np.array([to_rgb(c) for c in colors]))  # (P, P, 3)
@@ -129,8 +127,6 @@ def dominant(densities, colors) -> np.ndarray:
 
 
 def _axes(count, size=2.6, ax=None):
-    import matplotlib.pyplot as plt
-
     if ax is not None:
         return ax.figure, np.atleast_1d(ax)
     fig, axes = plt.subplots(1, count, figsize=(size * count, size + 0.3), squeeze=False)
@@ -195,24 +191,22 @@ def plot_heads(seq_len, segment_length, dilation_rate, num_heads, *, causal=Fals
     return fig
 
 
+def count_style(k: int) -> dict:
+    """imshow style for counts 0 .. k: white where masked, then one colour per value, darker = counted more."""
+    shades = plt.get_cmap("viridis_r")(np.linspace(0.15, 1.0, k))  # (k, 4)
+    return dict(cmap=ListedColormap(["white", *shades]), vmin=-0.5, vmax=k + 0.5)
+
+
 def plot_multiplicity(
     seq_len, segment_lengths, dilation_rates, num_heads=1, *, head=0, causal=False, head_offsets="paper", ax=None
 ):
     """c(h, q, k) for one head: 0 masked, 2 = seen by two branches (it weighs twice in the merge)."""
-    import matplotlib.pyplot as plt
-
     branches = check_branches(segment_lengths, dilation_rates)
     head = check_head(head, as_positive_int("num_heads", num_heads))
     c = pattern_blocks(seq_len, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets)
     fig, (ax,) = _axes(1, size=3.6, ax=ax)
-    from matplotlib.colors import ListedColormap
-
     k = len(branches)
-    if block_size(seq_len) == 1:  # exact counts: white for masked, then one colour per value 1 .. k
-        shades = plt.get_cmap("viridis_r")(np.linspace(0.15, 1.0, k))  # (k, 4), darker = counted more
-        style = dict(cmap=ListedColormap(["white", *shades]), vmin=-0.5, vmax=k + 0.5)
-    else:  # block means are fractional
-        style = dict(cmap="viridis_r", vmin=0, vmax=k)
+    style = count_style(k) if block_size(seq_len) == 1 else dict(cmap="viridis_r", vmin=0, vmax=k)  # means: fractional
     _show(ax, c[head].numpy(), seq_len, f"multiplicity c(h={head}, q, k)", **style)
     bar = fig.colorbar(ax.images[-1], ax=ax, shrink=0.8, label="branches that keep (q, k)")
     if block_size(seq_len) == 1:

@@ -23,7 +23,7 @@ import numpy as np
 from .complexity import flop_ratio
 from .paths import eq19_layers, eq20_max_path, geometric_branches, path_length_stats, window_path_stats
 from .patterns import attention_pattern
-from .viz import BRANCH_COLORS, blend, png_bytes
+from .viz import BRANCH_COLORS, blend, count_style, png_bytes
 
 OFFSET_RULES = ("paper", "torchscale", "none")
 
@@ -63,10 +63,9 @@ def pattern_view(seq_len=64, w0=8, ratio=2, branches=3, heads=4, head=0, causal=
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.6))
     left.imshow(blend(per_branch, colors), interpolation="nearest")
     left.set_title(f"head {head}: " + ", ".join(f"({w},{r})" for w, r in zip(ws, rs)), fontsize=9)
-    image = right.imshow(c[head].numpy(), interpolation="nearest", cmap=plt.get_cmap("viridis", branches + 1))
-    image.set_clim(-0.5, branches + 0.5)
+    image = right.imshow(c[head].numpy(), interpolation="nearest", **count_style(branches))
     right.set_title("multiplicity c(h, q, k)", fontsize=9)
-    fig.colorbar(image, ax=right, shrink=0.8)
+    fig.colorbar(image, ax=right, shrink=0.8, ticks=range(branches + 1))
     for ax in (left, right):
         ax.set_xlabel("key k")
         ax.set_ylabel("query q")
