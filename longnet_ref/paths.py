@@ -186,8 +186,8 @@ def _plan(n, w, r, num_heads, head_offsets):
     return _Branch(w, r, kept, branch_classes(n, w, r, num_heads, head_offsets))
 
 
-def _search(sources, n, words, plans, causal, limit, counts):
-    """Breadth-first search from up to 64 * words sources at once; adds to counts[d] the pairs at distance d.
+def _search(sources, n, words, plans, causal, limit, on_layer):
+    """Breadth-first search from up to 64 * words sources at once; calls on_layer(depth, new bits).
 
     reached (N + 1, Wd): bit b of word b // 64 at row p says source b reaches position p (row N is
     padding). A hop is OR-linear, so reached_{t+1} = reached_t | hop(frontier_t), with frontier_t
@@ -196,7 +196,7 @@ def _search(sources, n, words, plans, causal, limit, counts):
     bit = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))  # (64,)
     b = np.arange(len(sources))
     reached = np.zeros((n + 1, words), dtype=np.uint64)  # (N + 1, Wd)
-    reached[sources, b // 64] = bit[b % 64]
+    np.bitwise_or.at(reached, (sources, b // 64), bit[b % 64])  # a source listed twice gets both bits
     frontier = reached.copy()
     for layer in range(1, limit + 1):
         active = frontier.any(axis=1)  # (N + 1,) positions with new bits
@@ -205,12 +205,21 @@ def _search(sources, n, words, plans, causal, limit, counts):
             plan.spread(frontier, active, nxt, causal)
         nxt[n] = 0
         nxt &= ~reached  # new at this depth only
-        fresh = int(np.bitwise_count(nxt).sum())
-        if fresh == 0:
+        if not nxt.any():
             return
-        counts[layer] += fresh
+        on_layer(layer, nxt)
         reached |= nxt
         frontier = nxt
+
+
+def _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets):
+    n = as_positive_int("seq_len", seq_len)
+    branches = check_branches(segment_lengths, dilation_rates)
+    num_heads = as_positive_int("num_heads", num_heads)
+    check_head_offsets(head_offsets)
+    w_eff = [(min(w, n), r) for w, r in branches]  # one segment over everything when w >= N
+    plans = [_plan(n, w, r, num_heads, head_offsets) for w, r in w_eff if -(-w // r) > 1]  # K = 1 moves nothing
+    return n, branches, plans
 
 
 def path_length_stats(
@@ -231,22 +240,53 @@ def path_length_stats(
     sources, 64 * `words` at a time (see the module docstring). `max_layers` stops early; pairs
     not reached by then count as unreachable.
     """
-    n = as_positive_int("seq_len", seq_len)
-    branches = check_branches(segment_lengths, dilation_rates)
-    num_heads = as_positive_int("num_heads", num_heads)
-    check_head_offsets(head_offsets)
+    start = time.perf_counter()
+    n, branches, plans = _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets)
     words = as_positive_int("words", words)
     limit = n if max_layers is None else as_positive_int("max_layers", max_layers)
-    start = time.perf_counter()
-    w_eff = [(min(w, n), r) for w, r in branches]  # one segment over everything when w >= N
-    plans = [_plan(n, w, r, num_heads, head_offsets) for w, r in w_eff if -(-w // r) > 1]  # K = 1 moves nothing
     counts = np.zeros(limit + 1, dtype=np.int64)
+
+    def count(layer, fresh):  # pairs first connected at this depth
+        counts[layer] += int(np.bitwise_count(fresh).sum())
+
     for first in range(0, n, 64 * words):
-        _search(np.arange(first, min(first + 64 * words, n)), n, words, plans, causal, limit, counts)
+        _search(np.arange(first, min(first + 64 * words, n)), n, words, plans, causal, limit, count)
     counts = np.trim_zeros(counts, "b") if counts.any() else counts[:1]
     pairs = n * (n - 1) // 2 if causal else n * (n - 1)
     label = ", ".join(f"({w},{r})" for w, r in branches)
     return PathStats(n, causal, counts, pairs - int(counts.sum()), time.perf_counter() - start, label)
+
+
+def distances_from(
+    seq_len, segment_lengths, dilation_rates, num_heads=1, *, sources, causal=False, head_offsets="paper"
+) -> np.ndarray:
+    """distance(j -> i) for the given sources j and every position i: int64 (len(sources), N), -1 if never.
+
+    The same search as `path_length_stats`, keeping each distance instead of counting them.
+    """
+    n, _, plans = _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets)
+    sources = np.asarray(sources, dtype=np.int64).reshape(-1)  # (S,)
+    if sources.size and (sources.min() < 0 or sources.max() >= n):
+        raise ValueError(f"sources must be positions in [0, {n}), got {sources.tolist()}")
+    dist = np.full((len(sources), n), -1, dtype=np.int64)  # (S, N)
+    dist[np.arange(len(sources)), sources] = 0
+    for first in range(0, len(sources), 64):
+        batch = sources[first : first + 64]
+        _search(batch, n, 1, plans, causal, n, _recorder(dist, first, len(batch)))
+    return dist
+
+
+def _recorder(dist, first, size):
+    """on_layer for `_search` with one word of sources: write the depth at which each bit appears."""
+    n = dist.shape[1]
+
+    def record(layer, fresh):  # fresh (N + 1, 1) uint64
+        words = fresh[:n].astype("<u8", copy=False).view(np.uint8)  # (N, 8) bytes, least significant first
+        bits = np.unpackbits(words, axis=1, bitorder="little")[:, :size]  # (N, 64): bit b = source first + b
+        position, source = np.nonzero(bits)
+        dist[first + source, position] = layer
+
+    return record
 
 
 def window_path_stats(seq_len, window, *, causal=False) -> PathStats:

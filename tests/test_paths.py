@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from longnet_ref import attention_pattern
 from longnet_ref import paths as P
 from longnet_ref.paths import (
+    distances_from,
     eq19_layers,
     eq19_reach,
     eq20_max_path,
@@ -184,3 +185,18 @@ def test_max_layers_stops_early():
     cut = path_length_stats(64, ws, rs, 1, max_layers=2)
     assert full.max > 2 and cut.counts.tolist() == full.counts[:3].tolist()
     assert cut.unreachable == full.counts[3:].sum()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "n, ws, rs, heads, rule",
+    [(64, [4, 8, 16, 32, 64], [1, 2, 4, 8, 16], 1, "paper"), (70, [6, 20, 70], [1, 3, 7], 4, "torchscale")],
+)
+def test_distances_from_match_brute_force(n, ws, rs, heads, rule, causal):
+    adjacent = attention_pattern(n, ws, rs, heads, causal=causal, head_offsets=rule).sum(0) > 0
+    expected = bfs_distances(adjacent)  # (N, N): [j, i]
+    sources = [0, 5, n - 1, 33, 5, *range(n)]  # repeats, and more than one word (64) of sources
+    got = distances_from(n, ws, rs, heads, sources=sources, causal=causal, head_offsets=rule)
+    assert np.array_equal(got, expected[sources].numpy())
+    with pytest.raises(ValueError, match="sources"):
+        distances_from(n, ws, rs, heads, sources=[n])
