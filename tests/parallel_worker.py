@@ -46,7 +46,7 @@ def error_case(rank, P, case):
     """Bad input (on one rank or all): report the exception every rank raised."""
     q = torch.randn(1, 4, case["N"] // P if rank != case.get("odd_rank") else case["N"] // P // 2, 8)
     try:
-        sequence_parallel_attention(q, q, q, case["ws"], case["rs"])
+        sequence_parallel_attention(q, q, q, case["ws"], case["rs"], group=case.get("group"))
     except ValueError as error:
         return {"raised": "ValueError", "message": str(error)}
     return {"raised": None}
@@ -76,6 +76,14 @@ def layer_case(rank, P, case):
     return {"errors": errors}
 
 
+def subgroup_case(rank, P, case):
+    """A process group of half the processes: refused with a ValueError, before any collective."""
+    half = dist.new_group(list(range(P // 2)))  # every process takes part in creating it
+    if rank >= P // 2:
+        return {"raised": None}
+    return error_case(rank, P // 2, {"N": case["N"] // 2, "ws": [8], "rs": [1], "group": half})
+
+
 def die_case(rank, P, case):
     """Fault injection: `case["rank"]` dies (SIGKILL) between two collectives; the others carry on into one."""
     if rank == case["rank"]:
@@ -83,7 +91,7 @@ def die_case(rank, P, case):
     return exact_case(rank, P, case)
 
 
-CASES = {"exact": exact_case, "error": error_case, "layer": layer_case, "die": die_case}
+CASES = {"exact": exact_case, "error": error_case, "layer": layer_case, "subgroup": subgroup_case, "die": die_case}
 
 
 def worker(rank, world_size, init_file, cases, queue, timeout_s=20.0):

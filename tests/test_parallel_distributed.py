@@ -60,6 +60,7 @@ def exact_cases(P):
         ([16, N], [1, 4]),  # a segment spans every rank
         ([8, 4 * N], [1, 8]),  # w > N
         ([8, 32, N, 2 * N], [1, 2, 4, 8]),  # the mixture
+        ([32, 48], [1, 2]),  # P = 4: segments of ranks (0, 1), (2, 3), then (0, 1, 2), (3): sub-groups in one order
     ]
     cases = [
         {"kind": "exact", "N": N, "ws": ws, "rs": rs, "causal": causal}
@@ -82,6 +83,7 @@ def test_gloo_processes_equal_single_device(P, tmp_path):
     cases.append({"kind": "error", "N": N, "ws": [12], "rs": [1]})
     cases.append({"kind": "error", "N": N, "ws": [16], "rs": [1], "odd_rank": 1})
     cases.append({"kind": "layer", "N": N, "ws": [8, 32, N], "rs": [1, 2, 4], "causal": True})
+    cases.append({"kind": "subgroup", "N": N})
     results, codes, elapsed = launch(P, cases, tmp_path)
     crashes = [results[r, "crash"] for r in range(P) if (r, "crash") in results]
     assert not crashes, crashes[0]["trace"]
@@ -95,6 +97,8 @@ def test_gloo_processes_equal_single_device(P, tmp_path):
         )
         assert shapes["raised"] == "ValueError" and "every rank must pass the same shape" in shapes["message"]
         assert max(results[rank, n_exact + 3]["errors"].values()) <= 1e-10  # the layer
+        if rank < P // 2:  # a group of half the processes is refused before any collective
+            assert "sequence parallelism needs a group of every process" in results[rank, n_exact + 4]["message"]
     print(f"P = {P}: {len(cases)} cases in {elapsed:.1f} s")
 
 

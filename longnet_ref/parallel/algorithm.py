@@ -232,8 +232,8 @@ def sequence_parallel_attention(
         segment_lengths, dilation_rates: the branches (w_i, r_i). A branch with w <= l needs
             l % w == 0; one with l < w < N needs w % l == 0 (segments start on rank borders).
         causal, head_offsets: as in `dilated_attention`.
-        group: None (torch.distributed's default group), a torch.distributed ProcessGroup,
-            or a `Communicator` (e.g. a rank of a `SimulatedGroup`).
+        group: None (torch.distributed's default group), a torch.distributed ProcessGroup of
+            every process of the job, or a `Communicator` (e.g. a rank of a `SimulatedGroup`).
         return_lse: also return the merged log-sum-exp (B, H, l).
 
     Returns:

@@ -143,19 +143,21 @@ def all_gather(x, comm, ranks, branch=None):
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
-# Sub-groups are created once per (default group, global ranks): creating the same ranks twice
-# would reuse the same store keys.
+# Sub-groups, created once per (default group, global ranks of the segment).
 _SUBGROUPS: dict = {}
 _COMMUNICATORS: dict = {}
 
 
 class TorchDistributed(Communicator):
-    """The interface over a torch.distributed process group (default: the whole world).
+    """The interface over a torch.distributed process group of every process of the job.
 
-    A segment's ranks get their own sub-group (`dist.new_group`), created once and cached.
-    Groups are created with `use_local_synchronization=True`, so only a group's members take
-    part in creating it; `prepare` creates every group a rank belongs to in one global order
-    (sorted), so two ranks never wait on each other's groups in opposite orders.
+    A segment's ranks get their own sub-group, created once by `prepare` and cached.
+    `dist.new_group` is a collective of the whole job: every process must call it for every
+    sub-group, member or not, in the same order. `prepare` does exactly that, as every rank
+    derives the same sorted list of rank sets from the same (checked) arguments.
+    (`use_local_synchronization=True` would let non-members skip the call, but torch then
+    names a group after how many groups each member already has, so members that created
+    different groups before disagree on the name and wait for each other forever.)
     """
 
     def __init__(self, group=None):
@@ -163,22 +165,27 @@ class TorchDistributed(Communicator):
         self.group = dist.group.WORLD if group is None else group
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
+        if self.world_size != dist.get_world_size():
+            raise ValueError(
+                f"group holds {self.world_size} of the job's {dist.get_world_size()} processes; sequence "
+                "parallelism needs a group of every process (it creates its segments' sub-groups with "
+                "torch.distributed.new_group, which every process of the job must call)"
+            )
 
-    def _global_rank(self, rank):
-        return rank if self.group is dist.group.WORLD else dist.get_global_rank(self.group, rank)
+    def _key(self, ranks):
+        global_ranks = tuple(
+            r if self.group is dist.group.WORLD else dist.get_global_rank(self.group, r) for r in ranks
+        )
+        return dist.group.WORLD, global_ranks
 
     def _subgroup(self, ranks):
-        if len(ranks) == self.world_size:
-            return self.group
-        key = (dist.group.WORLD, tuple(self._global_rank(r) for r in ranks))
-        if key not in _SUBGROUPS:
-            _SUBGROUPS[key] = dist.new_group(list(key[1]), use_local_synchronization=True)
-        return _SUBGROUPS[key]
+        return self.group if len(ranks) == self.world_size else _SUBGROUPS[self._key(ranks)]
 
     def prepare(self, rank_sets):
-        for ranks in sorted(set(map(tuple, rank_sets))):
-            if self.rank in ranks and len(ranks) > 1:
-                self._subgroup(ranks)
+        for ranks in sorted(set(map(tuple, rank_sets))):  # the same list, in the same order, on every rank
+            key = self._key(ranks)
+            if 1 < len(ranks) < self.world_size and key not in _SUBGROUPS:
+                _SUBGROUPS[key] = dist.new_group(list(key[1]))  # every process calls, members or not
 
     def all_gather(self, x, ranks, branch=None):
         out = x.new_empty(len(ranks) * x.numel())  # (g * |S|,)

@@ -21,7 +21,7 @@ from .comm import as_communicator
 class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
     """`MultiheadDilatedAttention` (same arguments, plus `group`) over this rank's chunk (B, l, E).
 
-    `group`: None (torch.distributed's default group), a ProcessGroup, or a `Communicator`
+    `group`: None (torch.distributed's default group), a ProcessGroup of every process, or a `Communicator`
     (a rank of a `SimulatedGroup`); `forward(x, group=...)` overrides it for one call.
     Local branches use the fast path whatever `implementation` says. A `rotary` position
     encoding (if the layer has one) gets global positions, rank * l + 0..l-1. Dropout draws
