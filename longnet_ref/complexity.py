@@ -180,7 +180,7 @@ def format_table(table: dict, bytes_per_element: int = 2) -> str:
         f"LongNet cost model, one layer forward: N = {table['seq_len']}, B = {table['batch']}, "
         f"H = {table['heads']}, D = {table['head_dim']}, causal = {table['causal']}, "
         f"{b} bytes per element, P = {table['devices']} devices",
-        f"{'':16} {'w':>7} {'r':>4} {'FLOPs':>10} {'/ dense':>9} {'N r^2/w':>9} "
+        f"{'':16} {'w':>7} {'r':>4} {'FLOPs':>10} {'/ dense':>9} {'dense / x':>9} "
         f"{'readable scores':>16} {'gathered K/V':>13}",
     ]
     rows = [*table["branches"], table["total"], table["dense"], table["local"]]
@@ -192,6 +192,7 @@ def format_table(table: dict, bytes_per_element: int = 2) -> str:
             f"{human(row.score_elements * b, 'B'):>16} {human(row.gathered_elements * b, 'B'):>13}"
         )
     lines.append(f"activations q, k, v, out: {human(table['activation_elements'] * b, 'B')} for every method")
+    lines.append("dense / x: times cheaper than dense (N r^2 / w for a branch); readable scores: B H S K^2")
     return "\n".join(lines)
 
 
