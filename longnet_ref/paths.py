@@ -20,7 +20,9 @@ it keeps into *classes* (segment s, residue o): inside one class every query see
 (causal: every earlier key). So one hop is, per class, an OR over its members (causal: a
 running OR along the class in position order), and the reached sets of 64 sources travel
 together as the bits of one uint64 word. `path_length_stats` runs this breadth-first search for
-all N sources, a batch of 64 * words at a time: memory O(N * words), work O(N^2 k L / 64).
+all N sources, a batch of 64 * words at a time: memory O(N * words), work O(N^2 k L / 64);
+`distances_from` runs it for chosen sources and keeps every distance. Sliding windows are not
+classes; `window_path_stats` gives their distribution in closed form.
 
 Shape legend: N sequence length, G classes of a branch, K positions per class, Wd words per batch.
 """
