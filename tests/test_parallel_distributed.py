@@ -103,19 +103,18 @@ def test_gloo_processes_equal_single_device(P, tmp_path):
 
 
 def test_a_dead_rank_makes_the_others_fail_fast(tmp_path):
-    """Rank 1 is killed between collectives; ranks 0 and 2 must fail on their own, not hang."""
-    N = 48
+    """Rank 1 is killed between collectives; rank 0 must fail on its own (gloo sees the lost peer), not hang."""
+    N = 32
     cases = [
         {"kind": "exact", "N": N, "ws": [16, N], "rs": [1, 4], "causal": True},
         {"kind": "die", "rank": 1, "N": N, "ws": [16, N], "rs": [1, 4], "causal": True},
     ]
-    results, codes, elapsed = launch(3, cases, tmp_path, timeout=60)
+    results, codes, elapsed = launch(2, cases, tmp_path, timeout=60)
     assert elapsed < 60, elapsed
     assert codes[1] == -9  # SIGKILL
-    assert codes[0] != 0 and codes[2] != 0 and None not in codes, codes
-    for rank in (0, 2):
-        assert max(results[rank, 0]["errors"].values()) <= 1e-10  # the first case ran fine
-        assert "error" in results[rank, "crash"]  # then the collective failed (gloo reports the lost peer)
+    assert codes[0] not in (0, None), codes  # exited by itself, with an error
+    assert max(results[0, 0]["errors"].values()) <= 1e-10  # the first case ran fine
+    assert "error" in results[0, "crash"]  # then its collective failed
 
 
 def torchrun(*args, timeout):
