@@ -51,11 +51,11 @@ def recall_distances(seq_len):
     return sorted({min(seq_len - 2, max(1, round(seq_len * f))) for f in fractions})
 
 
-def recall_eval_set(seq_len, num_sequences, distances=None, *, num_pairs=4, seed=1234):
-    """A fixed evaluation set of the recall task: each needle asked at 8 of the given distances."""
+def recall_eval_set(seq_len, num_sequences, distances=None, *, num_pairs=4, queries_per_pair=8, seed=1234):
+    """A fixed evaluation set of the recall task: each needle asked at `queries_per_pair` of the given distances."""
     distances = recall_distances(seq_len) if distances is None else list(distances)
     generator = torch.Generator().manual_seed(seed)
-    per_pair = min(8, len(set(distances)))
+    per_pair = min(queries_per_pair, len(set(distances)))
     return recall_batch(
         num_sequences, seq_len, generator, num_pairs=num_pairs, queries_per_pair=per_pair, distances=distances
     )

@@ -130,10 +130,10 @@ def learning_rate(config, step):
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def read_checkpoint(path, map_location="cpu"):
+def read_checkpoint(path, map_location="cpu", flag="--resume"):
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--resume checkpoint {str(path)!r} does not exist")
+        raise ValueError(f"{flag} checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
@@ -151,14 +151,27 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
 
 
-def train(config: TrainConfig, out, *, resume=None, pause_at=None, progress=True, corpus=None):
+def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=None, progress=True, corpus=None):
     """Train (or resume) a run into the folder `out`; returns (model, metrics dict).
 
+    `init_from`: start from the weights of another run's checkpoint (same sizes; the attention
+    kind and the sequence length may differ), with a fresh optimiser: a second stage of
+    training, e.g. a short-sequence warm-up followed by long sequences.
     `corpus` (from `data.load_corpus`) may be passed to skip reading the library again.
     """
     out = Path(out)
     device = pick_device(config.device)
-    checkpoint = None
+    checkpoint = source = None
+    if resume is not None and init_from is not None:
+        raise ValueError("--resume and --init-from exclude each other: a resumed run already has its weights")
+    if init_from is not None:
+        source = read_checkpoint(init_from, flag="--init-from")
+        for name in ("embed_dim", "num_heads", "num_layers"):
+            if source["train_config"][name] != getattr(config, name):
+                flag, theirs = "--" + name.replace("_", "-"), source["train_config"][name]
+                raise ValueError(
+                    f"{flag} {getattr(config, name)!r} differs from the --init-from checkpoint's {theirs!r}"
+                )
     if resume is not None:
         checkpoint = read_checkpoint(resume)
         saved = checkpoint["train_config"]
@@ -191,7 +204,9 @@ def train(config: TrainConfig, out, *, resume=None, pause_at=None, progress=True
         corpus = load_corpus() if corpus is None else corpus
         val = corpus["val"]
     else:
-        eval_set = recall_eval_set(config.seq_len, config.eval_size, num_pairs=config.num_pairs)
+        eval_set = recall_eval_set(
+            config.seq_len, config.eval_size, num_pairs=config.num_pairs, queries_per_pair=config.queries_per_pair
+        )
 
     def batch():
         if config.task == "code":
@@ -214,6 +229,9 @@ def train(config: TrainConfig, out, *, resume=None, pause_at=None, progress=True
 
     metrics = {"train_config": asdict(config), "device": str(device), "train": [], "eval": []}
     step = 0
+    if source is not None:
+        model.load_state_dict(source["model"])
+        metrics["init_from"] = str(init_from)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -222,11 +240,9 @@ def train(config: TrainConfig, out, *, resume=None, pause_at=None, progress=True
         data_rng.set_state(checkpoint["rng"]["data"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        metrics["train"], metrics["eval"], step = (
-            checkpoint["metrics"]["train"],
-            checkpoint["metrics"]["eval"],
-            checkpoint["step"],
-        )
+        # the run's history (curves, where it started from), under the config given now
+        metrics.update({k: v for k, v in checkpoint["metrics"].items() if k != "train_config"})
+        step = checkpoint["step"]
     metrics["parameters"] = model.num_parameters()
 
     def save():
@@ -241,7 +257,7 @@ def train(config: TrainConfig, out, *, resume=None, pause_at=None, progress=True
             rng=rng,
             train_config=asdict(config),
             model_config=model.config.to_dict(),
-            metrics={"train": metrics["train"], "eval": metrics["eval"]},
+            metrics=metrics,
         )
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
@@ -289,6 +305,7 @@ def build_parser():
     p.add_argument("--task", choices=TASKS, help="code: the standard library; recall: key-value recall")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt and metrics.json")
     p.add_argument("--resume", help="continue from this checkpoint.pt")
+    p.add_argument("--init-from", help="start from the weights of this checkpoint.pt (fresh optimiser)")
     p.add_argument("--pause-at", type=int, help="stop after this step with a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     ints = ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "num_pairs", "queries_per_pair")
@@ -316,12 +333,22 @@ def main(argv=None):
         config = config_from_args(args)
         if args.pause_at is not None and args.pause_at < 1:
             raise ValueError(f"--pause-at must be a positive step, got {args.pause_at!r}")
-        if args.resume is not None and not Path(args.resume).is_file():
-            raise ValueError(f"--resume checkpoint {args.resume!r} does not exist")
+        for flag, path in (("--resume", args.resume), ("--init-from", args.init_from)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} checkpoint {path!r} does not exist")
+        if args.resume is not None and args.init_from is not None:
+            raise ValueError("--resume and --init-from exclude each other: a resumed run already has its weights")
         pick_device(config.device)
     except ValueError as error:
         parser.error(str(error))  # usage + message, exit status 2
-    _, metrics = train(config, args.out, resume=args.resume, pause_at=args.pause_at, progress=not args.no_progress)
+    _, metrics = train(
+        config,
+        args.out,
+        resume=args.resume,
+        init_from=args.init_from,
+        pause_at=args.pause_at,
+        progress=not args.no_progress,
+    )
     last = metrics["eval"][-1] if metrics["eval"] else {}
     print(json.dumps({"out": args.out, "steps": len(metrics["train"]), **last}))
     return metrics

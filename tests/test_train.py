@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from longnet_ref.data import random_windows
+from longnet_ref.model import LongNetLM
 from longnet_ref.train import PRESETS, TrainConfig, build_parser, load_checkpoint, main, train
 
 
@@ -75,6 +77,26 @@ def test_resuming_with_another_model_is_refused(tmp_path, corpus):
         train(tiny(steps=4, attention="dense"), tmp_path, resume=tmp_path / "checkpoint.pt", corpus=corpus)
 
 
+def test_init_from_starts_from_another_runs_weights(tmp_path, corpus):
+    """A second stage: the weights of a short-sequence run, a longer length, another attention kind."""
+    train(tiny(steps=4, eval_every=4), tmp_path / "short", progress=False, corpus=corpus)
+    source, _ = load_checkpoint(tmp_path / "short" / "checkpoint.pt")
+    config = tiny(steps=1, eval_every=1, seq_len=128, attention="local", segment_lengths=[32], dilation_rates=[1])
+    _, metrics = train(config, tmp_path / "long", init_from=tmp_path / "short" / "checkpoint.pt", corpus=corpus)
+    assert metrics["init_from"].endswith("checkpoint.pt")
+    # the first loss is the source weights' loss on the first batch of the new stream, with local attention
+    x, y = random_windows(corpus["train"], 128, config.batch_size, torch.Generator().manual_seed(config.seed + 1))
+    local = LongNetLM(config.model_config())
+    local.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        _, loss = local(x, y)
+    assert metrics["train"][0]["loss"] == pytest.approx(loss.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="--embed-dim 64 differs from the --init-from checkpoint's 32"):
+        train(tiny(embed_dim=64), tmp_path / "x", init_from=tmp_path / "short" / "checkpoint.pt", corpus=corpus)
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(tiny(), tmp_path / "x", init_from=tmp_path / "a.pt", resume=tmp_path / "b.pt", corpus=corpus)
+
+
 def test_the_cli_runs_end_to_end(tmp_path, capsys):
     argv = ["--preset", "tiny", "--task", "recall", "--seq-len", "256", "--steps", "3", "--eval-every", "3"]
     metrics = main(argv + ["--attention", "local", "--threads", "1", "--out", str(tmp_path), "--no-progress"])
@@ -102,6 +124,7 @@ BAD_FLAGS = [
     (["--pause-at", "0"], "--pause-at", "0"),
     (["--device", "tpu"], "--device", "tpu"),
     (["--resume", "no/such/checkpoint.pt"], "--resume", "no/such/checkpoint.pt"),
+    (["--init-from", "no/such/checkpoint.pt"], "--init-from", "no/such/checkpoint.pt"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--device", "cuda"], "--device cuda", "no CUDA"))
