@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,12 +58,20 @@ class Lab:
         A kernel is ready for Run All when the server counts a connection to it and reports it idle.
         """
         deadline = time.monotonic() + timeout
+        kernels = []
         while time.monotonic() < deadline:
-            kernels = self.kernels()
+            try:
+                kernels = self.kernels()
+            except urllib.error.HTTPError as error:
+                # jupyter_server answers 500 when asked while a kernel is still starting (its
+                # last_activity is not set yet): not ready, ask again
+                if error.code != 500:
+                    raise
+                kernels = []
             if len(kernels) == 1 and kernels[0]["connections"] >= 1 and kernels[0]["execution_state"] == "idle":
                 return kernels[0]
             time.sleep(0.5)
-        raise AssertionError(f"no connected idle kernel after {timeout} s: {self.kernels()}\n{self.log_tail()}")
+        raise AssertionError(f"no connected idle kernel after {timeout} s: {kernels}\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         return "JupyterLab log:\n" + "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
