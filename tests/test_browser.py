@@ -138,3 +138,13 @@ def test_pattern_explorer_in_jupyterlab(tmp_path):
         finally:
             browser.close()
     print(f"browser test: w0 8 -> {w0}, FLOP ratio {before_ratio} -> {expected}, {time.monotonic() - started:.0f} s")
+
+
+def test_a_missing_browser_fails_in_ci_and_is_skipped_locally(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the browser test"):
+        require(False, "no chromium")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no chromium"):
+        require(False, "no chromium")
+    require(True, "never raised")
