@@ -9,7 +9,8 @@ Every timed path is checked in the same run against the oracle on sampled query 
 Reported as ratios measured in one run (the machine is shared and noisy):
 - glue: fast time / (ideal FLOP ratio x dense time) at N = 16384 (target <= 1.15);
 - ceiling: the fast path's GFLOP/s / the same run's matmul GFLOP/s (target >= 0.7);
-- scaling: t(2^20) / t(2^14) for forward+backward (target <= 64 x 1.25).
+- scaling: t(2^20) / t(2^14) for forward+backward (target <= 64 x 1.25);
+- sequence parallelism: simulated P = 8 against one process at N = 2^18 (target <= +10 %).
 
 `--quick` (CI) runs two small N in one process: timings are printed, outputs checked, no target.
 
@@ -60,6 +61,10 @@ def attention_flops(cfg):
 def run_path(cfg, q, k, v):
     if cfg["path"] == "dense":
         return F.scaled_dot_product_attention(q, k, v, is_causal=cfg["causal"])
+    if cfg["path"] == "parallel":  # simulated sequence parallelism: P ranks as threads of this process
+        from .parallel import simulate_sequence_parallel
+
+        return simulate_sequence_parallel(q, k, v, cfg["world_size"], cfg["ws"], cfg["rs"], causal=cfg["causal"])[0]
     impl = "readable" if cfg["path"] == "readable" else "fast"
     return dilated_attention(q, k, v, cfg["ws"], cfg["rs"], causal=cfg["causal"], implementation=impl)
 
@@ -213,10 +218,29 @@ def run_scaling(args, run, log):
     return list(times.values())
 
 
+def run_parallel(args, run, log):
+    """Simulated sequence parallelism at P = 8 against one process, N = 2^18, interleaved in one process."""
+    N, P = 2**18, 8
+    ws, rs = geometric_config(N)
+    rows = []
+    for backward in (False, True):
+        base = dict(N=N, B=1, H=4, D=64, ws=ws, rs=rs, causal=False, backward=backward, repeats=args.repeats)
+        single, parallel = run([dict(base, path="fast"), dict(base, path="parallel", world_size=P)])
+        log(single)
+        log(parallel)
+        mode = "forward+backward" if backward else "forward"
+        overhead = parallel["seconds"] / single["seconds"] - 1
+        print(f"sequence parallel ({mode}): P={P} simulated {parallel['seconds']:.3f} s vs one process "
+              f"{single['seconds']:.3f} s: {100 * overhead:+.1f} %  (target <= +10 %)")  # fmt: skip
+        rows += [single, parallel]
+    return rows
+
+
 def describe(result):
     mode = ("fwd+bwd" if result["backward"] else "fwd") + (" causal" if result["causal"] else "")
+    path = f"P={result['world_size']}" if result["path"] == "parallel" else result["path"]
     mark = "~" if result.get("extrapolated") else " "
-    return (f"{result['path']:>8} N=2^{int(math.log2(result['N'])):<2} H={result['H']} {mode:<14} "
+    return (f"{path:>8} N=2^{int(math.log2(result['N'])):<2} H={result['H']} {mode:<14} "
             f"{mark}{result['seconds']:9.3f} s {result['gflops']:7.1f} GFLOP/s  "
             f"err {result['max_error']:.1e}  peak {result['peak_rss_mb']:7.0f} MB")  # fmt: skip
 
@@ -262,7 +286,9 @@ def write_outputs(results, name):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m longnet_ref.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI mode: N = 2^10, 2^11 in one process, checks only")
-    p.add_argument("--sections", default="glue,scaling,sweep", help="comma list of glue, scaling, sweep")
+    p.add_argument(
+        "--sections", default="glue,scaling,parallel,sweep", help="comma list of glue, scaling, parallel, sweep"
+    )
     p.add_argument("--min-log2", type=int, default=10)
     p.add_argument("--max-log2", type=int, default=20)
     p.add_argument("--heads", type=int, default=4)
@@ -280,8 +306,8 @@ def main(argv=None):
     if not 4 <= args.min_log2 <= args.max_log2 <= 24:
         p.error(f"need 4 <= --min-log2 <= --max-log2 <= 24, got {args.min_log2} and {args.max_log2}")
     sections = set(args.sections.split(","))
-    if not sections <= {"glue", "scaling", "sweep"}:
-        p.error(f"--sections must be a comma list of glue, scaling, sweep; got {args.sections!r}")
+    if not sections <= {"glue", "scaling", "parallel", "sweep"}:
+        p.error(f"--sections must be a comma list of glue, scaling, parallel, sweep; got {args.sections!r}")
 
     failures = []
 
@@ -301,6 +327,8 @@ def main(argv=None):
             results += run_glue(args, run, log)
         if "scaling" in sections:
             results += run_scaling(args, run, log)
+        if "parallel" in sections:
+            results += run_parallel(args, run, log)
         if "sweep" in sections:
             sweep = run_sweep(args, run, log)
             write_outputs(sweep, "bench")
