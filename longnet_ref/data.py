@@ -115,8 +115,8 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
     """Inputs x (B, N), targets y (B, N) (IGNORE except at queries) and distance (B, N) (0 except at queries).
 
     Each of `num_pairs` needles is asked for `queries_per_pair` times, each query at its own
-    distance. distances: None samples them log-uniformly in [1, N - 2], so every scale is
-    trained; a list (evaluation at fixed distances) gives each needle `queries_per_pair`
+    distance. distances: None samples them in [1, N - 2], half log-uniformly (every scale)
+    and half uniformly (the long distances, which a log-uniform draw makes rare); a list (evaluation at fixed distances) gives each needle `queries_per_pair`
     different distances from it.
     """
     B, N = as_positive_int("batch_size", batch_size), as_positive_int("seq_len", seq_len)
@@ -144,8 +144,10 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
             return [choices[i] for i in torch.randperm(len(choices), generator=generator)[:per_pair].tolist()]
         chosen = []
         while len(chosen) < per_pair:  # distinct distances: two queries never share a position
-            d = int(math.exp(math.log(N - 2) * float(torch.rand(1, generator=generator, dtype=torch.float64))))
-            if d not in chosen:  # log-uniform in [1, N - 2]
+            u, half = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+            # half log-uniform in [1, N - 2] (every scale), half uniform (long distances as often as short)
+            d = int(math.exp(math.log(N - 2) * u)) if half < 0.5 else 1 + int(u * (N - 2))
+            if d not in chosen:
                 chosen.append(d)
         return chosen
 

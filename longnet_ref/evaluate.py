@@ -1,5 +1,4 @@
-"""Measuring a trained model: bits per byte at a test length, recall accuracy against distance,
-and the attention FLOPs of a configuration.
+"""Measuring a trained model: bits per byte at a test length, and recall accuracy against distance.
 
 Shape legend: B batch, N length, V vocabulary.
 """
@@ -81,12 +80,3 @@ def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu"):
     model.train(was_training)
     accuracy = {d: correct[d] / count[d] for d in sorted(count)}
     return accuracy, loss_sum / max(1, sum(count.values()))
-
-
-def attention_flops(seq_len, segment_lengths, dilation_rates, *, embed_dim, num_layers):
-    """Attention FLOPs per sequence (forward, QK^T and PV, non-causal count), LONGNET.md Sec. 1:
-    one branch costs 4 * H * D * N * w / r^2 with w clipped to N; H * D = E.
-    """
-    N = seq_len
-    per_layer = sum(4 * embed_dim * N * min(w, N) / r**2 for w, r in zip(segment_lengths, dilation_rates))
-    return num_layers * per_layer

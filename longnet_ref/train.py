@@ -266,7 +266,7 @@ def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=Non
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"{config.attention} N={config.seq_len}")
     try:
         while step < stop:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             x, y = (t.to(device) for t in batch())  # (B, N) each
@@ -281,6 +281,9 @@ def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=Non
             step += 1
             seconds = time.perf_counter() - start
             record = {"step": step, "loss": loss.item(), "seconds": seconds, "tokens_per_s": x.numel() / seconds}
+            # CPU time of this process (all its threads): on a shared machine wall time also
+            # counts the time other processes held the cores
+            record["cpu_seconds"] = time.process_time() - cpu_start
             metrics["train"].append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

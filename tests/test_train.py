@@ -1,5 +1,6 @@
 """The training loop and its CLI: it learns, it resumes exactly, every bad flag is refused clearly."""
 
+import csv
 import json
 
 import pytest
@@ -168,3 +169,53 @@ def test_local_and_dense_need_no_cover():
 def test_missing_checkpoint_in_the_library_call(tmp_path):
     with pytest.raises(ValueError, match="--resume checkpoint .*missing.pt' does not exist"):
         train(tiny(), tmp_path, resume=tmp_path / "missing.pt")
+
+
+# -- the experiment command: tables and figures come from the runs, never typed ---------------
+
+
+def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus, monkeypatch):
+    import longnet_ref.experiment as ex
+    import longnet_ref.viz as viz
+
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    monkeypatch.setattr(viz, "figures_dir", lambda: figures)
+    monkeypatch.setattr(ex, "figures_dir", lambda: figures)
+    monkeypatch.setattr(ex, "load_corpus", lambda: {"train": corpus["train"], "val": corpus["val"][:2000]})
+    monkeypatch.setattr(ex, "TABLE2_COMMON", dict(embed_dim=16, num_heads=2, num_layers=1, steps=2, eval_every=2))
+    monkeypatch.setattr(
+        ex,
+        "TABLE2_RUNS",
+        {"dense-16": dict(attention="dense", seq_len=16, batch_size=4), "longnet-64": dict(seq_len=64, batch_size=1)},
+    )
+    monkeypatch.setattr(ex, "TEST_LENGTHS", (16, 64))
+    monkeypatch.setattr(ex, "TEST_BYTES", 256)
+    monkeypatch.setattr(ex, "RECALL_COMMON", dict(task="recall", embed_dim=16, num_heads=4, num_layers=1, num_pairs=2))
+    stage = dict(batch_size=2, steps=2, eval_every=2, eval_size=2, queries_per_pair=2)
+    monkeypatch.setattr(ex, "RECALL_STAGES", (dict(stage, seq_len=32), dict(stage, seq_len=128)))
+    monkeypatch.setattr(ex, "RECALL_TEST_SEQUENCES", 4)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- 07:table2 -->\nold table\n<!-- /07:table2 -->\nend\n")
+    runs = tmp_path / "runs"
+    ex.table2(runs, progress=False)
+    ex.recall(runs, progress=False)
+    ex.report(runs, readme=readme)
+
+    # the table's numbers are the runs' measurements
+    bpb = json.loads((runs / "longnet-64" / "test.json").read_text())["bpb"]
+    table = (figures / "07_table2.md").read_text()
+    assert f"{bpb['64']:.3f}" in table and "longnet-64" in table and "dense-16" in table
+    rows = list(csv.reader(open(figures / "07_table2.csv")))
+    assert rows[0][-2:] == ["bpb @ 16", "bpb @ 64"] and len(rows) == 3
+    assert readme.read_text() == f"intro\n<!-- 07:table2 -->\n{table}<!-- /07:table2 -->\nend\n"
+    accuracy = json.loads((runs / "recall-dilated" / "test.json").read_text())["accuracy"]
+    recall_table = (figures / "07_recall.md").read_text()
+    assert all(f"d={d}" in recall_table for d in accuracy) and "32x2 + 128x2" in recall_table
+    stage2 = json.loads((runs / "recall-dilated" / "stage2-128" / "metrics.json").read_text())
+    assert stage2["init_from"].endswith("stage1-32/checkpoint.pt")  # the second stage started from the first
+    assert (figures / "07_table2.png").is_file() and (figures / "07_recall.png").is_file()
+    # finished runs are not trained again
+    before = (runs / "dense-16" / "metrics.json").read_text()
+    ex.table2(runs, progress=False)
+    assert (runs / "dense-16" / "metrics.json").read_text() == before
