@@ -24,24 +24,30 @@ def autocast_for(device):
 
 
 @torch.no_grad()
-def bits_per_byte(model, data, seq_len, num_bytes, *, batch_size=8, device="cpu"):
+def bits_per_byte(model, data, seq_len, num_bytes, *, batch_size=8, device="cpu", by_position=False):
     """Mean next-byte cross-entropy in bits over the first `num_bytes` bytes of `data`, in windows of seq_len.
 
     Every byte of every window is scored, including the first bytes of a window, which have
     little context; cutting the same bytes into longer windows gives each byte more context on
-    average, which is how a longer test length can help (Table 2).
+    average, which is how a longer test length can help (Table 2). `by_position=True` also
+    returns the mean over windows at each position (N,): how the loss changes with context.
     """
     was_training = model.training
     model.eval()
     x, y = eval_windows(data, seq_len, num_bytes)  # (M, N) each
-    total = 0.0
+    per_position = torch.zeros(seq_len, dtype=torch.float64)  # (N,) summed over windows
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         with autocast_for(device):
             logits = model(xb)  # (b, N, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # an autocast run's softmax in float32
+        loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none")  # (b, N)
+        per_position += loss.sum(0).double().cpu()
     model.train(was_training)
-    return total / y.numel() / math.log(2)
+    per_position /= x.shape[0] * math.log(2)  # bits
+    mean = per_position.mean().item()
+    return (mean, per_position) if by_position else mean
 
 
 def recall_distances(seq_len):

@@ -100,9 +100,14 @@ def table2(runs, threads=1, progress=True):
         config = run_config(TABLE2_COMMON, run, threads)
         model = train_run(name, config, runs, corpus, progress)
         start = time.perf_counter()
-        bpb = {n: bits_per_byte(model, corpus["val"], n, TEST_BYTES) for n in TEST_LENGTHS}
+        bpb = {n: bits_per_byte(model, corpus["val"], n, TEST_BYTES) for n in TEST_LENGTHS[:-1]}
+        longest = TEST_LENGTHS[-1]
+        bpb[longest], per_position = bits_per_byte(model, corpus["val"], longest, TEST_BYTES, by_position=True)
+        # bits per byte against the context a byte has: positions [2^i, 2^(i+1)) of the longest windows
+        by_context = {2**i: per_position[2**i : 2 ** (i + 1)].mean().item() for i in range(longest.bit_length() - 1)}
         print(f"{name}: bits per byte {bpb} ({time.perf_counter() - start:.0f} s)")
-        (Path(runs) / name / "test.json").write_text(json.dumps({"bpb": bpb}, indent=1))
+        result = {"bpb": bpb, "bpb_by_context": by_context}
+        (Path(runs) / name / "test.json").write_text(json.dumps(result, indent=1))
 
 
 def recall(runs, threads=1, progress=True):
@@ -172,7 +177,7 @@ def report_table2(runs):
     header = ["model", "train length", "batch", "train tokens", "attention FLOPs/token (vs dense)", *TIME_HEADER]
     header += [f"bpb @ {n}" for n in TEST_LENGTHS]
     rows = []
-    fig, (ax_curve, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_curve, ax_bpb, ax_context) = plt.subplots(1, 3, figsize=(16, 4.2))
     for name, result in results.items():
         metrics = result["stages"][-1]
         config = TrainConfig(**metrics["train_config"])
@@ -197,11 +202,19 @@ def report_table2(runs):
         evals = metrics["eval"]
         ax_curve.plot([e["step"] * per_step / 1e6 for e in evals], [e["val_bpb"] for e in evals], "o-", label=name)
         ax_bpb.plot(TEST_LENGTHS, [bpb[n] for n in TEST_LENGTHS], "o-", label=name)
+        by_context = {int(p): b for p, b in result["test"]["bpb_by_context"].items()}
+        ax_context.plot(list(by_context), list(by_context.values()), "o-", label=name)
     ax_curve.set(xlabel="training tokens (M)", ylabel="bits per byte (validation, training length)", title="training")
     ax_bpb.set(xscale="log", xlabel="test length (bytes)", ylabel="bits per byte", title="Table 2 in miniature")
     ax_bpb.set_xticks(TEST_LENGTHS, [str(n) for n in TEST_LENGTHS])
     ax_bpb.minorticks_off()
-    for ax in (ax_curve, ax_bpb):
+    ax_context.set(
+        xscale="log",
+        xlabel=f"position in a {TEST_LENGTHS[-1]}-byte window (bytes of context)",
+        ylabel="bits per byte",
+        title="how much context each model uses",
+    )
+    for ax in (ax_curve, ax_bpb, ax_context):
         ax.grid(alpha=0.3)
         ax.legend()
     save_fig(fig, "07_table2")

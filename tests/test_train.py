@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -219,3 +220,27 @@ def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus
     before = (runs / "dense-16" / "metrics.json").read_text()
     ex.table2(runs, progress=False)
     assert (runs / "dense-16" / "metrics.json").read_text() == before
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_is_a_valid_run(preset):
+    config = TrainConfig(**PRESETS[preset])
+    model = LongNetLM(config.model_config())
+    assert max(config.segment_lengths) >= config.seq_len and config.num_heads >= max(config.dilation_rates)
+    idx = torch.randint(0, 256, (1, 48))
+    assert model(idx).shape == (1, 48, 256)
+
+
+def test_bits_per_byte_is_the_mean_cross_entropy_in_bits():
+    from longnet_ref.evaluate import bits_per_byte
+
+    torch.manual_seed(0)
+    model = LongNetLM(segment_lengths=[8, 16], dilation_rates=[1, 2], embed_dim=16, num_heads=2, num_layers=1).double()
+    data = torch.randint(0, 256, (200,), dtype=torch.uint8)
+    bpb, per_position = bits_per_byte(model, data, 16, 128, batch_size=3, by_position=True)
+    x = data[:128].long().view(8, 16)
+    y = data[1:129].long().view(8, 16)
+    nats = torch.nn.functional.cross_entropy(model(x).transpose(1, 2), y, reduction="none")  # (8, 16)
+    torch.testing.assert_close(per_position, nats.mean(0) / math.log(2), rtol=0, atol=1e-12)
+    assert bpb == pytest.approx((nats.mean() / math.log(2)).item(), abs=1e-12)
+    assert bits_per_byte(model, data, 16, 128) == pytest.approx(bpb, abs=1e-12)
