@@ -76,7 +76,8 @@ def dilated_attention(
         segment_lengths, dilation_rates: the branches, e.g. [2048, 4096], [1, 2].
         causal: each query attends only keys at or before it.
         head_offsets: "paper", "torchscale" or "none" (`patterns.head_offset`).
-        detach_weights: merge weights without gradient, as the official code (readable path).
+        detach_weights: merge weights without gradient, as the official code does (branches then run
+            one by one, through `dilated_branch`, and are merged by `merge_branches`).
         return_lse: also return the merged log-sum-exp (B, H, N).
         implementation: "fast" (default; fused kernel on strided views, branches merged as
             they finish) or "readable" (`dilated_branch` step by step, then `merge_branches`).
