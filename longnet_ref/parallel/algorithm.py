@@ -41,6 +41,7 @@ import torch
 
 from ..checks import check_branches, check_head_offsets, check_qkv
 from ..dilated import dilated_branch
+from ..fast import _lse_dtype
 from ..kernels import fused_attention
 from ..mixture import merge_branches
 from ..patterns import head_groups
@@ -143,11 +144,6 @@ def gathered_rows(gathered, ranks, heads, counts):
     keys = torch.cat([gathered[j, 0, :, heads, : counts[j]] for j in ranks], dim=2)
     values = torch.cat([gathered[j, 1, :, heads, : counts[j]] for j in ranks], dim=2)
     return keys, values
-
-
-def _lse_dtype(q):
-    # The fused kernels give float32 log-sum-exps for half inputs.
-    return torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
 
 
 def check_world(comm, q, k, v, segment_lengths, dilation_rates, causal, head_offsets):
