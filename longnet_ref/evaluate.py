@@ -51,14 +51,23 @@ def bits_per_byte(model, data, seq_len, num_bytes, *, batch_size=8, device="cpu"
 
 
 def recall_distances(seq_len):
-    """Distances the recall evaluation asks about: 1/128 of the length up to 7/8 of it."""
+    """Base distances the recall evaluation reports: 1/128 of the length up to 7/8 of it."""
     fractions = (1 / 128, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
-    return sorted({min(seq_len - 2, max(1, round(seq_len * f))) for f in fractions})
+    return sorted({min(seq_len - 5, max(1, round(seq_len * f))) for f in fractions})
 
 
 def recall_eval_set(seq_len, num_sequences, distances=None, *, num_pairs=4, queries_per_pair=8, seed=1234):
-    """A fixed evaluation set of the recall task: each needle asked at `queries_per_pair` of the given distances."""
-    distances = recall_distances(seq_len) if distances is None else list(distances)
+    """A fixed evaluation set of the recall task: each needle asked at `queries_per_pair` of the distances.
+
+    By default the distances are b, b+1, b+2, b+3 for every base b of `recall_distances`: all
+    four residues mod 4. A dilated branch with rate r lets query p see key p - d in one hop only
+    when r divides d (both must have the head's residue), so distances that are all multiples
+    of 4 would flatter dilated attention; `recall_accuracy(..., buckets=recall_distances(N))`
+    reports the mean over the four.
+    """
+    if distances is None:
+        distances = sorted({b + i for b in recall_distances(seq_len) for i in range(4)})
+    distances = list(distances)
     generator = torch.Generator().manual_seed(seed)
     per_pair = min(queries_per_pair, len(set(distances)))
     return recall_batch(
@@ -67,8 +76,11 @@ def recall_eval_set(seq_len, num_sequences, distances=None, *, num_pairs=4, quer
 
 
 @torch.no_grad()
-def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu"):
-    """{distance: fraction of queries answered correctly (argmax)} and the mean loss on answers."""
+def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu", buckets=None):
+    """{distance: fraction of queries answered correctly (argmax)} and the mean loss on answers.
+
+    buckets: sorted base distances; a query at distance d then counts for the largest base <= d.
+    """
     was_training = model.training
     model.eval()
     x, y, dist = eval_set
@@ -81,6 +93,8 @@ def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu"):
         loss_sum += F.cross_entropy(logits[scored].float(), yb[scored], reduction="sum").item()
         hit = logits[scored].argmax(-1) == yb[scored]
         for d, h in zip(db[scored].tolist(), hit.tolist()):
+            if buckets is not None:
+                d = max(b for b in buckets if b <= d)
             correct[d] = correct.get(d, 0) + int(h)
             count[d] = count.get(d, 0) + 1
     model.train(was_training)

@@ -31,7 +31,7 @@ import torch
 
 from .complexity import mixture_flops
 from .data import load_corpus
-from .evaluate import bits_per_byte, recall_accuracy, recall_eval_set
+from .evaluate import bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
 from .train import TrainConfig, load_checkpoint, train
 from .viz import figures_dir, save_fig
 
@@ -121,7 +121,7 @@ def recall(runs, threads=1, progress=True):
                 stage_name, run_config(dict(RECALL_COMMON, **stage), run, threads), runs, None, progress, previous
             )
             previous = Path(runs) / stage_name / "checkpoint.pt"
-        accuracy, loss = recall_accuracy(model, eval_set)
+        accuracy, loss = recall_accuracy(model, eval_set, buckets=recall_distances(N))
         print(f"{name}: accuracy by distance {accuracy}, loss {loss:.3f}")
         (Path(runs) / name / "test.json").write_text(json.dumps({"accuracy": accuracy, "loss": loss}, indent=1))
 
@@ -229,7 +229,8 @@ def report_recall(runs):
     if not results:
         return None
     distances = sorted({int(d) for r in results.values() for d in r["test"]["accuracy"]})
-    header = ["model", "branches (w, r)", "stages (length x steps)", *TIME_HEADER] + [f"d={d}" for d in distances]
+    header = ["model", "branches (w, r)", "stages (length x steps)", *TIME_HEADER]
+    header += [f"d={d}-{d + 3}" for d in distances]  # each bucket: the four residues mod 4
     rows = []
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, result in results.items():
@@ -243,7 +244,9 @@ def report_recall(runs):
     ax.axhline(1 / 8, color="gray", ls=":", label="chance (1/8)")
     local_window = RECALL_RUNS["recall-local"]["segment_lengths"][0]
     ax.axvline(local_window, color="gray", ls="--", lw=0.8, label=f"local window ({local_window})")
-    ax.set(xscale="log", xlabel="distance from the needle (bytes)", ylabel="recall accuracy", ylim=(-0.03, 1.03))
+    ax.set(
+        xscale="log", xlabel="distance from the needle (d ... d+3, bytes)", ylabel="recall accuracy", ylim=(-0.03, 1.03)
+    )
     ax.set_title(f"Key-value recall, tested at N = {RECALL_STAGES[-1]['seq_len']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import load_corpus, random_windows, recall_batch
-from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_eval_set
+from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
 from .model import ATTENTION_KINDS, LongNetLM, ModelConfig
 
 TASKS = ("code", "recall")
@@ -224,7 +224,7 @@ def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=Non
         if config.task == "code":
             bpb = bits_per_byte(model, val, config.seq_len, config.eval_size * config.seq_len, device=device)
             return {"step": step, "val_bpb": bpb}
-        accuracy, loss = recall_accuracy(model, eval_set, device=device)
+        accuracy, loss = recall_accuracy(model, eval_set, device=device, buckets=recall_distances(config.seq_len))
         return {"step": step, "recall_loss": loss, "recall_accuracy": accuracy}
 
     metrics = {"train_config": asdict(config), "device": str(device), "train": [], "eval": []}

@@ -244,3 +244,28 @@ def test_bits_per_byte_is_the_mean_cross_entropy_in_bits():
     torch.testing.assert_close(per_position, nats.mean(0) / math.log(2), rtol=0, atol=1e-12)
     assert bpb == pytest.approx((nats.mean() / math.log(2)).item(), abs=1e-12)
     assert bits_per_byte(model, data, 16, 128) == pytest.approx(bpb, abs=1e-12)
+
+
+def test_recall_accuracy_groups_the_four_residues_of_each_base_distance():
+    from longnet_ref.evaluate import recall_accuracy, recall_distances, recall_eval_set
+
+    x, y, dist = eval_set = recall_eval_set(256, 6, num_pairs=4, queries_per_pair=4)
+    bases = recall_distances(256)
+    assert set(dist[y != -100].tolist()) <= {b + i for b in bases for i in range(4)}
+    assert {d % 4 for d in dist[y != -100].tolist()} == {0, 1, 2, 3}  # not only multiples of r = 4
+
+    class Oracle(torch.nn.Module):  # answers right exactly when the distance is a multiple of 4
+        def forward(self, xb):
+            i = next(k for k in range(0, len(x), 1) if torch.equal(x[k : k + len(xb)], xb))
+            yb, db = y[i : i + len(xb)], dist[i : i + len(xb)]
+            right = (yb != -100) & (db % 4 == 0)
+            return torch.nn.functional.one_hot(torch.where(right, yb, ord("z")), 256).float()
+
+    accuracy, _ = recall_accuracy(Oracle(), eval_set, batch_size=2, buckets=bases)
+    assert set(accuracy) == set(bases)
+    counts = {
+        b: [(d % 4 == 0) for d in dist[y != -100].tolist() if max(c for c in bases if c <= d) == b] for b in bases
+    }
+    assert accuracy == {b: sum(c) / len(c) for b, c in counts.items()}
+    exact, _ = recall_accuracy(Oracle(), eval_set, batch_size=2)
+    assert all(a == (1.0 if d % 4 == 0 else 0.0) for d, a in exact.items())
