@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,3 +270,15 @@ def test_recall_accuracy_groups_the_four_residues_of_each_base_distance():
     assert accuracy == {b: sum(c) / len(c) for b, c in counts.items()}
     exact, _ = recall_accuracy(Oracle(), eval_set, batch_size=2)
     assert all(a == (1.0 if d % 4 == 0 else 0.0) for d, a in exact.items())
+
+
+@pytest.mark.parametrize("section", ["table2", "recall"])
+def test_the_readme_shows_the_tables_the_experiment_wrote(section):
+    """The README's results are the files `python -m longnet_ref.experiment` wrote, not an edited copy."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    between = readme.split(f"<!-- 07:{section} -->\n", 1)[1].split(f"<!-- /07:{section} -->", 1)[0]
+    table = (root / "figures" / f"07_{section}.md").read_text()
+    assert between == table
+    rows = list(csv.reader(open(root / "figures" / f"07_{section}.csv")))
+    assert len(rows) == table.count("\n") - 1 and all(cell in table for cell in rows[1])
