@@ -2,32 +2,20 @@
 
 import pytest
 import torch
+from conftest import TINY_LM, tiny_lm
 
 import longnet_ref.generate as gen
 from longnet_ref.generate import generate
 from longnet_ref.model import LongNetLM
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(attention, ws=(4, 8, 16), rs=(1, 2, 4), seed=0):
-    torch.manual_seed(seed)
-    return LongNetLM(
-        attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), embed_dim=32, num_heads=4, num_layers=2
-    ).double()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("attention", ["dilated", "dense", "local"])
 @pytest.mark.parametrize("prompt_len", [1, 11])
 def test_cached_logits_equal_the_full_forward_at_every_step(attention, prompt_len):
     """40 tokens: past the largest segment (16) twice; a prompt of 11 ends inside a segment."""
-    model = tiny(attention)
+    model = tiny_lm(attention)
     prompt = torch.randint(0, 256, (2, prompt_len))
     rng = torch.Generator().manual_seed(0)
     tokens, logits = generate(model, prompt, 41 - prompt_len, generator=rng, return_logits=True)
@@ -51,7 +39,7 @@ def stepwise_logits(model, tokens):
 @pytest.mark.parametrize("head_offsets", ["paper", "torchscale", "none"])
 def test_every_head_offset_rule_is_respected_by_the_cache(head_offsets):
     torch.manual_seed(0)
-    model = LongNetLM(segment_lengths=[4, 12], dilation_rates=[1, 3], embed_dim=32, num_heads=4, num_layers=2)
+    model = LongNetLM(segment_lengths=[4, 12], dilation_rates=[1, 3], **TINY_LM)
     model = model.double()  # r = 3 does not divide H = 4: the rules give different offsets
     for block in model.blocks:
         block.attn.head_offsets = head_offsets
@@ -61,7 +49,7 @@ def test_every_head_offset_rule_is_respected_by_the_cache(head_offsets):
 
 def test_a_cache_that_ignores_segments_is_wrong(monkeypatch):
     """The official decoding's mistake: attend every cached key, as if all were one segment."""
-    model = tiny("dilated")
+    model = tiny_lm("dilated")
     tokens = torch.randint(0, 256, (1, 30))  # random tokens: identical ones would hide any pattern
     full = model(tokens)
     real = gen.cached_attention
@@ -81,7 +69,7 @@ def test_a_cache_that_ignores_segments_is_wrong(monkeypatch):
 
 
 def test_greedy_is_the_argmax_of_the_full_forward_and_top_k_1_is_greedy():
-    model = tiny("dilated")
+    model = tiny_lm("dilated")
     prompt = torch.randint(0, 256, (2, 5))
     greedy = generate(model, prompt, 20, temperature=0)
     full = model(greedy)
@@ -91,7 +79,7 @@ def test_greedy_is_the_argmax_of_the_full_forward_and_top_k_1_is_greedy():
 
 
 def test_sampling_is_reproducible_with_a_generator_and_restores_training_mode():
-    model = tiny("local")
+    model = tiny_lm("local")
     model.train()
     prompt = torch.randint(0, 256, (1, 3))
     a = generate(model, prompt, 15, generator=torch.Generator().manual_seed(5))
@@ -100,7 +88,7 @@ def test_sampling_is_reproducible_with_a_generator_and_restores_training_mode():
 
 
 def test_zero_new_tokens_returns_the_prompt():
-    model = tiny("dense")
+    model = tiny_lm("dense")
     prompt = torch.randint(0, 256, (1, 6))
     tokens, logits = generate(model, prompt, 0, return_logits=True)
     assert torch.equal(tokens, prompt)
@@ -122,4 +110,4 @@ def test_bad_arguments(kwargs, match):
     args = dict(prompt=torch.zeros(1, 2, dtype=torch.long), max_new_tokens=3)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        generate(tiny("dense"), args.pop("prompt"), args.pop("max_new_tokens"), **args)
+        generate(tiny_lm("dense"), args.pop("prompt"), args.pop("max_new_tokens"), **args)

@@ -2,26 +2,13 @@
 
 import pytest
 import torch
+from conftest import TINY_LM, tiny_lm
 
 from longnet_ref import MultiheadDilatedAttention, dilated_attention, oracle_attention
 from longnet_ref.model import LongNetLM, ModelConfig, RotaryEmbedding, sequence_parallel
 from longnet_ref.parallel import SimulatedGroup
 
-TINY = dict(embed_dim=32, num_heads=4, num_layers=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: two OpenMP threads only wait on each other (badly so on a shared CPU)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(attention="dilated", ws=(4, 8, 16), rs=(1, 2, 4), seed=0):
-    torch.manual_seed(seed)
-    return LongNetLM(attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), **TINY).double()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rope_scores_depend_on_distance_only():
@@ -68,7 +55,7 @@ def oracle_attend(layer_index, attn, h):
 
 @pytest.mark.parametrize("attention", ["dilated", "dense", "local"])
 def test_model_equals_the_model_with_oracle_attention(attention):
-    model = tiny(attention)
+    model = tiny_lm(attention)
     idx = torch.randint(0, 256, (2, 37))  # past the largest segment, ragged last segment
     torch.testing.assert_close(model(idx), model(idx, attend=oracle_attend), rtol=0, atol=1e-10)
 
@@ -76,12 +63,12 @@ def test_model_equals_the_model_with_oracle_attention(attention):
 @pytest.mark.parametrize("ws", [[64], [64, 128], [40, 64, 1000]])
 def test_degenerate_mixture_equals_the_dense_model(ws):
     """Branches with w >= N and r = 1 all see the whole causal prefix: that is dense attention."""
-    dense, mixture = tiny("dense"), tiny("dilated", ws=ws, rs=[1] * len(ws))
+    dense, mixture = tiny_lm("dense"), tiny_lm("dilated", ws=ws, rs=[1] * len(ws))
     mixture.load_state_dict(dense.state_dict())
     idx = torch.randint(0, 256, (2, 40))
     torch.testing.assert_close(mixture(idx), dense(idx), rtol=0, atol=1e-12)
     # the check has teeth: a real mixture (w < N, r > 1) computes something else
-    sparse = tiny("dilated", ws=[8, 40], rs=[1, 2])
+    sparse = tiny_lm("dilated", ws=[8, 40], rs=[1, 2])
     sparse.load_state_dict(dense.state_dict())
     assert (sparse(idx) - dense(idx)).abs().max() > 1e-4
 
@@ -100,7 +87,7 @@ def test_kinds_use_their_branches():
 @pytest.mark.parametrize("attention, reaches", [("local", False), ("dilated", True), ("dense", True)])
 def test_reach_past_the_first_segment(attention, reaches):
     """Changing byte 2 changes the prediction at 20 only if attention reaches across segments of 4..8."""
-    model = tiny(attention, ws=(8, 16, 32), rs=(1, 2, 4))
+    model = tiny_lm(attention, ws=(8, 16, 32), rs=(1, 2, 4))
     idx = torch.randint(0, 256, (1, 24))
     changed = idx.clone()
     changed[0, 2] = (idx[0, 2] + 1) % 256
@@ -110,7 +97,7 @@ def test_reach_past_the_first_segment(attention, reaches):
 
 def test_one_optimiser_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = LongNetLM(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4], **TINY)
+    model = LongNetLM(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4], **TINY_LM)
     x = torch.randint(0, 256, (4, 33))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _, before = model(x[:, :-1], x[:, 1:])
@@ -122,14 +109,14 @@ def test_one_optimiser_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_loss_skips_ignored_targets_and_head_is_tied():
-    model = tiny()
+    model = tiny_lm()
     x = torch.randint(0, 256, (1, 10))
     y = torch.full((1, 10), -100)
     y[0, 3] = 65
     logits, loss = model(x, y)
     torch.testing.assert_close(loss, -torch.log_softmax(logits[0, 3], -1)[65], rtol=0, atol=1e-12)
     # the output head is the embedding matrix: counted once, no (V, E) head of its own
-    V, E, L = 256, TINY["embed_dim"], TINY["num_layers"]
+    V, E, L = 256, TINY_LM["embed_dim"], TINY_LM["num_layers"]
     block = 4 * (E * E + E) + (E * 4 * E + 4 * E) + (4 * E * E + E) + 2 * 2 * E  # attention, MLP, norms
     assert model.num_parameters() == V * E + L * block + 2 * E
 
@@ -152,13 +139,13 @@ def test_bad_model_config(overrides, match):
 
 def test_bad_input_shape():
     with pytest.raises(ValueError, match="idx"):
-        tiny()(torch.zeros(10, dtype=torch.long))
+        tiny_lm()(torch.zeros(10, dtype=torch.long))
 
 
 @pytest.mark.parametrize("attention", ["dilated", "dense", "local"])
 def test_the_model_runs_sequence_parallel(attention):
     """P = 4 simulated ranks, each on its chunk of 16 tokens: the chunks of the single-device logits."""
-    model = tiny(attention, ws=(8, 16, 32))
+    model = tiny_lm(attention, ws=(8, 16, 32))
     parallel = sequence_parallel(model)
     idx = torch.randint(0, 256, (2, 64))
 

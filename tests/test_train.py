@@ -12,13 +12,7 @@ from longnet_ref.data import random_windows
 from longnet_ref.model import LongNetLM
 from longnet_ref.train import PRESETS, TrainConfig, build_parser, load_checkpoint, main, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
