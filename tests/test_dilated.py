@@ -46,6 +46,7 @@ def _assert_equal_to_oracle(out, lse, ref_out, ref_lse):
     torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("function", ["dilated_attention", "dilated_branch"])
 @given(configs(), st.sampled_from(["fast", "readable"]))
 @example(BIG, "fast")
 @example(BIG, "readable")
@@ -53,29 +54,17 @@ def _assert_equal_to_oracle(out, lse, ref_out, ref_lse):
 @example(TORCHSCALE, "readable")
 @example(NONE, "fast")
 @example(NONE, "readable")
-def test_mixture_equals_oracle(cfg, implementation):
+def test_equals_oracle(function, cfg, implementation):
+    """The whole mixture (`dilated_attention`), and its first branch alone (`dilated_branch`)."""
     q, k, v = rand_qkv(cfg["B"], cfg["H"], cfg["N"], cfg["D"])
+    ws, rs = cfg["segment_lengths"], cfg["dilation_rates"]
     kw = dict(causal=cfg["causal"], head_offsets=cfg["head_offsets"])
-    ref_out, ref_lse = oracle_attention(q, k, v, cfg["segment_lengths"], cfg["dilation_rates"], **kw)
-    out, lse = dilated_attention(
-        q, k, v, cfg["segment_lengths"], cfg["dilation_rates"], return_lse=True, implementation=implementation, **kw
-    )
-    _assert_equal_to_oracle(out, lse, ref_out, ref_lse)
-
-
-@given(configs(), st.sampled_from(["fast", "readable"]))
-@example(BIG, "fast")
-@example(BIG, "readable")
-@example(TORCHSCALE, "fast")
-@example(TORCHSCALE, "readable")
-@example(NONE, "fast")
-@example(NONE, "readable")
-def test_single_branch_equals_oracle(cfg, implementation):
-    q, k, v = rand_qkv(cfg["B"], cfg["H"], cfg["N"], cfg["D"])
-    w, r = cfg["segment_lengths"][0], cfg["dilation_rates"][0]
-    kw = dict(causal=cfg["causal"], head_offsets=cfg["head_offsets"])
-    ref_out, ref_lse = oracle_attention(q, k, v, [w], [r], **kw)
-    out, lse = dilated_branch(q, k, v, w, r, implementation=implementation, **kw)
+    if function == "dilated_attention":
+        out, lse = dilated_attention(q, k, v, ws, rs, return_lse=True, implementation=implementation, **kw)
+    else:
+        ws, rs = ws[:1], rs[:1]
+        out, lse = dilated_branch(q, k, v, ws[0], rs[0], implementation=implementation, **kw)
+    ref_out, ref_lse = oracle_attention(q, k, v, ws, rs, **kw)
     _assert_equal_to_oracle(out, lse, ref_out, ref_lse)
 
 
