@@ -6,7 +6,8 @@ every `--eval-every` steps (validation bits per byte, or recall accuracy), save 
 and metrics.json into `--out` at every evaluation. `--resume CKPT` continues a run exactly: the
 checkpoint holds the model, the optimiser, the step, and every random state (weights init,
 dropout, data), so the resumed loss curve is the uninterrupted one (a test checks it).
-`--pause-at STEP` stops after STEP with a checkpoint, as a time limit would.
+`--pause-at STEP` stops after STEP with a checkpoint, as a time limit would. What a checkpoint
+holds is in checkpoint.py; `load_checkpoint` is importable from here too.
 
 Presets: "cpu" (the default, about 10 minutes on an unloaded 2-core CPU), "gpu" (a Colab GPU,
 about 15 minutes), "tiny" (seconds; tests and CI). Explicit flags override the preset.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import load_checkpoint as load_checkpoint  # re-exported: the README loads runs from here
+from .checkpoint import read_checkpoint, restore_run, rng_states, save_checkpoint
 from .data import load_corpus, random_windows, recall_batch
 from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
 from .model import ATTENTION_KINDS, LongNetLM, ModelConfig
@@ -130,27 +132,6 @@ def learning_rate(config, step):
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def read_checkpoint(path, map_location="cpu", flag="--resume"):
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{flag} checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """(model, checkpoint dict) from a checkpoint file written by `train`."""
-    checkpoint = read_checkpoint(path, map_location)
-    model = LongNetLM(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
-
-
-def save_checkpoint(path, **state):
-    tmp = Path(f"{path}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
-
-
 def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=None, progress=True, corpus=None):
     """Train (or resume) a run into the folder `out`; returns (model, metrics dict).
 
@@ -233,28 +214,19 @@ def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=Non
         model.load_state_dict(source["model"])
         metrics["init_from"] = str(init_from)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        data_rng.set_state(checkpoint["rng"]["data"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        step = restore_run(checkpoint, model, optimizer, scaler, data_rng, device)
         # the run's history (curves, where it started from), under the config given now
         metrics.update({k: v for k, v in checkpoint["metrics"].items() if k != "train_config"})
-        step = checkpoint["step"]
     metrics["parameters"] = model.num_parameters()
 
     def save():
-        rng = {"torch": torch.get_rng_state(), "data": data_rng.get_state()}
-        rng["cuda"] = torch.cuda.get_rng_state() if device.type == "cuda" else None
         save_checkpoint(
             out / "checkpoint.pt",
             step=step,
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             scaler=scaler.state_dict(),
-            rng=rng,
+            rng=rng_states(data_rng, device),
             train_config=asdict(config),
             model_config=model.config.to_dict(),
             metrics=metrics,
