@@ -174,6 +174,8 @@ def run_sweep(args, run, log):
                             dense_last[(backward, causal)] = (N, result["seconds"])
                     results.append(result)
                     log(result)
+                    if args.csv:
+                        write_csv(results, args.csv)
     return results
 
 
@@ -245,17 +247,31 @@ def describe(result):
             f"err {result['max_error']:.1e}  peak {result['peak_rss_mb']:7.0f} MB")  # fmt: skip
 
 
-def write_outputs(results, name):
+CSV_KEYS = ["path", "N", "B", "H", "D", "causal", "backward", "seconds", "gflops", "ideal_flop_ratio",
+            "matmul_gflops", "max_error", "peak_rss_mb", "extrapolated", "threads"]  # fmt: skip
+
+
+def write_csv(results, name):
+    """figures/<name>.csv, one row per configuration (rewritten after every result, so a long
+    sweep that is interrupted keeps what it measured)."""
     import csv
 
-    from .viz import figures_dir, save_fig
+    from .viz import figures_dir
 
-    keys = ["path", "N", "H", "causal", "backward", "seconds", "gflops", "max_error", "peak_rss_mb", "extrapolated"]
     csv_path = figures_dir() / f"{name}.csv"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(results)
+        for result in results:
+            ideal = attention_flops(result) / attention_flops(dict(result, path="dense"))  # causal-aware
+            writer.writerow(dict(result, ideal_flop_ratio=ideal, threads=torch.get_num_threads()))
+    return csv_path
+
+
+def write_outputs(results, name):
+    from .viz import save_fig
+
+    csv_path = write_csv(results, name)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,6 +314,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per configuration")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.csv = None if args.quick else "bench"  # the sweep's table, kept up to date as it runs
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))  # a list of configurations
         return 0

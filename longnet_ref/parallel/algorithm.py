@@ -5,7 +5,8 @@ positions [p l, (p + 1) l). Every rank runs `sequence_parallel_attention` on its
 For each branch (w, r), with w clipped to N:
 
 - w <= l: the chunk holds whole segments (l % w == 0), so the branch is computed locally by
-  the single-device `dilated_branch`: no communication.
+  the single-device fast path (all such branches in one `fast_dilated_attention`, merged as
+  they finish): no communication.
 - w > l: a segment spans g = w / l ranks (w % l == 0, so segments start on chunk borders).
   1. Sparsify (Eq. 4): each rank keeps the rows of its chunk that each head keeps. A row's
      residue counts from the *segment* start, t = p l - s w on this rank, so a head with
@@ -40,8 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_branches, check_head_offsets, check_qkv
-from ..dilated import dilated_branch
-from ..fast import _lse_dtype
+from ..fast import _lse_dtype, fast_dilated_attention
 from ..kernels import fused_attention
 from ..mixture import merge_branches
 from ..patterns import head_groups
@@ -241,20 +241,17 @@ def sequence_parallel_attention(
     comm = as_communicator(group)
     plans = check_world(comm, q_local, k_local, v_local, segment_lengths, dilation_rates, causal, head_offsets)
     outs, lses = [], []
-    for plan in plans:
-        if plan.local:
-            o, s = dilated_branch(
-                q_local,
-                k_local,
-                v_local,
-                plan.segment_length,
-                plan.dilation_rate,
-                causal=causal,
-                head_offsets=head_offsets,
-            )
-        else:
-            o, s = distributed_branch(q_local, k_local, v_local, plan, comm, causal=causal, head_offsets=head_offsets)
+    local = [(plan.segment_length, plan.dilation_rate) for plan in plans if plan.local]
+    if local:  # whole segments on this rank: the single-device fast path, merged as the branches finish
+        o, s = fast_dilated_attention(q_local, k_local, v_local, local, causal=causal, head_offsets=head_offsets)
         outs.append(o)
         lses.append(s)
-    out, lse = merge_branches(outs, lses)  # Eq. 10, exactly as on one device
+    for plan in plans:
+        if not plan.local:
+            o, s = distributed_branch(q_local, k_local, v_local, plan, comm, causal=causal, head_offsets=head_offsets)
+            outs.append(o)
+            lses.append(s)
+    # Eq. 10 is associative: merging the local mixture with the distributed branches is exactly
+    # the merge of every branch at once, as on one device.
+    out, lse = merge_branches(outs, lses) if len(outs) > 1 else (outs[0], lses[0])
     return (out, lse) if return_lse else out

@@ -12,6 +12,12 @@ all-gathers' reduce-scatters happen between threads as they would between proces
 
 A rank that raises aborts the group: the other ranks fail at their next collective instead
 of waiting forever (and a collective also gives up after `timeout` seconds).
+
+Ranks take turns: a rank computes only while it holds the group's turn, and it hands the turn
+on while it waits in a collective. P real devices compute at once; P threads of one process
+computing at once would only fight over the same cores (each thread starting its own team of
+intra-op threads: 8 ranks x 2 threads on 2 cores), so the simulation would cost far more than
+the work it does. Taking turns, it costs the same work as one process, plus the collectives.
 """
 
 from __future__ import annotations
@@ -43,14 +49,23 @@ class SimulatedGroup:
         self._readers = {}  # (ranks, n) -> ranks that still have to read that round
         self._count = {}  # (ranks, rank) -> how many collectives among `ranks` this rank has entered
         self._aborted = False
+        self._turn = threading.Lock()  # held by the one rank that computes now
 
     def exchange(self, ranks, rank, value):
         """Every rank in `ranks` gives a value and gets all of them, in the order of `ranks`.
 
         Rounds are numbered per set of ranks, so a fast rank's next collective never mixes with
         the current one. A rank waits until every rank of the round has arrived, or until the
-        group is aborted (another rank failed) or `timeout` seconds pass.
+        group is aborted (another rank failed) or `timeout` seconds pass. The caller holds the
+        turn; it gives the turn up while it waits, and takes it back before it returns.
         """
+        self._turn.release()  # let another rank compute (or reach this collective) meanwhile
+        try:
+            return self._exchange(ranks, rank, value)
+        finally:
+            self._turn.acquire()
+
+    def _exchange(self, ranks, rank, value):
         with self._cond:
             n = self._count.get((ranks, rank), 0)
             self._count[ranks, rank] = n + 1
@@ -89,11 +104,14 @@ class SimulatedGroup:
         failed = [False] * self.world_size
 
         def target(rank):
+            self._turn.acquire()
             try:
                 results[rank] = fn(self.comms[rank])
             except BaseException as error:  # noqa: BLE001 - handed to the caller below
                 results[rank], failed[rank] = error, True
                 self.abort()
+            finally:
+                self._turn.release()
 
         threads = [
             threading.Thread(target=target, args=(rank,), name=f"rank {rank}") for rank in range(self.world_size)
