@@ -12,7 +12,10 @@ and the fused kernel reads it as a batch of h, S "heads" of K rows. Outputs go b
 the same views (scatter, Eqs. 6-8).
 
 `dilated_attention` merges branches as they finish (Eq. 10) in a running output and
-log-sum-exp, so memory does not grow with the number of branches. Its backward uses the
+log-sum-exp, so memory does not grow with the number of branches: `RunningMerge`, one
+autograd node for a list of kernel `Call`s (query rows attend key rows). On one device every
+call reads its keys from the same rows of k as its queries; a sequence-parallel rank adds calls
+whose keys come from other ranks (`parallel/algorithm.py`). The backward uses the
 identity of `kernels.py`: a branch's kernel backward, given the merged output O in place of
 its own and `alpha_i dO` as gradient (alpha_i = exp(lse_i - LSE), the branch's merge weight),
 returns exactly the gradient that flows through the branch *and* its merge weight:
@@ -85,61 +88,105 @@ def _lse_dtype(q):
     return torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
 
 
-class FusedDilatedAttention(torch.autograd.Function):
-    """The whole mixture (Eqs. 3-10) in one autograd node: (q, k, v) -> (out, lse)."""
+@dataclass(frozen=True)
+class Call:
+    """One fused-kernel call of a running merge: rows of q attend rows of one key/value source.
+
+    `queries` selects rows of q (and of the merged out and lse they update); `keys` selects
+    rows of source `source`: 0 is (k, v) themselves, i >= 1 the i-th extra (keys, values)
+    tensor (the sequence-parallel rank's gathered keys, `parallel/algorithm.py`).
+    """
+
+    queries: Piece
+    keys: Piece
+    source: int
+    causal: bool
+
+
+def branch_calls(seq_len, num_heads, branches, causal, head_offsets):
+    """The calls of a mixture on one device: every piece of every branch attends its own rows."""
+    return [
+        Call(piece, piece, 0, causal)
+        for w, r in branches
+        for piece in branch_pieces(seq_len, num_heads, w, r, head_offsets)
+    ]
+
+
+class RunningMerge(torch.autograd.Function):
+    """Attention calls merged as they finish (Eq. 10) in one autograd node: (q, k, v, *kv) -> (out, lse).
+
+    `kv` are extra key/value sources, each (2, B, H, n, D) (keys, values). A row of q that no
+    call reads gets out 0 and lse -inf.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, branches, causal, head_offsets):
+    def forward(ctx, calls, q, k, v, *kv):
         ctx.set_materialize_grads(False)
         B, H, N, D = q.shape
         scale = 1.0 / math.sqrt(D)
         acc = _lse_dtype(q)
+        sources = [(k, v), *((x[0], x[1]) for x in kv)]
         out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)  # running merged output
         lse = torch.full((B, H, N), -math.inf, dtype=acc, device=q.device)  # running merged LSE
-        pieces, saved = [], []
-        for w, r in branches:
-            for piece in branch_pieces(N, H, w, r, head_offsets):
-                for b in range(B):
-                    o, l, kernel_saved = attention_forward(
-                        piece.view(q, b), piece.view(k, b), piece.view(v, b), causal, scale
-                    )
-                    _merge_into(piece.view(out, b), piece.view(lse, b), o, l)
-                    pieces.append((piece, b))
-                    saved.append((l, *kernel_saved))
+        saved = []
+        for call in calls:
+            keys, values = sources[call.source]
+            for b in range(B):
+                o, l, kernel_saved = attention_forward(
+                    call.queries.view(q, b), call.keys.view(keys, b), call.keys.view(values, b), call.causal, scale
+                )
+                _merge_into(call.queries.view(out, b), call.queries.view(lse, b), o, l)
+                saved.append((l, *kernel_saved))
         out = out.to(q.dtype)
-        ctx.pieces, ctx.causal, ctx.scale = pieces, causal, scale
+        ctx.calls, ctx.scale, ctx.batch = calls, scale, B
         ctx.saved_sizes = [len(s) for s in saved]
-        ctx.save_for_backward(q, k, v, out, lse, *[t for s in saved for t in s])
+        ctx.save_for_backward(q, k, v, out, lse, *kv, *[t for s in saved for t in s])
+        ctx.num_kv = len(kv)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *flat = ctx.saved_tensors
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        kv, flat = rest[: ctx.num_kv], rest[ctx.num_kv :]
         acc = _lse_dtype(q)
+        sources = [(k, v), *((x[0], x[1]) for x in kv)]
         dq, dk, dv = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))
+        dkv = [torch.zeros_like(x, dtype=acc) for x in kv]
+        grads = [(dk, dv), *((d[0], d[1]) for d in dkv)]
         if dout is None:  # only the LSE was used
             dout = torch.zeros_like(out)
-        at = 0
-        for (piece, b), size in zip(ctx.pieces, ctx.saved_sizes):
-            l, *kernel_saved = flat[at : at + size]
-            at += size
-            alpha = torch.exp(l - piece.view(lse, b))  # (h, S, K): this branch's merge weight
-            piece_dout = piece.view(dout, b) * alpha.unsqueeze(-1)
-            piece_dlse = None if dlse is None else piece.view(dlse, b) * alpha
-            grads = attention_backward(
-                piece_dout,
-                piece.view(q, b),
-                piece.view(k, b),
-                piece.view(v, b),
-                piece.view(out, b),
-                kernel_saved,
-                ctx.causal,
-                ctx.scale,
-                dlse=piece_dlse,
-            )
-            for total, grad in zip((dq, dk, dv), grads):
-                piece.view(total, b).add_(grad)
-        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None
+        saved = _regroup(flat, ctx.saved_sizes)  # one (lse, *kernel_saved) per (call, b), in forward order
+        for call in ctx.calls:
+            keys, values = sources[call.source]
+            dkeys, dvalues = grads[call.source]
+            rows = call.queries
+            for b in range(ctx.batch):
+                l, *kernel_saved = next(saved)
+                alpha = torch.exp(l - rows.view(lse, b))  # (h, S, K): this call's merge weight
+                # the merged out in place of the call's own: see the module docstring
+                dq_b, dk_b, dv_b = attention_backward(
+                    rows.view(dout, b) * alpha.unsqueeze(-1),
+                    rows.view(q, b),
+                    call.keys.view(keys, b),
+                    call.keys.view(values, b),
+                    rows.view(out, b),
+                    kernel_saved,
+                    call.causal,
+                    ctx.scale,
+                    dlse=None if dlse is None else rows.view(dlse, b) * alpha,
+                )
+                rows.view(dq, b).add_(dq_b)
+                call.keys.view(dkeys, b).add_(dk_b)
+                call.keys.view(dvalues, b).add_(dv_b)
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *(d.to(x.dtype) for d, x in zip(dkv, kv))
+
+
+def _regroup(flat, sizes):
+    """Split a flat tuple back into consecutive groups of the given sizes."""
+    at = 0
+    for size in sizes:
+        yield flat[at : at + size]
+        at += size
 
 
 def _merge_into(out_rows, lse_rows, o, l):
@@ -155,5 +202,6 @@ def _merge_into(out_rows, lse_rows, o, l):
 
 
 def fast_dilated_attention(q, k, v, branches, *, causal=False, head_offsets="paper"):
-    """The mixture through `FusedDilatedAttention` (validated inputs): `(out, lse)`."""
-    return FusedDilatedAttention.apply(q, k, v, branches, causal, head_offsets)
+    """The mixture (Eqs. 3-10) through one `RunningMerge` (validated inputs): `(out, lse)`."""
+    B, H, N, D = q.shape
+    return RunningMerge.apply(branch_calls(N, H, branches, causal, head_offsets), q, k, v)

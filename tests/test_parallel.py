@@ -40,9 +40,13 @@ def grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
-def assert_matches_single_device(P, ws, rs, *, causal, dtype, tol, H=4, head_offsets="paper", B=2, N=64, D=8):
+def assert_matches_single_device(
+    P, ws, rs, *, causal, dtype, tol, H=4, head_offsets="paper", B=2, N=64, D=8, implementation="fast"
+):
     q, k, v = rand_qkv(B, H, N, D, dtype=dtype, requires_grad=True)
-    out, _ = simulate_sequence_parallel(q, k, v, P, ws, rs, causal=causal, head_offsets=head_offsets)
+    out, _ = simulate_sequence_parallel(
+        q, k, v, P, ws, rs, causal=causal, head_offsets=head_offsets, implementation=implementation
+    )
     ref = dilated_attention(q, k, v, ws, rs, causal=causal, head_offsets=head_offsets)
     torch.testing.assert_close(out, ref, rtol=0, atol=tol)
     dout = torch.randn_like(out)
@@ -50,10 +54,13 @@ def assert_matches_single_device(P, ws, rs, *, causal, dtype, tol, H=4, head_off
         torch.testing.assert_close(got, want, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("P, ws, rs, what", CONFIGS, ids=[c[3] for c in CONFIGS])
-def test_simulated_equals_single_device_float64(P, ws, rs, what, causal):
-    assert_matches_single_device(P, ws, rs, causal=causal, dtype=torch.float64, tol=1e-10)
+def test_simulated_equals_single_device_float64(P, ws, rs, what, causal, implementation):
+    assert_matches_single_device(
+        P, ws, rs, causal=causal, dtype=torch.float64, tol=1e-10, implementation=implementation
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -62,19 +69,22 @@ def test_simulated_equals_single_device_float32(P, causal):
     assert_matches_single_device(P, [8, 32, 64, 128], [1, 2, 4, 8], causal=causal, dtype=torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
 @pytest.mark.parametrize("head_offsets", ["torchscale", "none"])
-def test_simulated_other_head_offset_rules(head_offsets):
+def test_simulated_other_head_offset_rules(head_offsets, implementation):
     # H = 6 with r = 4: the torchscale rule leaves residue 3 uncovered; rows no head keeps stay 0.
     assert_matches_single_device(
-        4, [16, 64], [2, 4], causal=True, dtype=torch.float64, tol=1e-10, H=6, head_offsets=head_offsets
-    )
+        4, [16, 64], [2, 4], causal=True, dtype=torch.float64, tol=1e-10, H=6, head_offsets=head_offsets,
+        implementation=implementation,
+    )  # fmt: skip
 
 
-def test_simulated_equals_the_oracle():
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
+def test_simulated_equals_the_oracle(implementation):
     """Independent of `dilated_attention`: the dense softmax with multiplicity bias log c."""
     q, k, v = rand_qkv(1, 4, 64, 8, requires_grad=True)
     ws, rs = [8, 32, 128], [1, 2, 8]
-    out, _ = simulate_sequence_parallel(q, k, v, 4, ws, rs, causal=True)
+    out, _ = simulate_sequence_parallel(q, k, v, 4, ws, rs, causal=True, implementation=implementation)
     ref, _ = oracle_attention(q, k, v, ws, rs, causal=True)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     dout = torch.randn_like(out)
@@ -254,11 +264,25 @@ def test_bad_arguments_of_the_entry_points():
         simulate_sequence_parallel(q, k, v, 5, [16], [1])
     with pytest.raises(ValueError, match="world_size must be a positive integer, got 0"):
         simulate_sequence_parallel(q, k, v, 0, [16], [1])
+    with pytest.raises(ValueError, match="implementation must be one of .* got 'cuda'"):
+        simulate_sequence_parallel(q, k, v, 4, [16], [1], implementation="cuda")
     with pytest.raises(ValueError, match="group must be None, a torch.distributed ProcessGroup or a Communicator"):
         sequence_parallel_attention(q, k, v, [16], [1], group="world")
     if not torch.distributed.is_initialized():
         with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
             sequence_parallel_attention(q, k, v, [16], [1])
+
+
+def test_implementation_that_differs_between_ranks_raises_on_every_rank():
+    args = chunk_args(4, [16, 64], [1, 4])
+    results = SimulatedGroup(4, timeout=20).run(
+        lambda comm: sequence_parallel_attention(
+            *args(comm.rank), group=comm, implementation="readable" if comm.rank == 1 else "fast"
+        ),
+        return_exceptions=True,
+    )
+    message = "every rank must pass the same implementation, got rank 0: fast, rank 1: readable"
+    assert all(isinstance(r, ValueError) and message in str(r) for r in results), results
 
 
 # ---------------------------------------------------------------- the layer

@@ -7,9 +7,10 @@
 - `python -m longnet_ref.parallel` (under torchrun): the launcher (`__main__.py`).
 """
 
-from .algorithm import BranchPlan, distributed_branch, kept_rows, plan_branches, sequence_parallel_attention
+from .algorithm import distributed_branch, sequence_parallel_attention
 from .comm import AllGather, Collective, CommStats, Communicator, TorchDistributed, all_gather, as_communicator
 from .layer import SequenceParallelDilatedAttention
+from .plan import BranchPlan, kept_rows, plan_branches
 from .simulated import SimulatedComm, SimulatedGroup, simulate_sequence_parallel
 
 __all__ = [

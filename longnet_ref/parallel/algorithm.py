@@ -5,8 +5,7 @@ positions [p l, (p + 1) l). Every rank runs `sequence_parallel_attention` on its
 For each branch (w, r), with w clipped to N:
 
 - w <= l: the chunk holds whole segments (l % w == 0), so the branch is computed locally by
-  the single-device fast path (all such branches in one `fast_dilated_attention`, merged as
-  they finish): no communication.
+  the single-device `dilated_branch`: no communication.
 - w > l: a segment spans g = w / l ranks (w % l == 0, so segments start on chunk borders).
   1. Sparsify (Eq. 4): each rank keeps the rows of its chunk that each head keeps. A row's
      residue counts from the *segment* start, t = p l - s w on this rank, so a head with
@@ -23,6 +22,10 @@ For each branch (w, r), with w clipped to N:
 The branches are then merged as on one device (`merge_branches`, Eq. 10). The backward is
 autograd's; the all-gather's backward is a reduce-scatter (`comm.AllGather`).
 
+That is `implementation="readable"`, this module's code. The default, "fast", does the same
+work as one list of fused-kernel calls merged as they finish (`fused.py`): same collectives,
+same result, without autograd's bookkeeping of every slice.
+
 Faults: every check that can fail is made before the first collective that could wait on
 it. Each rank checks its own input without raising, the ranks exchange one small metadata
 record, and from then on every rank sees the same facts and raises the same ValueError (or
@@ -36,59 +39,18 @@ segment, h heads in an offset group.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_branches, check_head_offsets, check_qkv
-from ..fast import _lse_dtype, fast_dilated_attention
+from ..checks import check_branches, check_head_offsets, check_implementation, check_qkv
+from ..dilated import dilated_branch
+from ..fast import _lse_dtype
 from ..kernels import fused_attention
 from ..mixture import merge_branches
 from ..patterns import head_groups
 from .comm import JoinBackward, all_gather, as_communicator
-
-
-@dataclass(frozen=True)
-class BranchPlan:
-    """How one rank computes one branch."""
-
-    index: int  # position in the list of branches (labels the collectives)
-    segment_length: int  # W, clipped to N
-    dilation_rate: int  # R
-    ranks: tuple  # ranks holding this rank's segment, in order (just this rank when local)
-    local_length: int  # l
-
-    @property
-    def local(self):
-        """The segment fits in the chunk: the single-device branch applies as is."""
-        return self.segment_length <= self.local_length
-
-
-def plan_branches(rank, world_size, local_length, branches):
-    """The `BranchPlan` of every branch for one rank (branches already checked by `check_world`)."""
-    l, N = local_length, local_length * world_size
-    plans = []
-    for index, (w, r) in enumerate(branches):
-        w = min(w, N)  # w >= N: the whole sequence is one segment
-        if w <= l:
-            ranks = (rank,)
-        else:
-            per_segment = w // l  # g; the last segment may hold fewer ranks (N % w != 0)
-            first = rank // per_segment * per_segment
-            ranks = tuple(range(first, min(first + per_segment, world_size)))
-        plans.append(BranchPlan(index, w, r, ranks, l))
-    return plans
-
-
-def kept_rows(start, length, dilation_rate, offset):
-    """Rows of a chunk kept by head offset `offset`: `(first, count)`, rows first, first + r, ...
-
-    `start` is the chunk's first position counted from its segment's start (Eq. 4 keeps the
-    positions whose distance to the segment start is offset mod r).
-    """
-    first = (offset - start) % dilation_rate
-    count = max(0, -(-(length - first) // dilation_rate))  # ceil((length - first) / r)
-    return first, count
+from .fused import fused_rank_attention
+from .plan import kept_rows, plan_branches
 
 
 def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper"):
@@ -146,7 +108,7 @@ def gathered_rows(gathered, ranks, heads, counts):
     return keys, values
 
 
-def check_world(comm, q, k, v, segment_lengths, dilation_rates, causal, head_offsets):
+def check_world(comm, q, k, v, segment_lengths, dilation_rates, causal, head_offsets, implementation):
     """Check the input of every rank, on every rank; return this rank's branch plans.
 
     One `all_gather_object` of a small record is the only collective before the checks: a
@@ -158,12 +120,13 @@ def check_world(comm, q, k, v, segment_lengths, dilation_rates, causal, head_off
         check_qkv(q, k, v)
         branches = check_branches(segment_lengths, dilation_rates)
         check_head_offsets(head_offsets)
+        check_implementation(implementation)
     except ValueError as problem:
         error = str(problem)
     meta = {"error": error}
     if error is None:
         meta.update(shape=tuple(q.shape), dtype=str(q.dtype), device=q.device.type)
-        meta.update(branches=branches, causal=bool(causal), head_offsets=head_offsets)
+        meta.update(branches=branches, causal=bool(causal), head_offsets=head_offsets, implementation=implementation)
         # Ranks must agree on which inputs get gradients, or only some would join the
         # backward's reduce-scatters.
         meta.update(requires_grad=tuple(torch.is_grad_enabled() and x.requires_grad for x in (q, k, v)))
@@ -180,6 +143,7 @@ def check_world(comm, q, k, v, segment_lengths, dilation_rates, causal, head_off
         ("branches", "segment_lengths and dilation_rates"),
         ("causal", "causal"),
         ("head_offsets", "head_offsets"),
+        ("implementation", "implementation"),
         ("requires_grad", "requires_grad for (q, k, v)"),
     ]:
         values = [m[key] for m in metas]
@@ -217,6 +181,7 @@ def sequence_parallel_attention(
     head_offsets="paper",
     group=None,
     return_lse=False,
+    implementation="fast",
 ):
     """Dilated attention (Eqs. 3-10) of this rank's chunk of a sequence split over P ranks (Sec. 3.1).
 
@@ -231,6 +196,9 @@ def sequence_parallel_attention(
         group: None (torch.distributed's default group), a torch.distributed ProcessGroup of
             every process of the job, or a `Communicator` (e.g. a rank of a `SimulatedGroup`).
         return_lse: also return the merged log-sum-exp (B, H, l).
+        implementation: "fast" (default: the rank's whole mixture as one list of fused-kernel
+            calls merged as they finish, `fused.py`) or "readable" (branch by branch as below:
+            `dilated_branch` step by step, `distributed_branch`, then `merge_branches`).
 
     Returns:
         out_local (B, H, l, D), or `(out_local, lse_local)`.
@@ -239,19 +207,31 @@ def sequence_parallel_attention(
         ValueError on every rank (never on some ranks only) for bad or inconsistent input.
     """
     comm = as_communicator(group)
-    plans = check_world(comm, q_local, k_local, v_local, segment_lengths, dilation_rates, causal, head_offsets)
+    plans = check_world(
+        comm, q_local, k_local, v_local, segment_lengths, dilation_rates, causal, head_offsets, implementation
+    )
+    if implementation == "fast":
+        out, lse = fused_rank_attention(
+            q_local, k_local, v_local, plans, comm, causal=causal, head_offsets=head_offsets
+        )
+        return (out, lse) if return_lse else out
+
     outs, lses = [], []
-    local = [(plan.segment_length, plan.dilation_rate) for plan in plans if plan.local]
-    if local:  # whole segments on this rank: the single-device fast path, merged as the branches finish
-        o, s = fast_dilated_attention(q_local, k_local, v_local, local, causal=causal, head_offsets=head_offsets)
+    for plan in plans:
+        if plan.local:
+            o, s = dilated_branch(
+                q_local,
+                k_local,
+                v_local,
+                plan.segment_length,
+                plan.dilation_rate,
+                causal=causal,
+                head_offsets=head_offsets,
+                implementation="readable",
+            )
+        else:
+            o, s = distributed_branch(q_local, k_local, v_local, plan, comm, causal=causal, head_offsets=head_offsets)
         outs.append(o)
         lses.append(s)
-    for plan in plans:
-        if not plan.local:
-            o, s = distributed_branch(q_local, k_local, v_local, plan, comm, causal=causal, head_offsets=head_offsets)
-            outs.append(o)
-            lses.append(s)
-    # Eq. 10 is associative: merging the local mixture with the distributed branches is exactly
-    # the merge of every branch at once, as on one device.
-    out, lse = merge_branches(outs, lses) if len(outs) > 1 else (outs[0], lses[0])
+    out, lse = merge_branches(outs, lses)  # Eq. 10, exactly as on one device
     return (out, lse) if return_lse else out

@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from ..checks import as_positive_int, check_qkv
+from ..checks import as_positive_int, check_implementation, check_qkv
 from .algorithm import sequence_parallel_attention
 from .comm import CommStats, Communicator
 
@@ -185,13 +185,14 @@ class _Simulation(torch.autograd.Function):
 
 
 def simulate_sequence_parallel(
-    q, k, v, world_size, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper"
+    q, k, v, world_size, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper", implementation="fast"
 ):
     """Run `sequence_parallel_attention` on `world_size` simulated ranks: `(out, stats)`.
 
     Args:
         q, k, v: (B, H, N, D), the whole sequence; rank p gets positions [p N/P, (p+1) N/P).
-        world_size: P, dividing N. The other arguments as in `sequence_parallel_attention`.
+        world_size: P, dividing N. The other arguments (implementation: "fast" or "readable") as
+            in `sequence_parallel_attention`.
 
     Returns:
         out (B, H, N, D), differentiable in q, k and v, and `stats`: the `CommStats` list of
@@ -203,6 +204,11 @@ def simulate_sequence_parallel(
     if q.shape[2] % P:
         raise ValueError(f"the sequence length N = {q.shape[2]} is not divisible by world_size {P}")
     group = SimulatedGroup(P)
-    options = (segment_lengths, dilation_rates, {"causal": causal, "head_offsets": head_offsets})
+    check_implementation(implementation)
+    options = (
+        segment_lengths,
+        dilation_rates,
+        {"causal": causal, "head_offsets": head_offsets, "implementation": implementation},
+    )
     out = _Simulation.apply(q, k, v, group, options)
     return out, group.records
