@@ -268,16 +268,60 @@ def write_csv(results, name):
     return csv_path
 
 
-def write_outputs(results, name):
-    from .viz import save_fig
+def read_csv(name):
+    """The rows `write_csv` wrote, with their types back."""
+    import csv
 
-    csv_path = write_csv(results, name)
+    from .viz import figures_dir
+
+    def typed(key, value):
+        if key in ("causal", "backward", "extrapolated"):
+            return value == "True"
+        if key in ("path",):
+            return value
+        return int(value) if key in ("N", "B", "H", "D", "threads") else float(value)
+
+    with open(figures_dir() / f"{name}.csv", newline="") as f:
+        return [{key: typed(key, value) for key, value in row.items()} for row in csv.DictReader(f)]
+
+
+def sweep_table(results):
+    """One row per N: non-causal forward and forward+backward, dense against fast (causal rows: CSV and plot)."""
+
+    def find(path, N, backward):
+        key = (path, N, backward, False)
+        return next((r for r in results if (r["path"], r["N"], r["backward"], r["causal"]) == key), None)
+
+    def seconds(r):
+        return "" if r is None else ("~" if r["extrapolated"] else "") + f"{r['seconds']:.3g}"
+
+    header = ["N", "dense fwd s", "fast fwd s", "fast / dense", "ideal FLOP ratio", "dense fwd+bwd s",
+              "fast fwd+bwd s", "fast / dense", "fast GFLOP/s fwd+bwd", "peak RSS fwd+bwd"]  # fmt: skip
+    rows = []
+    for N in sorted({r["N"] for r in results}):
+        cells = [f"2^{int(math.log2(N))}"]
+        for backward in (False, True):
+            dense, fast = find("dense", N, backward), find("fast", N, backward)
+            cells += [seconds(dense), seconds(fast)]
+            cells.append(f"{fast['seconds'] / dense['seconds']:.3f}" if dense and fast else "")
+            if not backward:
+                cells.append(f"{fast['ideal_flop_ratio']:.3f}" if fast else "")
+        cells += [f"{fast['gflops']:.1f}", f"{fast['peak_rss_mb'] / 1024:.2f} GB"] if fast else ["", ""]
+        rows.append(cells)
+    return header, rows
+
+
+def write_outputs(results, name):
+    """figures/<name>.png and <name>_table.md from the sweep's rows; the table goes into the README too."""
     import matplotlib
+
+    from .results import paste_into_readme, write_table
+    from .viz import save_fig
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for ax, backward in zip(axes, (False, True)):
         for path, color in (("dense", "C0"), ("readable", "C2"), ("fast", "C1")):
             for causal, style in ((False, "-"), (True, ":")):
@@ -296,7 +340,10 @@ def write_outputs(results, name):
     axes[0].legend(fontsize=7)
     fig.suptitle("dense SDPA vs dilated attention on this CPU (faded: dense extrapolated as N^2)")
     png = save_fig(fig, name)
-    print(f"wrote {csv_path} and {png}")
+    markdown = write_table(f"{name}_table", *sweep_table(results), with_csv=False)
+    paste_into_readme("bench:sweep", markdown)
+    print(markdown)
+    print(f"wrote {png} and {png.with_name(name + '_table.md')}")
 
 
 def main(argv=None):
@@ -312,11 +359,15 @@ def main(argv=None):
     p.add_argument("--dense-limit", type=float, default=60.0, help="extrapolate dense once a call would take longer")
     p.add_argument("--readable-max-n", type=int, default=2**13)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per configuration")
+    p.add_argument("--replot", action="store_true", help="redraw figures/bench.png and its table from bench.csv")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.csv = None if args.quick else "bench"  # the sweep's table, kept up to date as it runs
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))  # a list of configurations
+        return 0
+    if args.replot:
+        write_outputs(read_csv("bench"), "bench")
         return 0
     if args.repeats < 3:
         p.error(f"--repeats must be at least 3 (medians of at least 3 runs), got {args.repeats}")
@@ -347,8 +398,8 @@ def main(argv=None):
         if "parallel" in sections:
             results += run_parallel(args, run, log)
         if "sweep" in sections:
-            sweep = run_sweep(args, run, log)
-            write_outputs(sweep, "bench")
+            run_sweep(args, run, log)  # writes figures/bench.csv as it goes
+            write_outputs(read_csv("bench"), "bench")
     for result in failures:
         print(f"CHECK FAILED: {describe(result)} (tolerance {tolerance(result):.0e})", file=sys.stderr)
     print("all outputs match the oracle" if not failures else f"{len(failures)} outputs do NOT match the oracle")

@@ -22,7 +22,6 @@ in the tables is typed by hand.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -32,8 +31,9 @@ import torch
 from .complexity import mixture_flops
 from .data import load_corpus
 from .evaluate import bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
+from .results import paste_into_readme, write_table
 from .train import TrainConfig, load_checkpoint, train
-from .viz import figures_dir, save_fig
+from .viz import save_fig
 
 TABLE2_COMMON = dict(embed_dim=128, num_heads=4, num_layers=4, steps=500, lr=2e-3, eval_every=125, warmup=50)
 TABLE2_RUNS = {
@@ -140,17 +140,6 @@ def load_results(runs, names):
     return results
 
 
-def write_table(name, header, rows):
-    """figures/<name>.csv and figures/<name>.md; returns the markdown."""
-    with open(figures_dir() / f"{name}.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    markdown = "\n".join(lines) + "\n"
-    (figures_dir() / f"{name}.md").write_text(markdown)
-    return markdown
-
-
 def training_summary(stages):
     """Wall seconds, CPU seconds, tokens, over all stages. CPU seconds with one thread = an unloaded core's time."""
     records = [r for metrics in stages for r in metrics["train"]]
@@ -255,26 +244,12 @@ def report_recall(runs):
     return write_table("07_recall", header, rows)
 
 
-def update_readme(section, markdown, readme=None):
-    """Replace the text between <!-- 07:section --> and <!-- /07:section --> in the README, if both are there."""
-    readme = Path(readme) if readme else figures_dir().parent / "README.md"
-    begin, end = f"<!-- 07:{section} -->\n", f"<!-- /07:{section} -->"
-    if not readme.is_file():
-        return False
-    text = readme.read_text()
-    if begin not in text or end not in text:
-        return False
-    head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + markdown + end + rest.split(end, 1)[1])
-    return True
-
-
 def report(runs, readme=None):
     for section, make in (("table2", report_table2), ("recall", report_recall)):
         markdown = make(runs)
         if markdown is not None:
             print(markdown)
-            update_readme(section, markdown, readme)
+            paste_into_readme(f"07:{section}", markdown, readme)
 
 
 def main(argv=None):

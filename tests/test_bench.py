@@ -37,3 +37,40 @@ def test_bad_flags(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sweep_csv_round_trip_and_table(tmp_path, monkeypatch):
+    import longnet_ref.viz as viz
+    from longnet_ref.bench import measure, read_csv, sweep_table, write_csv
+
+    monkeypatch.setattr(viz, "figures_dir", lambda: tmp_path)
+    ws, rs = geometric_config(2**11)
+    base = dict(N=2**11, B=1, H=2, D=16, ws=ws, rs=rs, causal=False, repeats=3)
+    results = []
+    for backward in (False, True):
+        pair = [dict(base, path="dense", backward=backward), dict(base, path="fast", backward=backward)]
+        results += [dict(r, extrapolated=False) for r in measure(pair)]
+    write_csv(results, "bench")
+    back = read_csv("bench")
+    for got, want in zip(back, results):
+        assert {k: got[k] for k in ("path", "N", "causal", "backward", "extrapolated")} == {
+            k: want[k] for k in ("path", "N", "causal", "backward", "extrapolated")
+        }
+        assert got["seconds"] == pytest.approx(want["seconds"], rel=1e-12)
+        assert got["ideal_flop_ratio"] == pytest.approx(
+            attention_flops(want) / attention_flops(dict(want, path="dense"))
+        )
+    header, rows = sweep_table(back)
+    assert len(rows) == 1 and rows[0][0] == "2^11"
+    dense_fwd, fast_fwd = back[0]["seconds"], back[1]["seconds"]
+    assert rows[0][header.index("fast / dense")] == f"{fast_fwd / dense_fwd:.3f}"
+
+
+def test_the_readme_shows_the_table_the_sweep_wrote():
+    """The README's sweep table is figures/bench_table.md as `python -m longnet_ref.bench` wrote it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    between = readme.split("<!-- bench:sweep -->\n", 1)[1].split("<!-- /bench:sweep -->", 1)[0]
+    assert between == (root / "figures" / "bench_table.md").read_text()

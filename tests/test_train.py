@@ -177,7 +177,6 @@ def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus
     figures = tmp_path / "figures"
     figures.mkdir()
     monkeypatch.setattr(viz, "figures_dir", lambda: figures)
-    monkeypatch.setattr(ex, "figures_dir", lambda: figures)
     monkeypatch.setattr(ex, "load_corpus", lambda: {"train": corpus["train"], "val": corpus["val"][:2000]})
     monkeypatch.setattr(ex, "TABLE2_COMMON", dict(embed_dim=16, num_heads=2, num_layers=1, steps=2, eval_every=2))
     monkeypatch.setattr(
