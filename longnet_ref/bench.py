@@ -119,7 +119,8 @@ def measure(cfgs):
     for cfg, cfg_times, error in zip(cfgs, times, errors):
         median = statistics.median(cfg_times)
         results.append(dict(cfg, seconds=median, times=cfg_times, gflops=attention_flops(cfg) / median / 1e9,
-                            max_error=error, peak_rss_mb=peak, matmul_gflops=statistics.median(matmul)))  # fmt: skip
+                            max_error=error, peak_rss_mb=peak, matmul_gflops=statistics.median(matmul),
+                            threads=torch.get_num_threads()))  # fmt: skip
     return results
 
 
@@ -213,11 +214,17 @@ def run_scaling(args, run, log):
         result = run([cfg])[0]
         log(result)
         times[log2] = result
-    ratio = times[20]["seconds"] / times[14]["seconds"]
-    flop_ratio = attention_flops(times[20]) / attention_flops(times[14])
-    print(f"scaling: t(2^20)/t(2^14) = {ratio:.1f} (FLOP ratio {flop_ratio:.1f}; target <= {64 * 1.25:.0f}); "
-          f"peak RSS at 2^20: {times[20]['peak_rss_mb']:.0f} MB")  # fmt: skip
+    print(scaling_line(times[14], times[20]))
     return list(times.values())
+
+
+def scaling_line(small, large):
+    """The scaling target's sentence: t(large) / t(small), the FLOP ratio, the large run's peak memory."""
+    ratio = large["seconds"] / small["seconds"]
+    flops = attention_flops(large) / attention_flops(small)
+    return (f"scaling: t(2^{int(math.log2(large['N']))}) / t(2^{int(math.log2(small['N']))}) = {ratio:.1f} "
+            f"(FLOP ratio {flops:.1f}; target <= {64 * 1.25:.0f}); peak RSS at 2^{int(math.log2(large['N']))}: "
+            f"{large['peak_rss_mb'] / 1024:.1f} GB")  # fmt: skip
 
 
 def run_parallel(args, run, log):
@@ -264,7 +271,7 @@ def write_csv(results, name):
         writer.writeheader()
         for result in results:
             ideal = attention_flops(result) / attention_flops(dict(result, path="dense"))  # causal-aware
-            writer.writerow(dict(result, ideal_flop_ratio=ideal, threads=torch.get_num_threads()))
+            writer.writerow(dict(result, ideal_flop_ratio=ideal))
     return csv_path
 
 
@@ -277,12 +284,17 @@ def read_csv(name):
     def typed(key, value):
         if key in ("causal", "backward", "extrapolated"):
             return value == "True"
-        if key in ("path",):
+        if key == "path":
             return value
+        if value in ("", None):  # not measured (an extrapolated row), or a column an older CSV lacks
+            return None
         return int(value) if key in ("N", "B", "H", "D", "threads") else float(value)
 
     with open(figures_dir() / f"{name}.csv", newline="") as f:
-        return [{key: typed(key, value) for key, value in row.items()} for row in csv.DictReader(f)]
+        rows = [{key: typed(key, value) for key, value in row.items()} for row in csv.DictReader(f)]
+    for row in rows:  # the sweep's branches: the geometric configuration of each N
+        row["ws"], row["rs"] = geometric_config(row["N"])
+    return rows
 
 
 def sweep_table(results):
@@ -292,21 +304,31 @@ def sweep_table(results):
         key = (path, N, backward, False)
         return next((r for r in results if (r["path"], r["N"], r["backward"], r["causal"]) == key), None)
 
-    def seconds(r):
-        return "" if r is None else ("~" if r["extrapolated"] else "") + f"{r['seconds']:.3g}"
+    def seconds(r):  # 3 significant digits, whole seconds from 100 s on; ~ marks an extrapolation
+        if r is None:
+            return ""
+        value = f"{r['seconds']:.0f}" if r["seconds"] >= 100 else f"{r['seconds']:.3g}"
+        return ("~" if r["extrapolated"] else "") + value
 
-    header = ["N", "dense fwd s", "fast fwd s", "fast / dense", "ideal FLOP ratio", "dense fwd+bwd s",
-              "fast fwd+bwd s", "fast / dense", "fast GFLOP/s fwd+bwd", "peak RSS fwd+bwd"]  # fmt: skip
+    header = ["N", "dense fwd s", "fast fwd s", "fast / dense fwd", "ideal FLOP ratio", "dense fwd+bwd s",
+              "fast fwd+bwd s", "fast / dense fwd+bwd", "fast GFLOP/s fwd+bwd", "matmul GFLOP/s",
+              "peak RSS fwd+bwd"]  # fmt: skip
     rows = []
     for N in sorted({r["N"] for r in results}):
         cells = [f"2^{int(math.log2(N))}"]
         for backward in (False, True):
             dense, fast = find("dense", N, backward), find("fast", N, backward)
             cells += [seconds(dense), seconds(fast)]
-            cells.append(f"{fast['seconds'] / dense['seconds']:.3f}" if dense and fast else "")
+            ratio = f"{fast['seconds'] / dense['seconds']:.3f}" if dense and fast else ""
+            cells.append(("~" if ratio and dense["extrapolated"] else "") + ratio)
             if not backward:
                 cells.append(f"{fast['ideal_flop_ratio']:.3f}" if fast else "")
-        cells += [f"{fast['gflops']:.1f}", f"{fast['peak_rss_mb'] / 1024:.2f} GB"] if fast else ["", ""]
+        # the machine's ceiling in the same process: fp32 matmul between the timed rounds
+        cells += (
+            [f"{fast['gflops']:.1f}", f"{fast['matmul_gflops']:.1f}", f"{fast['peak_rss_mb'] / 1024:.2f} GB"]
+            if fast
+            else [""] * 3
+        )
         rows.append(cells)
     return header, rows
 
@@ -340,8 +362,16 @@ def write_outputs(results, name):
     axes[0].legend(fontsize=7)
     fig.suptitle("dense SDPA vs dilated attention on this CPU (faded: dense extrapolated as N^2)")
     png = save_fig(fig, name)
-    markdown = write_table(f"{name}_table", *sweep_table(results), with_csv=False)
-    paste_into_readme("bench:sweep", markdown)
+    fast = {r["N"]: r for r in results if r["path"] == "fast" and r["backward"] and not r["causal"]}
+    # the scaling target, read off the sweep (its configuration is the target's)
+    footer = (
+        f"\nforward+backward, non-causal, {scaling_line(fast[2**14], fast[2**20])}\n"
+        if {2**14, 2**20} <= set(fast)
+        else ""
+    )
+    markdown = write_table(f"{name}_table", *sweep_table(results), with_csv=False, footer=footer)
+    if name == "bench" and not paste_into_readme("bench:sweep", markdown):  # only the full sweep goes there
+        print("note: no <!-- bench:sweep --> markers in README.md; the table was not pasted")
     print(markdown)
     print(f"wrote {png} and {png.with_name(name + '_table.md')}")
 
@@ -362,7 +392,9 @@ def main(argv=None):
     p.add_argument("--replot", action="store_true", help="redraw figures/bench.png and its table from bench.csv")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.csv = None if args.quick else "bench"  # the sweep's table, kept up to date as it runs
+    # the sweep's table, kept up to date as it runs; a partial range must not overwrite the full one
+    full = (args.min_log2, args.max_log2) == (10, 20)
+    args.csv = None if args.quick else "bench" if full else f"bench_2^{args.min_log2}-2^{args.max_log2}"
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))  # a list of configurations
         return 0
@@ -398,8 +430,8 @@ def main(argv=None):
         if "parallel" in sections:
             results += run_parallel(args, run, log)
         if "sweep" in sections:
-            run_sweep(args, run, log)  # writes figures/bench.csv as it goes
-            write_outputs(read_csv("bench"), "bench")
+            run_sweep(args, run, log)  # writes figures/<args.csv>.csv as it goes
+            write_outputs(read_csv(args.csv), args.csv)
     for result in failures:
         print(f"CHECK FAILED: {describe(result)} (tolerance {tolerance(result):.0e})", file=sys.stderr)
     print("all outputs match the oracle" if not failures else f"{len(failures)} outputs do NOT match the oracle")

@@ -116,8 +116,9 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
 
     Each of `num_pairs` needles is asked for `queries_per_pair` times, each query at its own
     distance. distances: None samples them in [1, N - 2], half log-uniformly (every scale)
-    and half uniformly (the long distances, which a log-uniform draw makes rare); a list (evaluation at fixed distances) gives each needle `queries_per_pair`
-    different distances from it.
+    and half uniformly (the long distances, which a log-uniform draw makes rare); a list
+    (evaluation at fixed distances) gives each needle `queries_per_pair` different distances
+    from it.
     """
     B, N = as_positive_int("batch_size", batch_size), as_positive_int("seq_len", seq_len)
     num_pairs, per_pair = as_positive_int("num_pairs", num_pairs), as_positive_int("queries_per_pair", queries_per_pair)

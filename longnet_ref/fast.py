@@ -15,12 +15,14 @@ the same views (scatter, Eqs. 6-8).
 log-sum-exp, so memory does not grow with the number of branches: `RunningMerge`, one
 autograd node for a list of kernel `Call`s (query rows attend key rows). On one device every
 call reads its keys from the same rows of k as its queries; a sequence-parallel rank adds calls
-whose keys come from other ranks (`parallel/algorithm.py`). The backward uses the
+whose keys come from other ranks (`parallel/fused.py`). The backward uses the
 identity of `kernels.py`: a branch's kernel backward, given the merged output O in place of
 its own and `alpha_i dO` as gradient (alpha_i = exp(lse_i - LSE), the branch's merge weight),
 returns exactly the gradient that flows through the branch *and* its merge weight:
 Delta = alpha_i dO.O = alpha_i dO.O_i - g_i, where g_i = alpha_i dO.(O_i - O) is the
-gradient of lse_i. No branch output needs to be kept for the backward.
+gradient of lse_i. No branch output needs to be kept for the backward. A gradient dLSE of
+the merged log-sum-exp reaches branch i as alpha_i dLSE and goes through the kernel's extra
+column (`kernels.attention_backward`).
 
 Shape legend: B batch, H heads, N length, D head dim, W segment length, R dilation rate,
 S segments, K = ceil(W / R) rows kept per segment, h heads in a group.
@@ -39,7 +41,12 @@ from .patterns import head_groups
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows that one fused-kernel call attends: one head group, segments of one length."""
+    """Rows that one fused-kernel call attends: one head group, segments of one length.
+
+    In general: S blocks of W rows from `start`, keeping rows offset, offset + R, ... of each
+    block. A sequence-parallel rank also uses it for a single run of rows (S = 1, offset 0):
+    kept rows first, first + R, ... of its chunk, or R = 1 for a run of gathered keys.
+    """
 
     start: int  # first position covered
     num_segments: int  # S
@@ -94,7 +101,7 @@ class Call:
 
     `queries` selects rows of q (and of the merged out and lse they update); `keys` selects
     rows of source `source`: 0 is (k, v) themselves, i >= 1 the i-th extra (keys, values)
-    tensor (the sequence-parallel rank's gathered keys, `parallel/algorithm.py`).
+    tensor (the sequence-parallel rank's gathered keys, `parallel/fused.py`).
     """
 
     queries: Piece

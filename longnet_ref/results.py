@@ -13,15 +13,17 @@ from pathlib import Path
 from . import viz
 
 
-def write_table(name, header, rows, folder=None, with_csv=True):
-    """figures/<name>.md and (with_csv) figures/<name>.csv; `folder` replaces figures/. Returns the markdown."""
+def write_table(name, header, rows, folder=None, with_csv=True, footer=""):
+    """figures/<name>.md (the table, then `footer`) and, with_csv, figures/<name>.csv; returns the markdown.
+
+    `folder` replaces figures/."""
     folder = Path(folder) if folder else viz.figures_dir()
     if with_csv:
         with open(folder / f"{name}.csv", "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    markdown = "\n".join(lines) + "\n"
+    markdown = "\n".join(lines) + "\n" + footer
     (folder / f"{name}.md").write_text(markdown)
     return markdown
 

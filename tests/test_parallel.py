@@ -33,6 +33,9 @@ CONFIGS = [
     (8, [8, 32, 64, 128], [1, 2, 4, 8], "P = 8: segments over 4 and 8 ranks, w > N"),
     (8, [48], [3], "ragged last segment (N % w != 0): 6 ranks, then 2"),
     (8, [32, 64], [3, 16], "r does not divide l (padded rows), r > l (ranks with no row)"),
+    (8, [40], [3], "ragged: segments of 5 ranks, then a last one of 3"),
+    (8, [56], [20], "a last segment of one rank that is not local; r > l"),
+    (4, [16, 64], [16, 64], "r >= l: ranks with no call at all"),
 ]
 
 
@@ -101,6 +104,75 @@ def test_return_lse_is_the_merged_log_sum_exp():
         lambda comm: sequence_parallel_attention(*chunks[comm.rank], ws, rs, causal=True, group=comm, return_lse=True)
     )
     torch.testing.assert_close(torch.cat([lse for _, lse in results], dim=2), ref_lse, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
+def test_gradients_through_out_and_lse(implementation):
+    """A loss on the merged lse as well as on out (and on lse alone) is differentiated exactly."""
+    q, k, v = rand_qkv(2, 4, 64, 8, requires_grad=True)
+    ws, rs = [8, 32, 64], [1, 2, 4]
+    ref = dilated_attention(q, k, v, ws, rs, causal=True, return_lse=True)
+    douts = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+    chunks = [tuple(x.detach().chunk(4, dim=2)[p].requires_grad_() for x in (q, k, v)) for p in range(4)]
+
+    def rank(comm, use_out):
+        out, lse = sequence_parallel_attention(
+            *chunks[comm.rank], ws, rs, causal=True, group=comm, return_lse=True, implementation=implementation
+        )
+        p = comm.rank
+        loss = (lse * douts[1].chunk(4, dim=2)[p]).sum()
+        if use_out:
+            loss = loss + (out * douts[0].chunk(4, dim=2)[p]).sum()
+        return torch.autograd.grad(loss, chunks[p])
+
+    for use_out in (True, False):
+        loss = (ref[1] * douts[1]).sum() + ((ref[0] * douts[0]).sum() if use_out else 0)
+        want = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+        got = SimulatedGroup(4).run(lambda comm, use_out=use_out: rank(comm, use_out))
+        for i in range(3):
+            torch.testing.assert_close(torch.cat([g[i] for g in got], dim=2), want[i], rtol=0, atol=1e-10)
+
+
+def test_key_runs_skip_padding_and_empty_ranks():
+    from longnet_ref.parallel.fused import key_runs
+
+    # K = 4 rows per rank slot; rank 1 holds 3 real rows (one padding row), rank 2 none
+    assert key_runs([4, 3, 0, 4], 4, range(4)) == [(0, 7), (12, 4)]
+    assert key_runs([4, 4, 4], 4, range(3)) == [(0, 12)]  # no padding: one block, one kernel call
+    assert key_runs([4, 4, 4], 4, range(0)) == []  # the first rank of a causal segment: no earlier keys
+
+
+def test_ranks_take_turns_and_the_timeout_counts_idle_time_only():
+    busy, most = [0], [0]
+    lock = threading.Lock()
+
+    def fn(comm):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.4)  # "compute" while holding the turn: 4 x 0.4 s > timeout
+        with lock:
+            busy[0] -= 1
+        return comm.all_gather_object(comm.rank)
+
+    assert SimulatedGroup(4, timeout=1.0).run(fn) == [[0, 1, 2, 3]] * 4
+    assert most[0] == 1  # never two ranks computing at once
+
+    def skips(comm):  # rank 3 never joins: the others give up once nobody computes for 1 s
+        return None if comm.rank == 3 else comm.all_gather_object(comm.rank)
+
+    start = time.monotonic()
+    results = SimulatedGroup(4, timeout=1.0).run(skips, return_exceptions=True)
+    assert all(isinstance(r, threading.BrokenBarrierError) for r in results[:3]) and results[3] is None
+    assert time.monotonic() - start < 10
+
+
+def test_collectives_outside_run_are_refused():
+    group = SimulatedGroup(2)
+    with pytest.raises(ValueError, match="inside group.run"):
+        group.comms[0].all_gather_object(1)
+    with pytest.raises(ValueError, match="called from inside one of its own ranks"):
+        group.run(lambda comm: group.run(lambda c: None))
 
 
 def test_fused_attention_gradient_with_more_or_fewer_keys_than_queries():

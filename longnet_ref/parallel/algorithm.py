@@ -94,7 +94,7 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
         out[:, heads, rows] = o  # scatter (Eqs. 6-8)
         lse[:, heads, rows] = s
     if g > 1 and gathered.requires_grad:
-        out = JoinBackward.apply(out, gathered)  # every rank takes part in the backward's reduce-scatter
+        out, lse = JoinBackward.apply(out, lse, gathered)  # every rank takes part in the backward's reduce-scatter
     return out, lse
 
 

@@ -116,22 +116,23 @@ class AllGather(torch.autograd.Function):
 
 
 class JoinBackward(torch.autograd.Function):
-    """Identity on `out` whose backward also reaches `gathered` (with a zero gradient).
+    """Identity on `(out, lse)` whose backward also reaches `gathered` (with a zero gradient).
 
     The reduce-scatter in the all-gather's backward is a collective: every rank of the
     segment must run it, even a rank whose output does not read the gathered keys (the first
     rank of a causal segment, or a rank that keeps no row of a head offset when r > l).
-    Autograd skips nodes the output does not depend on, so we make it depend on them.
+    Autograd skips nodes the output does not depend on, so we make both outputs depend on
+    them (a loss may use the log-sum-exp alone).
     """
 
     @staticmethod
-    def forward(ctx, out, gathered):
+    def forward(ctx, out, lse, gathered):
         ctx.gathered_shape = gathered.shape
-        return out.clone()
+        return out.clone(), lse.clone()
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad, grad.new_zeros(ctx.gathered_shape)
+    def backward(ctx, dout, dlse):
+        return dout, dlse, dout.new_zeros(ctx.gathered_shape)
 
 
 def all_gather(x, comm, ranks, branch=None):

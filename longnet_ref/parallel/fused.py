@@ -42,8 +42,8 @@ from .plan import kept_rows
 def sparse_rows(plan, rank, num_heads, head_offsets, device):
     """Row index (H, K) of the keys each head keeps on `rank` (Eq. 4), and the groups' `(offset, heads, first, count)`.
 
-    A head group that keeps fewer than K rows here repeats its last row as padding (only when
-    r does not divide l); padding rows are never attended.
+    A head group that keeps fewer than K rows here (only when r does not divide l) is padded
+    with row l - 1, whatever it holds: padding rows are never attended (`key_runs`).
     """
     l, r = plan.local_length, plan.dilation_rate
     me = plan.ranks.index(rank)
@@ -81,12 +81,12 @@ def distributed_calls(plan, rank, groups, source, causal):
     for offset, heads, first, count in groups:
         if count == 0:  # r > l: this chunk may hold no row of this offset
             continue
-        rows = Piece(first, 1, l - first, 0, r, heads)  # kept rows first, first + r, ...: (h, 1, count, D)
+        rows = Piece(first, 1, l - first, 0, r, heads)  # one run: rows first, first + r, ... -> (h, 1, count, D)
         counts = [kept_rows(j * l, l, r, offset)[1] for j in range(g)]  # real rows per rank of the segment
         if causal:  # own keys: the causal diagonal block; earlier ranks: all in the past
             calls.append(Call(rows, rows, 0, True))
         for start, n in key_runs(counts, K, range(me) if causal else range(g)):
-            calls.append(Call(rows, Piece(start, 1, n, 0, 1, heads), source, False))
+            calls.append(Call(rows, Piece(start, 1, n, 0, 1, heads), source, False))  # n gathered rows from start
     return calls
 
 

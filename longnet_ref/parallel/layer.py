@@ -23,7 +23,7 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
 
     `group`: None (torch.distributed's default group), a ProcessGroup of every process, or a `Communicator`
     (a rank of a `SimulatedGroup`); `forward(x, group=...)` overrides it for one call.
-    Local branches use the fast path whatever `implementation` says. A `rotary` position
+    `implementation` picks the per-rank path ("fast" or "readable", `sequence_parallel_attention`). A `rotary` position
     encoding (if the layer has one) gets global positions, rank * l + 0..l-1. Dropout draws
     from each rank's own random stream, so with dropout > 0 only the distribution matches one device.
     """
@@ -44,6 +44,7 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
             dropout=layer.dropout.p,
             bias=layer.q_proj.bias is not None,
             head_offsets=layer.head_offsets,
+            implementation=layer.implementation,
             group=group,
             **({} if getattr(layer, "rotary", None) is None else {"rotary": layer.rotary}),
         )
@@ -71,6 +72,7 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
             causal=self.causal,
             head_offsets=self.head_offsets,
             group=group,
+            implementation=self.implementation,
         )
         out = self.dropout(out)  # identity in eval mode
         out = out.transpose(1, 2).reshape(B, l, E)  # (B, l, H*D)

@@ -11,7 +11,8 @@ differentiable: its backward runs every rank's backward in that rank's thread ag
 all-gathers' reduce-scatters happen between threads as they would between processes.
 
 A rank that raises aborts the group: the other ranks fail at their next collective instead
-of waiting forever (and a collective also gives up after `timeout` seconds).
+of waiting forever (and a collective also gives up once no rank has computed for `timeout`
+seconds: every rank is waiting, so one of them skipped a collective).
 
 Ranks take turns: a rank computes only while it holds the group's turn, and it hands the turn
 on while it waits in a collective. P real devices compute at once; P threads of one process
@@ -25,6 +26,7 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
+import time
 
 import torch
 
@@ -50,20 +52,41 @@ class SimulatedGroup:
         self._count = {}  # (ranks, rank) -> how many collectives among `ranks` this rank has entered
         self._aborted = False
         self._turn = threading.Lock()  # held by the one rank that computes now
+        self._holder = None  # that rank (None: every rank waits, or none runs)
+        self._activity = time.monotonic()  # when a rank last took or gave up the turn
+        self._local = threading.local()  # .rank: set in a rank's own thread
+
+    def _take_turn(self, rank):
+        self._turn.acquire()
+        with self._cond:
+            self._holder, self._activity = rank, time.monotonic()
+
+    def _give_turn(self):
+        with self._cond:
+            self._holder, self._activity = None, time.monotonic()
+            self._cond.notify_all()  # waiting ranks re-check, and start counting idle time
+        self._turn.release()
 
     def exchange(self, ranks, rank, value):
         """Every rank in `ranks` gives a value and gets all of them, in the order of `ranks`.
 
         Rounds are numbered per set of ranks, so a fast rank's next collective never mixes with
-        the current one. A rank waits until every rank of the round has arrived, or until the
-        group is aborted (another rank failed) or `timeout` seconds pass. The caller holds the
-        turn; it gives the turn up while it waits, and takes it back before it returns.
+        the current one. The caller holds the turn; it gives the turn up while it waits, and
+        takes it back before it returns. A rank waits until every rank of the round has arrived,
+        or the group is aborted (another rank failed), or no rank has computed for `timeout`
+        seconds (every rank waits: some rank skipped a collective or called them in another
+        order). Time other ranks spend computing never counts: they take turns, so a large
+        problem may keep a rank waiting far longer than `timeout`.
         """
-        self._turn.release()  # let another rank compute (or reach this collective) meanwhile
+        if self._holder != rank:  # only the rank that holds the turn computes, and reaches collectives
+            raise ValueError(
+                f"simulated rank {rank}'s collectives must be called from its own thread inside group.run(fn)"
+            )
+        self._give_turn()  # let another rank compute (or reach this collective) meanwhile
         try:
             return self._exchange(ranks, rank, value)
         finally:
-            self._turn.acquire()
+            self._take_turn(rank)
 
     def _exchange(self, ranks, rank, value):
         with self._cond:
@@ -72,13 +95,18 @@ class SimulatedGroup:
             slots = self._rounds.setdefault((ranks, n), {})
             slots[rank] = value
             self._cond.notify_all()
-            self._cond.wait_for(lambda: len(slots) == len(ranks) or self._aborted, timeout=self.timeout)
+            while len(slots) < len(ranks) and not self._aborted:
+                idle = time.monotonic() - self._activity
+                if self._holder is None and idle >= self.timeout:
+                    break
+                # someone computes: wait for a notification; nobody does: until the idle time runs out
+                self._cond.wait(None if self._holder is not None else self.timeout - idle)
             if len(slots) < len(ranks):  # a completed round is delivered even if the group aborts later
                 self._aborted = True
                 self._cond.notify_all()
                 raise threading.BrokenBarrierError(
-                    f"simulated rank {rank} gave up waiting for ranks {ranks}: another rank failed or did not come "
-                    f"within {self.timeout:g} s"
+                    f"simulated rank {rank} gave up waiting for ranks {ranks}: another rank failed, or no rank "
+                    f"computed for {self.timeout:g} s while some did not come"
                 )
             values = [slots[j] for j in ranks]
             readers = self._readers.setdefault((ranks, n), set(ranks))
@@ -100,18 +128,21 @@ class SimulatedGroup:
         error (not a consequence of the abort) is raised; `return_exceptions=True` returns
         every rank's exception in place of its result instead.
         """
+        if getattr(self._local, "rank", None) is not None:
+            raise ValueError("group.run was called from inside one of its own ranks; use another SimulatedGroup")
         results = [None] * self.world_size
         failed = [False] * self.world_size
 
         def target(rank):
-            self._turn.acquire()
+            self._local.rank = rank
+            self._take_turn(rank)
             try:
                 results[rank] = fn(self.comms[rank])
             except BaseException as error:  # noqa: BLE001 - handed to the caller below
                 results[rank], failed[rank] = error, True
                 self.abort()
             finally:
-                self._turn.release()
+                self._give_turn()
 
         threads = [
             threading.Thread(target=target, args=(rank,), name=f"rank {rank}") for rank in range(self.world_size)
@@ -177,7 +208,9 @@ class _Simulation(torch.autograd.Function):
 
         def rank_backward(comm):
             p = comm.rank
-            return torch.autograd.grad(ctx.outs[p], ctx.chunks[p], douts[p])
+            # a rank may keep no query row of any branch (r > l), so its output need not depend on q
+            grads = torch.autograd.grad(ctx.outs[p], ctx.chunks[p], douts[p], allow_unused=True)
+            return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, ctx.chunks[p]))
 
         grads = ctx.group.run(rank_backward)  # per rank (dq, dk, dv), each (B, H, l, D)
         dq, dk, dv = (torch.cat([g[i] for g in grads], dim=2) for i in range(3))
@@ -185,14 +218,24 @@ class _Simulation(torch.autograd.Function):
 
 
 def simulate_sequence_parallel(
-    q, k, v, world_size, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper", implementation="fast"
+    q,
+    k,
+    v,
+    world_size,
+    segment_lengths,
+    dilation_rates,
+    *,
+    causal=False,
+    head_offsets="paper",
+    implementation="fast",
+    timeout=120.0,
 ):
     """Run `sequence_parallel_attention` on `world_size` simulated ranks: `(out, stats)`.
 
     Args:
         q, k, v: (B, H, N, D), the whole sequence; rank p gets positions [p N/P, (p+1) N/P).
         world_size: P, dividing N. The other arguments (implementation: "fast" or "readable") as
-            in `sequence_parallel_attention`.
+            in `sequence_parallel_attention`. timeout: as in `SimulatedGroup`.
 
     Returns:
         out (B, H, N, D), differentiable in q, k and v, and `stats`: the `CommStats` list of
@@ -203,7 +246,14 @@ def simulate_sequence_parallel(
     P = as_positive_int("world_size", world_size)
     if q.shape[2] % P:
         raise ValueError(f"the sequence length N = {q.shape[2]} is not divisible by world_size {P}")
-    group = SimulatedGroup(P)
+    if q.device.type != "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        # autograd runs a CUDA graph's backward on one device thread shared by every simulated rank,
+        # so the first rank to wait in a reduce-scatter would stall all the others
+        raise ValueError(
+            f"the simulated backward runs on cpu tensors only, got device {q.device}; on GPUs use "
+            "torchrun -m longnet_ref.parallel with nccl, or simulate without gradients"
+        )
+    group = SimulatedGroup(P, timeout=timeout)
     check_implementation(implementation)
     options = (
         segment_lengths,
