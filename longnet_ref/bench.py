@@ -32,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .bench_report import read_csv, scaling_line, write_csv, write_outputs
 from .complexity import dense_flops, flop_ratio, mixture_flops
 from .mixture import dilated_attention
 from .oracle import oracle_rows
@@ -56,6 +57,11 @@ def attention_flops(cfg):
     else:
         flops = sum(mixture_flops(cfg["N"], cfg["ws"], cfg["rs"], **shape))
     return flops * (1 + BACKWARD_FLOP_FACTOR) if cfg["backward"] else flops
+
+
+def ideal_flop_ratio(cfg):
+    """FLOPs of the configuration over dense attention's on the same input (causal-aware)."""
+    return attention_flops(cfg) / attention_flops(dict(cfg, path="dense"))
 
 
 def run_path(cfg, q, k, v):
@@ -120,7 +126,7 @@ def measure(cfgs):
         median = statistics.median(cfg_times)
         results.append(dict(cfg, seconds=median, times=cfg_times, gflops=attention_flops(cfg) / median / 1e9,
                             max_error=error, peak_rss_mb=peak, matmul_gflops=statistics.median(matmul),
-                            threads=torch.get_num_threads()))  # fmt: skip
+                            ideal_flop_ratio=ideal_flop_ratio(cfg), threads=torch.get_num_threads()))  # fmt: skip
     return results
 
 
@@ -168,7 +174,8 @@ def run_sweep(args, run, log):
                         # O(N^2): extrapolate from the largest N measured, and say so
                         seconds = last[1] * (N / last[0]) ** 2
                         result = dict(cfg, seconds=seconds, gflops=attention_flops(cfg) / seconds / 1e9,
-                                      max_error=float("nan"), peak_rss_mb=float("nan"), extrapolated=True)  # fmt: skip
+                                      max_error=float("nan"), peak_rss_mb=float("nan"), extrapolated=True,
+                                      ideal_flop_ratio=1.0)  # fmt: skip
                     else:
                         result = dict(run([cfg])[0], extrapolated=False)
                         if path == "dense":
@@ -214,17 +221,8 @@ def run_scaling(args, run, log):
         result = run([cfg])[0]
         log(result)
         times[log2] = result
-    print(scaling_line(times[14], times[20]))
+    print(scaling_line(times[14], times[20], attention_flops(times[20]) / attention_flops(times[14])))
     return list(times.values())
-
-
-def scaling_line(small, large):
-    """The scaling target's sentence: t(large) / t(small), the FLOP ratio, the large run's peak memory."""
-    ratio = large["seconds"] / small["seconds"]
-    flops = attention_flops(large) / attention_flops(small)
-    return (f"scaling: t(2^{int(math.log2(large['N']))}) / t(2^{int(math.log2(small['N']))}) = {ratio:.1f} "
-            f"(FLOP ratio {flops:.1f}; target <= {64 * 1.25:.0f}); peak RSS at 2^{int(math.log2(large['N']))}: "
-            f"{large['peak_rss_mb'] / 1024:.1f} GB")  # fmt: skip
 
 
 def run_parallel(args, run, log):
@@ -254,126 +252,16 @@ def describe(result):
             f"err {result['max_error']:.1e}  peak {result['peak_rss_mb']:7.0f} MB")  # fmt: skip
 
 
-CSV_KEYS = ["path", "N", "B", "H", "D", "causal", "backward", "seconds", "gflops", "ideal_flop_ratio",
-            "matmul_gflops", "max_error", "peak_rss_mb", "extrapolated", "threads"]  # fmt: skip
-
-
-def write_csv(results, name):
-    """figures/<name>.csv, one row per configuration (rewritten after every result, so a long
-    sweep that is interrupted keeps what it measured)."""
-    import csv
-
-    from .viz import figures_dir
-
-    csv_path = figures_dir() / f"{name}.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
-        writer.writeheader()
-        for result in results:
-            ideal = attention_flops(result) / attention_flops(dict(result, path="dense"))  # causal-aware
-            writer.writerow(dict(result, ideal_flop_ratio=ideal))
-    return csv_path
-
-
-def read_csv(name):
-    """The rows `write_csv` wrote, with their types back."""
-    import csv
-
-    from .viz import figures_dir
-
-    def typed(key, value):
-        if key in ("causal", "backward", "extrapolated"):
-            return value == "True"
-        if key == "path":
-            return value
-        if value in ("", None):  # not measured (an extrapolated row), or a column an older CSV lacks
-            return None
-        return int(value) if key in ("N", "B", "H", "D", "threads") else float(value)
-
-    with open(figures_dir() / f"{name}.csv", newline="") as f:
-        rows = [{key: typed(key, value) for key, value in row.items()} for row in csv.DictReader(f)]
-    for row in rows:  # the sweep's branches: the geometric configuration of each N
-        row["ws"], row["rs"] = geometric_config(row["N"])
-    return rows
-
-
-def sweep_table(results):
-    """One row per N: non-causal forward and forward+backward, dense against fast (causal rows: CSV and plot)."""
-
-    def find(path, N, backward):
-        key = (path, N, backward, False)
-        return next((r for r in results if (r["path"], r["N"], r["backward"], r["causal"]) == key), None)
-
-    def seconds(r):  # 3 significant digits, whole seconds from 100 s on; ~ marks an extrapolation
-        if r is None:
-            return ""
-        value = f"{r['seconds']:.0f}" if r["seconds"] >= 100 else f"{r['seconds']:.3g}"
-        return ("~" if r["extrapolated"] else "") + value
-
-    header = ["N", "dense fwd s", "fast fwd s", "fast / dense fwd", "ideal FLOP ratio", "dense fwd+bwd s",
-              "fast fwd+bwd s", "fast / dense fwd+bwd", "fast GFLOP/s fwd+bwd", "matmul GFLOP/s",
-              "peak RSS fwd+bwd"]  # fmt: skip
-    rows = []
-    for N in sorted({r["N"] for r in results}):
-        cells = [f"2^{int(math.log2(N))}"]
-        for backward in (False, True):
-            dense, fast = find("dense", N, backward), find("fast", N, backward)
-            cells += [seconds(dense), seconds(fast)]
-            ratio = f"{fast['seconds'] / dense['seconds']:.3f}" if dense and fast else ""
-            cells.append(("~" if ratio and dense["extrapolated"] else "") + ratio)
-            if not backward:
-                cells.append(f"{fast['ideal_flop_ratio']:.3f}" if fast else "")
-        # the machine's ceiling in the same process: fp32 matmul between the timed rounds
-        cells += (
-            [f"{fast['gflops']:.1f}", f"{fast['matmul_gflops']:.1f}", f"{fast['peak_rss_mb'] / 1024:.2f} GB"]
-            if fast
-            else [""] * 3
-        )
-        rows.append(cells)
-    return header, rows
-
-
-def write_outputs(results, name):
-    """figures/<name>.png and <name>_table.md from the sweep's rows; the table goes into the README too."""
-    import matplotlib
-
-    from .results import paste_into_readme, write_table
-    from .viz import save_fig
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    for ax, backward in zip(axes, (False, True)):
-        for path, color in (("dense", "C0"), ("readable", "C2"), ("fast", "C1")):
-            for causal, style in ((False, "-"), (True, ":")):
-                pts = [r for r in results if r["path"] == path and r["backward"] == backward and r["causal"] == causal]
-                measured = [r for r in pts if not r.get("extrapolated")]
-                label = f"{path}{' causal' if causal else ''}"
-                ax.loglog([r["N"] for r in measured], [r["seconds"] for r in measured], style, color=color,
-                          marker="o", ms=3, label=label)  # fmt: skip
-                extra = [r for r in pts if r.get("extrapolated")]
-                if extra and measured:
-                    ax.loglog([measured[-1]["N"]] + [r["N"] for r in extra],
-                              [measured[-1]["seconds"]] + [r["seconds"] for r in extra], style, color=color,
-                              alpha=0.35)  # fmt: skip
-        ax.set(xlabel="sequence length N", ylabel="seconds", title="forward+backward" if backward else "forward")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("dense SDPA vs dilated attention on this CPU (faded: dense extrapolated as N^2)")
-    png = save_fig(fig, name)
+def report_sweep(name):
+    """figures/<name>.png and <name>_table.md from figures/<name>.csv, with the scaling target read off it."""
+    results = read_csv(name)
     fast = {r["N"]: r for r in results if r["path"] == "fast" and r["backward"] and not r["causal"]}
-    # the scaling target, read off the sweep (its configuration is the target's)
-    footer = (
-        f"\nforward+backward, non-causal, {scaling_line(fast[2**14], fast[2**20])}\n"
-        if {2**14, 2**20} <= set(fast)
-        else ""
-    )
-    markdown = write_table(f"{name}_table", *sweep_table(results), with_csv=False, footer=footer)
-    if name == "bench" and not paste_into_readme("bench:sweep", markdown):  # only the full sweep goes there
-        print("note: no <!-- bench:sweep --> markers in README.md; the table was not pasted")
-    print(markdown)
-    print(f"wrote {png} and {png.with_name(name + '_table.md')}")
+    footer = ""
+    if {2**14, 2**20} <= set(fast):  # the scaling target's configuration is the sweep's
+        small, large = (dict(fast[N], ws=geometric_config(N)[0], rs=geometric_config(N)[1]) for N in (2**14, 2**20))
+        line = scaling_line(small, large, attention_flops(large) / attention_flops(small))
+        footer = f"\nforward+backward, non-causal, {line}\n"
+    write_outputs(results, name, footer)
 
 
 def main(argv=None):
@@ -399,7 +287,7 @@ def main(argv=None):
         print(json.dumps(measure(json.loads(args.worker))))  # a list of configurations
         return 0
     if args.replot:
-        write_outputs(read_csv("bench"), "bench")
+        report_sweep("bench")
         return 0
     if args.repeats < 3:
         p.error(f"--repeats must be at least 3 (medians of at least 3 runs), got {args.repeats}")
@@ -431,7 +319,7 @@ def main(argv=None):
             results += run_parallel(args, run, log)
         if "sweep" in sections:
             run_sweep(args, run, log)  # writes figures/<args.csv>.csv as it goes
-            write_outputs(read_csv(args.csv), args.csv)
+            report_sweep(args.csv)
     for result in failures:
         print(f"CHECK FAILED: {describe(result)} (tolerance {tolerance(result):.0e})", file=sys.stderr)
     print("all outputs match the oracle" if not failures else f"{len(failures)} outputs do NOT match the oracle")

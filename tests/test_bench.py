@@ -41,7 +41,8 @@ def test_bad_flags(argv, message, capsys):
 
 def test_sweep_csv_round_trip_and_table(tmp_path, monkeypatch):
     import longnet_ref.viz as viz
-    from longnet_ref.bench import measure, read_csv, sweep_table, write_csv
+    from longnet_ref.bench import measure
+    from longnet_ref.bench_report import read_csv, sweep_table, write_csv
 
     monkeypatch.setattr(viz, "figures_dir", lambda: tmp_path)
     ws, rs = geometric_config(2**11)
