@@ -175,7 +175,7 @@ def run_sweep(args, run, log):
                         seconds = last[1] * (N / last[0]) ** 2
                         result = dict(cfg, seconds=seconds, gflops=attention_flops(cfg) / seconds / 1e9,
                                       max_error=float("nan"), peak_rss_mb=float("nan"), extrapolated=True,
-                                      ideal_flop_ratio=1.0)  # fmt: skip
+                                      ideal_flop_ratio=ideal_flop_ratio(cfg))  # fmt: skip
                     else:
                         result = dict(run([cfg])[0], extrapolated=False)
                         if path == "dense":
@@ -258,7 +258,7 @@ def report_sweep(name):
     fast = {r["N"]: r for r in results if r["path"] == "fast" and r["backward"] and not r["causal"]}
     footer = ""
     if {2**14, 2**20} <= set(fast):  # the scaling target's configuration is the sweep's
-        small, large = (dict(fast[N], ws=geometric_config(N)[0], rs=geometric_config(N)[1]) for N in (2**14, 2**20))
+        small, large = (dict(fast[N], **dict(zip(("ws", "rs"), geometric_config(N)))) for N in (2**14, 2**20))
         line = scaling_line(small, large, attention_flops(large) / attention_flops(small))
         footer = f"\nforward+backward, non-causal, {line}\n"
     write_outputs(results, name, footer)

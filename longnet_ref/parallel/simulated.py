@@ -54,7 +54,6 @@ class SimulatedGroup:
         self._turn = threading.Lock()  # held by the one rank that computes now
         self._holder = None  # that rank (None: every rank waits, or none runs)
         self._activity = time.monotonic()  # when a rank last took or gave up the turn
-        self._local = threading.local()  # .rank: set in a rank's own thread
 
     def _take_turn(self, rank):
         self._turn.acquire()
@@ -128,13 +127,15 @@ class SimulatedGroup:
         error (not a consequence of the abort) is raised; `return_exceptions=True` returns
         every rank's exception in place of its result instead.
         """
-        if getattr(self._local, "rank", None) is not None:
-            raise ValueError("group.run was called from inside one of its own ranks; use another SimulatedGroup")
+        if self._holder is not None:  # a rank computes: this call comes from inside it (or runs alongside)
+            raise ValueError(
+                "group.run was called from inside one of its own ranks (or while the group runs); "
+                "use another SimulatedGroup"
+            )
         results = [None] * self.world_size
         failed = [False] * self.world_size
 
         def target(rank):
-            self._local.rank = rank
             self._take_turn(rank)
             try:
                 results[rank] = fn(self.comms[rank])
