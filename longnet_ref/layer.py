@@ -35,7 +35,7 @@ class MultiheadDilatedAttention(nn.Module):
         rotary: optional callable `rotary(q, k, positions) -> (q, k)` on (B, H, N, D) tensors,
             applied after the projections and before attention, with `positions` the (N,)
             absolute positions of the rows (0..N-1 here). Relative position schemes such as
-            RoPE (`longnet_ref.model.RotaryEmbedding`) live here, because they must rotate q and
+            RoPE (`longnet_ref.lm.model.RotaryEmbedding`) live here, because they must rotate q and
             k, not the layer's input. Default None: no positions (the layer is permutation
             equivariant apart from its causal mask and segments).
     """

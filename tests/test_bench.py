@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from longnet_ref.bench import attention_flops, geometric_config, main
+from longnet_ref.bench.__main__ import attention_flops, geometric_config, main
 
 
 def test_quick_benchmark_runs_and_checks_outputs():
@@ -40,9 +40,9 @@ def test_bad_flags(argv, message, capsys):
 
 
 def test_sweep_csv_round_trip_and_table(tmp_path, monkeypatch):
-    import longnet_ref.viz as viz
-    from longnet_ref.bench import measure
-    from longnet_ref.bench_report import read_csv, sweep_table, write_csv
+    import longnet_ref.analysis.viz as viz
+    from longnet_ref.bench.__main__ import measure
+    from longnet_ref.bench.report import read_csv, sweep_table, write_csv
 
     monkeypatch.setattr(viz, "figures_dir", lambda: tmp_path)
     ws, rs = geometric_config(2**11)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from browser_lab import CHROMIUM, CHROMIUM_FLAGS, jupyter_lab
 
-from longnet_ref.complexity import flop_ratio
+from longnet_ref.analysis.complexity import flop_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "04_sparsity_patterns.ipynb"

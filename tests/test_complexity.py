@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from longnet_ref import attention_pattern
-from longnet_ref.complexity import (
+from longnet_ref.analysis.complexity import (
     TABLE2_DILATION_RATES,
     TABLE2_SEGMENT_LENGTHS,
     attended_pairs,
@@ -127,7 +127,7 @@ def test_cli_errors_are_clear(argv, message, capsys):
 
 def test_module_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "longnet_ref.complexity", "--seq-len", "8192", "--causal"],
+        [sys.executable, "-m", "longnet_ref.analysis.complexity", "--seq-len", "8192", "--causal"],
         capture_output=True,
         text=True,
         check=True,

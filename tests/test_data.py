@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from longnet_ref.data import (
+from longnet_ref.lm.data import (
     FILLER,
     IGNORE,
     NUM_VALUES,

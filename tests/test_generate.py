@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import TINY_LM, tiny_lm
 
-import longnet_ref.generate as gen
-from longnet_ref.generate import generate
-from longnet_ref.model import LongNetLM
+import longnet_ref.lm.generate as gen
+from longnet_ref.lm.generate import generate
+from longnet_ref.lm.model import LongNetLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

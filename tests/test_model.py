@@ -5,7 +5,7 @@ import torch
 from conftest import TINY_LM, tiny_lm
 
 from longnet_ref import MultiheadDilatedAttention, dilated_attention, oracle_attention
-from longnet_ref.model import LongNetLM, ModelConfig, RotaryEmbedding, sequence_parallel
+from longnet_ref.lm.model import LongNetLM, ModelConfig, RotaryEmbedding, sequence_parallel
 from longnet_ref.parallel import SimulatedGroup
 
 pytestmark = pytest.mark.usefixtures("one_thread")

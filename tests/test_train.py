@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from longnet_ref.data import random_windows
-from longnet_ref.model import LongNetLM
-from longnet_ref.train import PRESETS, TrainConfig, build_parser, load_checkpoint, main, train
+from longnet_ref.lm.data import random_windows
+from longnet_ref.lm.model import LongNetLM
+from longnet_ref.lm.train import PRESETS, TrainConfig, build_parser, load_checkpoint, main, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,8 +171,8 @@ def test_missing_checkpoint_in_the_library_call(tmp_path):
 
 
 def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus, monkeypatch):
-    import longnet_ref.experiment as ex
-    import longnet_ref.viz as viz
+    import longnet_ref.lm.experiment as ex
+    import longnet_ref.analysis.viz as viz
 
     figures = tmp_path / "figures"
     figures.mkdir()
@@ -226,7 +226,7 @@ def test_every_preset_is_a_valid_run(preset):
 
 
 def test_bits_per_byte_is_the_mean_cross_entropy_in_bits():
-    from longnet_ref.evaluate import bits_per_byte
+    from longnet_ref.lm.evaluate import bits_per_byte
 
     torch.manual_seed(0)
     model = LongNetLM(segment_lengths=[8, 16], dilation_rates=[1, 2], embed_dim=16, num_heads=2, num_layers=1).double()
@@ -241,7 +241,7 @@ def test_bits_per_byte_is_the_mean_cross_entropy_in_bits():
 
 
 def test_recall_accuracy_groups_the_four_residues_of_each_base_distance():
-    from longnet_ref.evaluate import recall_accuracy, recall_distances, recall_eval_set
+    from longnet_ref.lm.evaluate import recall_accuracy, recall_distances, recall_eval_set
 
     x, y, dist = eval_set = recall_eval_set(256, 6, num_pairs=4, queries_per_pair=4)
     bases = recall_distances(256)
@@ -267,7 +267,7 @@ def test_recall_accuracy_groups_the_four_residues_of_each_base_distance():
 
 @pytest.mark.parametrize("section", ["table2", "recall"])
 def test_the_readme_shows_the_tables_the_experiment_wrote(section):
-    """The README's results are the files `python -m longnet_ref.experiment` wrote, not an edited copy."""
+    """The README's results are the files `python -m longnet_ref.lm.experiment` wrote, not an edited copy."""
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     between = readme.split(f"<!-- 07:{section} -->\n", 1)[1].split(f"<!-- /07:{section} -->", 1)[0]

@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 
-from longnet_ref import attention_pattern, viz  # noqa: E402
+from longnet_ref import attention_pattern  # noqa: E402
+from longnet_ref.analysis import viz  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +124,7 @@ def test_png_bytes_are_stable():
 
 
 def test_figures_command_writes_pngs_elsewhere(tmp_path, capsys):
-    from longnet_ref import figures
+    from longnet_ref.analysis import figures
 
     names = ["patterns_branches", "path_distribution", "flops_vs_length", "memory_vs_length"]
     assert figures.main(["--quick", "--out", str(tmp_path), *names]) == 0
@@ -135,7 +136,8 @@ def test_figures_command_writes_pngs_elsewhere(tmp_path, capsys):
 
 
 def test_path_law_rows_are_the_path_statistics():
-    from longnet_ref import figures, paths
+    from longnet_ref.analysis import dependency_paths as paths
+    from longnet_ref.analysis import figures
 
     rows = figures.path_law([16, 128], mixtures=[(4, 2, 1, "m")], window=8)
     assert rows["dense"] == [1, 1] and rows["window 8"] == [3, 19]  # ceil((N - 1) / 7)

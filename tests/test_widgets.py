@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from longnet_ref import attention_pattern  # noqa: E402
-from longnet_ref.paths import eq20_max_path, geometric_branches, path_length_stats  # noqa: E402
-from longnet_ref.widgets import format_numbers, path_explorer, pattern_explorer  # noqa: E402
+from longnet_ref.analysis.dependency_paths import eq20_max_path, geometric_branches, path_length_stats  # noqa: E402
+from longnet_ref.analysis.widgets import format_numbers, path_explorer, pattern_explorer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ CSV_KEYS = ["path", "N", "B", "H", "D", "causal", "backward", "seconds", "gflops
 
 def write_csv(results, name):
     """figures/<name>.csv, one row per configuration (the sweep rewrites it after every result)."""
-    from .viz import figures_dir  # here: the timing workers need no matplotlib
+    from ..analysis.viz import figures_dir  # here: the timing workers need no matplotlib
 
     csv_path = figures_dir() / f"{name}.csv"
     with open(csv_path, "w", newline="") as f:
@@ -30,7 +30,7 @@ def write_csv(results, name):
 
 def read_csv(name):
     """The rows `write_csv` wrote, with their types back."""
-    from .viz import figures_dir
+    from ..analysis.viz import figures_dir
 
     def typed(key, value):
         if key in ("causal", "backward", "extrapolated"):
@@ -85,8 +85,8 @@ def write_outputs(results, name, footer=""):
     """figures/<name>.png and <name>_table.md from the sweep's rows; the table goes into the README too."""
     import matplotlib
 
-    from .results import paste_into_readme, write_table
-    from .viz import save_fig
+    from ..analysis.results import paste_into_readme, write_table
+    from ..analysis.viz import save_fig
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

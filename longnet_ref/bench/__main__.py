@@ -32,10 +32,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .bench_report import read_csv, scaling_line, write_csv, write_outputs
-from .complexity import dense_flops, flop_ratio, mixture_flops
-from .mixture import dilated_attention
-from .oracle import oracle_rows
+from .report import read_csv, scaling_line, write_csv, write_outputs
+from ..analysis.complexity import dense_flops, flop_ratio, mixture_flops
+from ..mixture import dilated_attention
+from ..oracle import oracle_rows
 
 BACKWARD_FLOP_FACTOR = 2.5
 
@@ -68,7 +68,7 @@ def run_path(cfg, q, k, v):
     if cfg["path"] == "dense":
         return F.scaled_dot_product_attention(q, k, v, is_causal=cfg["causal"])
     if cfg["path"] == "parallel":  # simulated sequence parallelism: P ranks as threads of this process
-        from .parallel import simulate_sequence_parallel
+        from ..parallel import simulate_sequence_parallel
 
         return simulate_sequence_parallel(q, k, v, cfg["world_size"], cfg["ws"], cfg["rs"], causal=cfg["causal"])[0]
     impl = "readable" if cfg["path"] == "readable" else "fast"

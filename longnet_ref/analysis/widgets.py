@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .complexity import flop_ratio
-from .paths import eq19_layers, eq20_max_path, geometric_branches, path_length_stats, window_path_stats
-from .patterns import attention_pattern
+from .dependency_paths import eq19_layers, eq20_max_path, geometric_branches, path_length_stats, window_path_stats
+from ..patterns import attention_pattern
 from .viz import BRANCH_COLORS, blend, count_style, png_bytes
 
 OFFSET_RULES = ("paper", "torchscale", "none")

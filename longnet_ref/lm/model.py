@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import as_positive_int, check_branches
-from .layer import MultiheadDilatedAttention
+from ..checks import as_positive_int, check_branches
+from ..layer import MultiheadDilatedAttention
 
 ATTENTION_KINDS = ("dilated", "dense", "local")
 UNBOUNDED = sys.maxsize  # "dense" attention: one segment longer than any sequence
@@ -204,7 +204,7 @@ def sequence_parallel(model, group=None):
     layers use `group` (torch.distributed's default when None); a simulated rank passes its
     communicator per call: `parallel(chunk, attend=lambda i, attn, h: attn(h, group=comm))`.
     """
-    from .parallel import SequenceParallelDilatedAttention  # imported here: the model itself needs no parallel code
+    from ..parallel import SequenceParallelDilatedAttention  # imported here: the model itself needs no parallel code
 
     parallel = copy.deepcopy(model)
     for block in parallel.blocks:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import as_positive_int
+from ..checks import as_positive_int
 
 VOCAB_SIZE = 256
 IGNORE = -100  # target value that F.cross_entropy skips

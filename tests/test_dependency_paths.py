@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from longnet_ref import attention_pattern
-from longnet_ref import paths as P
-from longnet_ref.paths import (
+from longnet_ref.analysis import dependency_paths as P
+from longnet_ref.analysis.dependency_paths import (
     distances_from,
     eq19_layers,
     eq19_reach,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap, to_rgb
 
-from .checks import as_positive_int, check_branches, check_head_offsets
-from .patterns import attention_pattern, pattern_rows
+from ..checks import as_positive_int, check_branches, check_head_offsets
+from ..patterns import attention_pattern, pattern_rows
 
 # One colour per branch, as in the paper's figures (matplotlib's tab10).
 BRANCH_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -37,8 +37,7 @@ STRIPE_ENTRIES = 2**23  # H * rows * N entries held at once
 
 def figures_dir() -> Path:
     """The repository's figures/ folder; ./figures when the package is installed outside a checkout (Colab)."""
-    package = Path(__file__).resolve().parent
-    repo = package.parent
+    repo = Path(__file__).resolve().parents[2]  # longnet_ref/analysis/viz.py -> the checkout
     if (repo / "pyproject.toml").is_file() and (repo / "figures").is_dir():
         return repo / "figures"
     here = Path.cwd() / "figures"

@@ -1,8 +1,8 @@
 """The experiment behind notebook 07 and the README: LongNet's Table 2 in miniature, and reach.
 
-    python -m longnet_ref.experiment table2 --runs runs/    train + test the Table 2 models
-    python -m longnet_ref.experiment recall --runs runs/    train + test the recall models
-    python -m longnet_ref.experiment report --runs runs/    tables and figures from the results
+    python -m longnet_ref.lm.experiment table2 --runs runs/    train + test the Table 2 models
+    python -m longnet_ref.lm.experiment recall --runs runs/    train + test the recall models
+    python -m longnet_ref.lm.experiment report --runs runs/    tables and figures from the results
 
 1. Table 2 in miniature (paper: dense trained at 2K against LongNet trained at 32K, perplexity
    at test lengths 2K / 8K / 32K). Here: dense trained at 256 bytes against LongNet trained at
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from .complexity import mixture_flops
+from ..analysis.complexity import mixture_flops
 from .data import load_corpus
 from .evaluate import bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
-from .results import paste_into_readme, write_table
+from ..analysis.results import paste_into_readme, write_table
 from .train import TrainConfig, load_checkpoint, train
-from .viz import save_fig
+from ..analysis.viz import save_fig
 
 TABLE2_COMMON = dict(embed_dim=128, num_heads=4, num_layers=4, steps=500, lr=2e-3, eval_every=125, warmup=50)
 TABLE2_RUNS = {
@@ -253,7 +253,7 @@ def report(runs, readme=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m longnet_ref.experiment", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m longnet_ref.lm.experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("table2", "recall", "report", "all"))
     parser.add_argument("--runs", required=True, help="folder for the runs (checkpoints, metrics, test results)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (1: kind to a shared machine)")

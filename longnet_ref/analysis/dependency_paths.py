@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checks import as_positive_int, check_branches, check_head_offsets
-from .patterns import head_offset
+from ..checks import as_positive_int, check_branches, check_head_offsets
+from ..patterns import head_offset
 
 DENSE_FRACTION = 0.25  # above this fraction of busy classes, a hop runs on strided views instead of gathers
 

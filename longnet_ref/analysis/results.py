@@ -1,7 +1,7 @@
 """Generated results: tables written to figures/ and pasted into the README between markers.
 
 A result in the README is a file a committed command wrote, never a copy typed by hand:
-`python -m longnet_ref.experiment` and `python -m longnet_ref.bench` write their tables with
+`python -m longnet_ref.lm.experiment` and `python -m longnet_ref.bench` write their tables with
 `write_table` and paste them with `paste_into_readme`; tests compare the two.
 """
 

@@ -1,4 +1,4 @@
-"""Train a small LongNet: `python -m longnet_ref.train --attention dilated --seq-len 1024 --out runs/x`.
+"""Train a small LongNet: `python -m longnet_ref.lm.train --attention dilated --seq-len 1024 --out runs/x`.
 
 What one run does: build `LongNetLM` (model.py), draw random windows of the standard-library
 corpus (or recall sequences, `--task recall`), AdamW with warmup and cosine decay, evaluate
@@ -274,7 +274,7 @@ def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=Non
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m longnet_ref.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m longnet_ref.lm.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; flags below override")
     p.add_argument("--attention", choices=ATTENTION_KINDS, help="dilated (LongNet), dense, or local (first branch)")
     p.add_argument("--task", choices=TASKS, help="code: the standard library; recall: key-value recall")

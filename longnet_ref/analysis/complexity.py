@@ -20,7 +20,7 @@ Memory, in elements of one layer's forward (multiply by bytes per element):
   branch with w > l all-gathers the sparse keys and values of its segment, 2 B H K D per device,
   a size that does not grow with N; a branch with w <= l is local and gathers nothing.
 
-`python -m longnet_ref.complexity --seq-len 32768` prints the table for the paper's Table 2 mixture.
+`python -m longnet_ref.analysis.complexity --seq-len 32768` prints the table for the paper's Table 2 mixture.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import math
 import sys
 from dataclasses import dataclass
 
-from .checks import as_positive_int, check_branches, check_head_offsets
-from .patterns import head_offset
+from ..checks import as_positive_int, check_branches, check_head_offsets
+from ..patterns import head_offset
 
 # The paper's language-model mixture (Table 2): LONGNET.md Sec. 3 and 5.
 TABLE2_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -198,7 +198,7 @@ def format_table(table: dict, bytes_per_element: int = 2) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m longnet_ref.complexity",
+        prog="python -m longnet_ref.analysis.complexity",
         description="FLOPs and memory of dilated, dense and local attention (LongNet Eqs. 16-18).",
     )
     parser.add_argument("--seq-len", type=int, required=True, help="sequence length N")

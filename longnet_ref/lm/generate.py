@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from .attention import dense_attention
-from .mixture import dilated_attention, merge_branches
-from .patterns import head_offset
+from ..attention import dense_attention
+from ..mixture import dilated_attention, merge_branches
+from ..patterns import head_offset
 
 
 class KVCache:

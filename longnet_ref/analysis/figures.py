@@ -1,4 +1,4 @@
-"""Every picture of the README, by one command: `python -m longnet_ref.figures`.
+"""Every picture of the README, by one command: `python -m longnet_ref.analysis.figures`.
 
 - patterns (from `attention_pattern`, via `viz`): branches coloured like the paper's Figure 2,
   heads like Figure 3, multiplicities, a block-summarised long sequence;
@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import complexity as C  # noqa: E402
-from . import paths as P  # noqa: E402
+from . import dependency_paths as P  # noqa: E402
 from .viz import BRANCH_COLORS, plot_branches, plot_heads, plot_multiplicity, save_fig  # noqa: E402
 
 # Mixtures whose dependency paths are plotted: (w0, a, heads, label).
@@ -185,7 +185,7 @@ def run_notebooks(folder: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m longnet_ref.figures", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m longnet_ref.analysis.figures", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="only these figures (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sweeps (seconds, for a smoke test)")
     parser.add_argument("--notebooks", action="store_true", help="also run every notebook to redo their figures")
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         plt.close(fig)
         print(f"{path} ({time.perf_counter() - start:.1f} s)", flush=True)
     if args.notebooks:
-        run_notebooks(Path(__file__).resolve().parents[1] / "notebooks")
+        run_notebooks(Path(__file__).resolve().parents[2] / "notebooks")
     return 0
 
 

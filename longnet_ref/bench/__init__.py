@@ -1,0 +1,1 @@
+"""`python -m longnet_ref.bench`: measured cost of dilated attention (`__main__`) and its reports (`report`)."""
