@@ -1,4 +1,4 @@
-"""One dilated branch `(w, r)`: segment, sparsify, attend, scatter (LongNet Eqs. 3-8).
+"""One dilated branch `(w, r)`, the readable way: segment, sparsify, attend, scatter (LongNet Eqs. 3-8).
 
 The paper (arXiv 2307.02486, Sec. 2.2) splits Q, K, V into segments of length w (Eq. 3),
 keeps every r-th row of each segment (Eq. 4), attends inside each sparsified segment
@@ -6,14 +6,17 @@ keeps every r-th row of each segment (Eq. 4), attends inside each sparsified seg
 Sec. 2.3: head j starts at offset o_j (`patterns.head_offset`), so different heads keep
 different rows.
 
-Two implementations compute the same thing:
-- "readable" (this file): pad, reshape, gather, dense attention with a mask, scatter. Every
-  step is a tensor you can print; used by the notebooks and as a second check.
-- "fast" (`fast.py`): strided views into q, k, v and torch's fused kernel; no copies of the
-  inputs, no index tensors. The default.
+This file is `implementation="readable"`: pad, reshape, gather, dense attention with a mask,
+scatter. Every step is a tensor you can print; the notebooks build it, and it is a second check
+of the default `implementation="fast"` (`fast.py`: strided views into q, k, v and torch's fused
+kernel). It imports nothing from the fast path; `mixture.dilated_branch` validates the inputs
+and picks the implementation.
 
-Shape legend: B batch, H heads, N length, D head dim, W segment length, R dilation rate,
-S = ceil(N / W) segments, K = ceil(W / R) rows kept per segment.
+`segment` + `sparsify` + `kept_row_mask` are a gathered form of the keep rule
+`patterns.keeps`: the rows they keep for head h in segment m are exactly the positions p of
+that segment with `keeps(p, p, w, r, o_h)` (tested in tests/test_patterns.py).
+
+Letters: the package legend (`longnet_ref/__init__.py`); W = w and R = r in shape tuples.
 """
 
 from __future__ import annotations
@@ -24,15 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from .attention import dense_attention
-from .checks import check_branch, check_head_offsets, check_implementation, check_qkv
-from .fast import fast_branch
 from .patterns import head_offset
 
 
 def segment(x, segment_length):
     """Eq. 3: (B, H, N, D) -> (B, H, S, W, D), zero-padding the last segment up to W.
 
-    The padding rows are never attended: `kept_rows` marks them as not kept.
+    The padding rows are never attended: `kept_row_mask` marks them as not kept.
     """
     B, H, N, D = x.shape
     W = segment_length
@@ -55,7 +56,7 @@ def sparsify(x_seg, dilation_rate, offsets):
     return x.gather(4, index).squeeze(4)  # (B, H, S, K, D)
 
 
-def kept_rows(seq_len, segment_length, dilation_rate, offsets):
+def kept_row_mask(seq_len, segment_length, dilation_rate, offsets):
     """Boolean (H, S, K): row k of segment s is a real position kept by head h (not padding)."""
     N, W, R = seq_len, segment_length, dilation_rate
     S, K = math.ceil(N / W), math.ceil(W / R)
@@ -65,18 +66,18 @@ def kept_rows(seq_len, segment_length, dilation_rate, offsets):
 
 
 def scatter(rows, dilation_rate, offsets, seq_len, fill=0.0):
-    """Eqs. 6-8, the inverse of `sparsify`: (B, H, S, K, *E) back to (B, H, N, *E), `fill` elsewhere."""
+    """Eqs. 6-8, the inverse of `sparsify`: (B, H, S, K, *rest) back to (B, H, N, *rest), `fill` elsewhere."""
     B, H, S, K = rows.shape[:4]
     extra = rows.shape[4:]  # (D,) for outputs, () for log-sum-exps
     R = dilation_rate
     full = rows.new_full((B, H, S, K, R, *extra), fill)
     index = offsets.view(1, H, 1, 1, 1, *[1] * len(extra)).expand(B, H, S, K, 1, *extra)
-    full = full.scatter(4, index, rows.unsqueeze(4))  # (B, H, S, K, R, *E)
+    full = full.scatter(4, index, rows.unsqueeze(4))  # (B, H, S, K, R, *rest)
     return full.view(B, H, S * K * R, *extra), K * R  # caller trims each segment to W
 
 
 def readable_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper"):
-    """One branch, step by step with dense attention; see `dilated_branch`."""
+    """One branch (validated inputs), step by step with dense attention: `(out, lse)`; see `mixture.dilated_branch`."""
     B, H, N, D = q.shape
     W = min(segment_length, N)  # w >= N: the whole sequence is one segment
     R = dilation_rate
@@ -86,7 +87,7 @@ def readable_branch(q, k, v, segment_length, dilation_rate, *, causal=False, hea
     # Segment (Eq. 3) and sparsify (Eq. 4) queries, keys and values alike.
     qs, ks, vs = (sparsify(segment(x, W), R, offsets) for x in (q, k, v))  # each (B, H, S, K, D)
     assert qs.shape == (B, H, S, K, D)
-    kept = kept_rows(N, W, R, offsets.cpu()).to(q.device)  # (H, S, K)
+    kept = kept_row_mask(N, W, R, offsets.cpu()).to(q.device)  # (H, S, K)
 
     # Attend (Eq. 5): every segment of every head is an independent attention over K rows,
     # so fold S into the head axis. Padding keys are masked with -inf; rows stay in position
@@ -106,28 +107,3 @@ def readable_branch(q, k, v, segment_length, dilation_rate, *, causal=False, hea
     out = out.view(B, H, S, padded_w, D)[:, :, :, :W].reshape(B, H, S * W, D)[:, :, :N]
     lse = lse.view(B, H, S, padded_w)[:, :, :, :W].reshape(B, H, S * W)[:, :, :N]
     return out, lse
-
-
-def dilated_branch(
-    q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper", implementation="fast"
-):
-    """One dilated branch `(w, r)` of LongNet (Eqs. 3-8) on (B, H, N, D) tensors.
-
-    Args:
-        q, k, v: (B, H, N, D), same shape, dtype and device.
-        segment_length: w; w >= N makes the whole sequence one segment. The last segment may
-            be shorter than w; it is never padded with attended keys.
-        dilation_rate: r <= w; head j keeps the rows p with (p - s*w) mod r == o_j.
-        causal: a kept query attends only kept keys at or before it.
-        head_offsets: "paper" (o_j = j mod r), "torchscale" or "none" (`patterns.head_offset`).
-        implementation: "fast" (strided views + fused kernel) or "readable".
-
-    Returns:
-        out (B, H, N, D) and lse (B, H, N). Rows the branch does not keep: out 0, lse -inf.
-    """
-    check_qkv(q, k, v)
-    w, r = check_branch(segment_length, dilation_rate)
-    check_head_offsets(head_offsets)
-    if check_implementation(implementation) == "readable":
-        return readable_branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets)
-    return fast_branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets)

@@ -78,7 +78,7 @@ def branch_pieces(seq_len, num_heads, segment_length, dilation_rate, head_offset
 
 
 def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper"):
-    """One branch (validated inputs), differentiable in out and lse; see `dilated.dilated_branch`."""
+    """One branch (validated inputs), differentiable in out and lse; see `mixture.dilated_branch`."""
     B, H, N, D = q.shape
     out = q.new_zeros(B, H, N, D)
     lse = torch.full((B, H, N), -math.inf, dtype=_lse_dtype(q), device=q.device)

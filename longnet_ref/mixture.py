@@ -1,24 +1,31 @@
-"""The mixture of dilated branches (LongNet Eqs. 9-10) and the public `dilated_attention`.
+"""The mixture of dilated branches (LongNet Eqs. 9-10), and the public entry points.
 
-Each branch i returns its output O_i and the log of its softmax denominator lse_i
-(s_i = exp(lse_i)). The paper merges them as
+Each branch i returns its output O_i and the log-sum-exp lse_i of its scores, the log of its
+softmax denominator. The paper (Eq. 10) merges them by those denominators:
 
-    O = sum_i alpha_i O_i,    alpha_i = s_i / sum_j s_j            (Eq. 10)
+    O = sum_i alpha_i O_i,    alpha_i = exp(lse_i) / sum_j exp(lse_j) = exp(lse_i - LSE)
 
-which is one softmax over the multiset union of the branches' keys (see `oracle.py`).
-The official code computes alpha under `torch.no_grad()`; `detach_weights=True`
-reproduces that, and its gradient is not the gradient of the forward it computes.
+with LSE = log sum_j exp(lse_j). That is one softmax over the multiset union of the branches'
+keys (see `oracle.py`). The official code computes alpha under `torch.no_grad()`;
+`detach_weights=True` reproduces that, and its gradient is not the gradient of the forward
+it computes.
 
-Shape legend: B batch, H heads, N length, D head dim.
+`merge_branches` is the readable merge (no fast-path code). `dilated_branch` and
+`dilated_attention` validate their inputs and then pick the implementation in one place,
+`_IMPLEMENTATIONS`: "readable" (`dilated.readable_branch`, then `merge_branches`) or "fast"
+(`fast.py`: strided views into the fused kernel, branches merged as they finish by
+`fast.RunningMerge`, the same Eq. 10 in running form).
+
+Letters: the package legend (`longnet_ref/__init__.py`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .checks import check_branches, check_head_offsets, check_implementation, check_qkv
-from .dilated import dilated_branch
-from .fast import fast_dilated_attention
+from .checks import check_branch, check_branches, check_head_offsets, check_implementation, check_qkv
+from .dilated import readable_branch
+from .fast import fast_branch, fast_dilated_attention
 
 
 def merge_branches(outs, lses, *, detach_weights=False):
@@ -38,11 +45,11 @@ def merge_branches(outs, lses, *, detach_weights=False):
         raise ValueError(
             f"outs and lses must be non-empty lists of one length, got {len(outs)} outs and {len(lses)} lses"
         )
-    for i, (o, l) in enumerate(zip(outs, lses)):
-        if o.shape != outs[0].shape or o.dim() != 4:
-            raise ValueError(f"outs[{i}] has shape {tuple(o.shape)}, expected 4-D {tuple(outs[0].shape)}")
-        if l.shape != o.shape[:-1]:
-            raise ValueError(f"lses[{i}] has shape {tuple(l.shape)}, expected {tuple(o.shape[:-1])}")
+    for i, (out_i, lse_i) in enumerate(zip(outs, lses)):
+        if out_i.shape != outs[0].shape or out_i.dim() != 4:
+            raise ValueError(f"outs[{i}] has shape {tuple(out_i.shape)}, expected 4-D {tuple(outs[0].shape)}")
+        if lse_i.shape != out_i.shape[:-1]:
+            raise ValueError(f"lses[{i}] has shape {tuple(lse_i.shape)}, expected {tuple(out_i.shape[:-1])}")
 
     lse = torch.stack(list(lses))  # (n_branches, B, H, N)
     merged_lse = torch.logsumexp(lse, dim=0)  # (B, H, N); -inf where no branch covers the row
@@ -52,8 +59,42 @@ def merge_branches(outs, lses, *, detach_weights=False):
     alpha = torch.exp(lse - safe)  # (n_branches, B, H, N), sums to 1 over branches on covered rows
     if detach_weights:
         alpha = alpha.detach()
-    out = sum(a.unsqueeze(-1).to(o.dtype) * o for a, o in zip(alpha, outs))  # (B, H, N, D)
+    out = sum(alpha_i.unsqueeze(-1).to(out_i.dtype) * out_i for alpha_i, out_i in zip(alpha, outs))  # (B, H, N, D)
     return out, merged_lse
+
+
+# The one place where the implementation is chosen: name -> (one branch, the mixture). Both
+# take validated inputs. The readable mixture is its branches merged by `merge_branches`.
+_IMPLEMENTATIONS = {
+    "readable": (readable_branch, None),
+    "fast": (fast_branch, fast_dilated_attention),
+}
+
+
+def dilated_branch(
+    q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper", implementation="fast"
+):
+    """One dilated branch `(w, r)` of LongNet (Eqs. 3-8) on (B, H, N, D) tensors.
+
+    Args:
+        q, k, v: (B, H, N, D), same shape, dtype and device.
+        segment_length: w; w >= N makes the whole sequence one segment. The last segment may
+            be shorter than w; it is never padded with attended keys.
+        dilation_rate: r <= w; head j keeps the rows p with (p - m*w) mod r == o_j in segment m
+            (`patterns.keeps`).
+        causal: a kept query attends only kept keys at or before it.
+        head_offsets: "paper" (o_j = j mod r), "torchscale" or "none" (`patterns.head_offset`).
+        implementation: "fast" (strided views + fused kernel, `fast.fast_branch`) or "readable"
+            (`dilated.readable_branch`).
+
+    Returns:
+        out (B, H, N, D) and lse (B, H, N). Rows the branch does not keep: out 0, lse -inf.
+    """
+    check_qkv(q, k, v)
+    w, r = check_branch(segment_length, dilation_rate)
+    check_head_offsets(head_offsets)
+    branch, _ = _IMPLEMENTATIONS[check_implementation(implementation)]
+    return branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets)
 
 
 def dilated_attention(
@@ -77,10 +118,10 @@ def dilated_attention(
         causal: each query attends only keys at or before it.
         head_offsets: "paper", "torchscale" or "none" (`patterns.head_offset`).
         detach_weights: merge weights without gradient, as the official code does (branches then run
-            one by one, through `dilated_branch`, and are merged by `merge_branches`).
+            one by one and are merged by `merge_branches`).
         return_lse: also return the merged log-sum-exp (B, H, N).
         implementation: "fast" (default; fused kernel on strided views, branches merged as
-            they finish) or "readable" (`dilated_branch` step by step, then `merge_branches`).
+            they finish) or "readable" (`dilated.readable_branch` step by step, then `merge_branches`).
 
     Returns:
         out (B, H, N, D), or `(out, lse)` with `return_lse=True`.
@@ -88,15 +129,14 @@ def dilated_attention(
     check_qkv(q, k, v)
     branches = check_branches(segment_lengths, dilation_rates)
     check_head_offsets(head_offsets)
-    check_implementation(implementation)
-    if implementation == "fast" and not detach_weights:
-        out, lse = fast_dilated_attention(q, k, v, branches, causal=causal, head_offsets=head_offsets)
+    branch, mixture = _IMPLEMENTATIONS[check_implementation(implementation)]
+    if mixture is not None and not detach_weights:
+        out, lse = mixture(q, k, v, branches, causal=causal, head_offsets=head_offsets)
     else:
-        # detach_weights changes the backward only; the per-branch fast kernels still run
-        # when implementation="fast", merged by the readable merge.
-        results = [
-            dilated_branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets, implementation=implementation)
-            for w, r in branches
-        ]
-        out, lse = merge_branches([o for o, _ in results], [l for _, l in results], detach_weights=detach_weights)
+        # detach_weights changes the backward only; with implementation="fast" the per-branch
+        # fast kernels still run, merged by the readable merge.
+        results = [branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets) for w, r in branches]
+        out, lse = merge_branches(
+            [out_i for out_i, _ in results], [lse_i for _, lse_i in results], detach_weights=detach_weights
+        )
     return (out, lse) if return_lse else out

@@ -53,26 +53,47 @@ def head_groups(num_heads: int, dilation_rate: int, rule: str = "paper") -> list
     return groups
 
 
+def keeps(query, key, segment_length, dilation_rate, offset, *, causal=False):
+    """THE keep rule: does branch `(w, r)` let `query` attend `key`, for a head with offset `o`?
+
+    A branch cuts positions into segments [m w, (m + 1) w) (Eq. 3; the last may be shorter) and,
+    in each segment, keeps the positions whose distance to the segment start is o mod r (Eq. 4,
+    Sec. 2.3). A pair is kept when both positions are kept and lie in the same segment (Eq. 5);
+    causal attention also drops keys after the query. A position p is a row of the branch at
+    all exactly when `keeps(p, p, ...)`.
+
+    Works on ints and on broadcasting LongTensors of positions (then returns a bool tensor),
+    like attention-gym's `mask_mod(b, h, q_idx, kv_idx)`. Every other place that knows which
+    pairs a branch keeps either calls this function or is a gathered form of it that says so
+    and is tested equal to it (`dilated.sparsify`, `fast.Piece`, `parallel.plan.kept_run`,
+    `analysis.complexity`, `analysis.dependency_paths`).
+    """
+    w, r = segment_length, dilation_rate
+    same_segment = (query // w) == (key // w)
+    kept = ((query % w) % r == offset) & ((key % w) % r == offset) & same_segment
+    if causal:
+        kept = kept & (key <= query)  # no key after the query
+    return kept
+
+
 def branch_mask(seq_len, segment_length, dilation_rate, num_heads, *, causal=False, head_offsets="paper", queries=None):
-    """Boolean (H, Q, N): True where query q of head h attends key k in the branch `(w, r)`.
+    """Boolean (H, Q, N): `keeps` for every head, query row and key of the branch `(w, r)`.
 
     `queries` (a 1-D LongTensor of positions) selects query rows; all N by default (Q = N).
     Selecting rows lets the oracle check a few rows of a very long sequence exactly.
     """
     n = as_positive_int("seq_len", seq_len)
-    w, r = segment_length, dilation_rate
     pos = torch.arange(n)  # (N,) key positions
     qpos = pos if queries is None else torch.as_tensor(queries, dtype=torch.long)  # (Q,)
-    offsets = torch.tensor([head_offset(j, num_heads, r, head_offsets) for j in range(num_heads)])  # (H,)
-
-    def kept(p):  # (H, len(p)): position p kept by head h, i.e. (p - s*w) mod r == o_h
-        return ((p - (p // w) * w)[None, :] % r) == offsets[:, None]
-
-    same_segment = (qpos // w)[:, None] == (pos // w)[None, :]  # (Q, N)
-    mask = kept(qpos)[:, :, None] & kept(pos)[:, None, :] & same_segment[None]  # (H, Q, N)
-    if causal:
-        mask &= pos[None, :] <= qpos[:, None]  # key not after query
-    return mask
+    offsets = torch.tensor([head_offset(j, num_heads, dilation_rate, head_offsets) for j in range(num_heads)])  # (H,)
+    return keeps(
+        qpos[None, :, None],  # (1, Q, 1)
+        pos[None, None, :],  # (1, 1, N)
+        segment_length,
+        dilation_rate,
+        offsets[:, None, None],  # (H, 1, 1)
+        causal=causal,
+    )  # (H, Q, N)
 
 
 def pattern_rows(seq_len, queries, segment_lengths, dilation_rates, num_heads, *, causal=False, head_offsets="paper"):
@@ -100,3 +121,23 @@ def attention_pattern(seq_len, segment_lengths, dilation_rates, num_heads, *, ca
     return pattern_rows(
         n, torch.arange(n), segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets
     )
+
+
+def geometric_mixture(w0, ratio, *, seq_len=None, branches=None) -> tuple[list[int], list[int]]:
+    """The paper's geometric mixture (Sec. 2.4): w_i = w0 a^i, r_i = a^i, as `(ws, rs)`.
+
+    Give exactly one of `seq_len` (branches until one segment covers the sequence: the last w
+    is the first one >= N) or `branches` (that many branches).
+    """
+    w0, a = as_positive_int("w0", w0), as_positive_int("ratio", ratio)
+    if a < 2:
+        raise ValueError(f"ratio must be an integer >= 2, got {ratio!r}")
+    if (seq_len is None) == (branches is None):
+        raise ValueError(f"give exactly one of seq_len and branches, got seq_len={seq_len!r}, branches={branches!r}")
+    if branches is not None:
+        count = as_positive_int("branches", branches)
+    else:
+        n, count = as_positive_int("seq_len", seq_len), 1
+        while w0 * a ** (count - 1) < n:
+            count += 1
+    return [w0 * a**i for i in range(count)], [a**i for i in range(count)]

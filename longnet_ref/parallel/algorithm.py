@@ -43,10 +43,9 @@ import math
 import torch
 
 from ..checks import check_branches, check_head_offsets, check_implementation, check_qkv
-from ..dilated import dilated_branch
 from ..fast import _lse_dtype
 from ..kernels import fused_attention
-from ..mixture import merge_branches
+from ..mixture import dilated_branch, merge_branches
 from ..patterns import head_groups
 from .comm import JoinBackward, all_gather, as_communicator
 from .fused import fused_rank_attention
