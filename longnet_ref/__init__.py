@@ -40,7 +40,8 @@ only adds letters):
     o  a head's offset, o_j for head j      S = ceil(N / w) segments; m  a segment's index
     K = ceil(w / r) rows kept per segment   c  multiplicity c(h, q, k) of a (query, key) pair
     w0, a  first segment length and ratio of a geometric mixture (w_i = w0 a^i, r_i = a^i)
-    lse  log-sum-exp of a row of scores (log of its softmax denominator); alpha  merge weight
+    lse  log-sum-exp of a row of scores (log of its softmax denominator); s_i = exp(lse_i) the
+         denominator of branch i (the paper's s_i, Eq. 10); alpha_i = s_i / sum_j s_j  its merge weight
     P  devices (ranks); p  a rank's index; l = N / P  local length; g  ranks sharing a segment
     Q  number of selected query rows (oracle_rows, pattern_rows)
 """

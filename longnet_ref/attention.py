@@ -11,7 +11,8 @@ Besides the output we return the log-sum-exp (LSE) of every row of scores,
 mixture of dilated branches weights each branch by its denominator (Eq. 10), and
 sequence parallelism merges partial results the same way.
 
-Shape legend: B batch, H heads, N (Nq, Nk) sequence length, D head dim.
+Letters: the package legend (`longnet_ref/__init__.py`); here Nq, Nk are the query and key
+lengths (N each in self-attention) and Dv the value head dim.
 """
 
 from __future__ import annotations

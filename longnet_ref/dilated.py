@@ -6,6 +6,12 @@ keeps every r-th row of each segment (Eq. 4), attends inside each sparsified seg
 Sec. 2.3: head j starts at offset o_j (`patterns.head_offset`), so different heads keep
 different rows.
 
+Two details the paper leaves open, fixed here as the definition (the official torchscale code
+differs on both): positions are counted from each segment's own start, so a w that is not a
+multiple of r does not shift later segments; and the last segment, when N is not a multiple
+of w, is a shorter segment of its own: the padding that `segment` adds is masked, never
+attended (the official non-causal path attends its padding keys).
+
 This file is `implementation="readable"`: pad, reshape, gather, dense attention with a mask,
 scatter. Every step is a tensor you can print; the notebooks build it, and it is a second check
 of the default `implementation="fast"` (`fast.py`: strided views into q, k, v and torch's fused
@@ -57,7 +63,7 @@ def sparsify(x_seg, dilation_rate, offsets):
 
 
 def kept_row_mask(seq_len, segment_length, dilation_rate, offsets):
-    """Boolean (H, S, K): row k of segment s is a real position kept by head h (not padding)."""
+    """Boolean (H, S, K): row i of segment m is a real position kept by head h (not padding)."""
     N, W, R = seq_len, segment_length, dilation_rate
     S, K = math.ceil(N / W), math.ceil(W / R)
     within = torch.arange(K)[None, :] * R + offsets[:, None]  # (H, K) position inside the segment

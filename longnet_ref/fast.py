@@ -24,8 +24,11 @@ gradient of lse_i. No branch output needs to be kept for the backward. A gradien
 the merged log-sum-exp reaches branch i as alpha_i dLSE and goes through the kernel's extra
 column (`kernels.attention_backward`).
 
-Shape legend: B batch, H heads, N length, D head dim, W segment length, R dilation rate,
-S segments, K = ceil(W / R) rows kept per segment, h heads in a group.
+`Piece.view` and `branch_pieces` are a gathered form of the keep rule `patterns.keeps`: the
+rows a branch's pieces select for a head are exactly the positions p with `keeps(p, p, w, r, o)`,
+and two rows meet in one kernel call exactly when `keeps` pairs them (tests/test_patterns.py).
+
+Letters: the package legend (`longnet_ref/__init__.py`); W = w and R = r in shape tuples.
 """
 
 from __future__ import annotations
@@ -56,10 +59,10 @@ class Piece:
     heads: slice  # heads sharing the offset
 
     def view(self, x, b):
-        """Kept rows of batch element b: (B, H, N, *E) -> (h, S, K, *E), a view of x."""
+        """Kept rows of batch element b: (B, H, N, *rest) -> (h, S, K, *rest), a view of x."""
         rows = x[b, self.heads, self.start : self.start + self.num_segments * self.segment_length]
-        rows = rows.unflatten(1, (self.num_segments, self.segment_length))  # (h, S, W, *E)
-        return rows[:, :, self.offset :: self.dilation_rate]  # (h, S, K, *E)
+        rows = rows.unflatten(1, (self.num_segments, self.segment_length))  # (h, S, W, *rest)
+        return rows[:, :, self.offset :: self.dilation_rate]  # (h, S, K, *rest)
 
 
 def branch_pieces(seq_len, num_heads, segment_length, dilation_rate, head_offsets):
@@ -84,9 +87,9 @@ def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_of
     lse = torch.full((B, H, N), -math.inf, dtype=_lse_dtype(q), device=q.device)
     for piece in branch_pieces(N, H, segment_length, dilation_rate, head_offsets):
         for b in range(B):
-            o, l = fused_attention(piece.view(q, b), piece.view(k, b), piece.view(v, b), causal=causal)
-            piece.view(out, b).copy_(o)  # scatter, Eqs. 6-8 (autograd records the copy)
-            piece.view(lse, b).copy_(l)
+            out_b, lse_b = fused_attention(piece.view(q, b), piece.view(k, b), piece.view(v, b), causal=causal)
+            piece.view(out, b).copy_(out_b)  # scatter, Eqs. 6-8 (autograd records the copy)
+            piece.view(lse, b).copy_(lse_b)
     return out, lse
 
 
@@ -139,15 +142,15 @@ class RunningMerge(torch.autograd.Function):
         for call in calls:
             keys, values = sources[call.source]
             for b in range(B):
-                o, l, kernel_saved = attention_forward(
+                out_b, lse_b, kernel_saved = attention_forward(
                     call.queries.view(q, b), call.keys.view(keys, b), call.keys.view(values, b), call.causal, scale
                 )
-                _merge_into(call.queries.view(out, b), call.queries.view(lse, b), o, l)
-                saved.append((l, *kernel_saved))
+                _merge_into(call.queries.view(out, b), call.queries.view(lse, b), out_b, lse_b)
+                saved.append((lse_b, *kernel_saved))
         out = out.to(q.dtype)
         ctx.calls, ctx.scale, ctx.batch = calls, scale, B
-        ctx.saved_sizes = [len(s) for s in saved]
-        ctx.save_for_backward(q, k, v, out, lse, *kv, *[t for s in saved for t in s])
+        ctx.saved_sizes = [len(group) for group in saved]
+        ctx.save_for_backward(q, k, v, out, lse, *kv, *[t for group in saved for t in group])
         ctx.num_kv = len(kv)
         return out, lse
 
@@ -168,8 +171,8 @@ class RunningMerge(torch.autograd.Function):
             dkeys, dvalues = grads[call.source]
             rows = call.queries
             for b in range(ctx.batch):
-                l, *kernel_saved = next(saved)
-                alpha = torch.exp(l - rows.view(lse, b))  # (h, S, K): this call's merge weight
+                lse_b, *kernel_saved = next(saved)
+                alpha = torch.exp(lse_b - rows.view(lse, b))  # (h, S, K): this call's merge weight
                 # the merged out in place of the call's own: see the module docstring
                 dq_b, dk_b, dv_b = attention_backward(
                     rows.view(dout, b) * alpha.unsqueeze(-1),
@@ -196,15 +199,16 @@ def _regroup(flat, sizes):
         at += size
 
 
-def _merge_into(out_rows, lse_rows, o, l):
-    """Eq. 10, one branch at a time: fold (o, l) into the running (out_rows, lse_rows), in place.
+def _merge_into(out_rows, lse_rows, out_new, lse_new):
+    """Eq. 10, one branch at a time: fold (out_new, lse_new) into the running (out_rows, lse_rows), in place.
 
-    With s = exp(lse): out <- (s_old out + s_new o) / (s_old + s_new), computed from log-sum-exps
-    so nothing overflows. Rows seen first get s_old = exp(-inf) = 0 and simply take o.
+    With denominators exp(lse): out <- (exp(lse_old) out + exp(lse_new) out_new) / (exp(lse_old) +
+    exp(lse_new)), computed from log-sum-exps so nothing overflows. Rows seen first have
+    exp(lse_old) = exp(-inf) = 0 and simply take out_new.
     """
-    new_lse = torch.logaddexp(lse_rows, l)  # (h, S, K)
+    new_lse = torch.logaddexp(lse_rows, lse_new)  # (h, S, K)
     out_rows.mul_(torch.exp(lse_rows - new_lse).unsqueeze(-1))
-    out_rows.add_(o * torch.exp(l - new_lse).unsqueeze(-1))
+    out_rows.add_(out_new * torch.exp(lse_new - new_lse).unsqueeze(-1))
     lse_rows.copy_(new_lse)
 
 

@@ -19,7 +19,7 @@ and uses the `out` it is given only to form Delta. A gradient `g_i` flowing into
 q' = [q, 0], k' = [k, 0], v' = [v, 0], out' = [O, -g], dO' = [dO, 1] gives
 dO'.out' = Delta - g and dO'.v'_j = dO.v_j, so one kernel call is exact.
 
-Shape legend: B batch, H heads, N sequence length, D head dim.
+Letters: the package legend (`longnet_ref/__init__.py`).
 """
 
 from __future__ import annotations

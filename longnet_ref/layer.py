@@ -5,7 +5,7 @@ heads -> output projection. With one branch covering the sequence (w >= N, r = 1
 ordinary multi-head attention (Vaswani et al. 2017), which a test checks against
 `torch.nn.MultiheadAttention`.
 
-Shape legend: B batch, N length, E = H * D embedding dim, H heads, D head dim.
+Letters: the package legend (`longnet_ref/__init__.py`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ kept keys of its own segment. The mixture (Eq. 10) is equivalent to one softmax 
 Everything here is computed from positions by broadcasting, independently of the strided
 gather code in `dilated.py` and `fast.py`: this is what the oracle and the pictures use.
 
-Shape legend: H heads, N sequence length, w segment length, r dilation rate.
+Letters: the package legend (`longnet_ref/__init__.py`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
-"""Head offsets and the multiplicity pattern c(h, q, k), checked against hand-written cases."""
+"""Head offsets, the keep rule and the multiplicity pattern c(h, q, k), checked against hand-written
+cases; the gathered forms of the keep rule (dilated.py's sparsify, fast.py's pieces) checked equal to it."""
 
 import pytest
 import torch
 
-from longnet_ref import attention_pattern, head_groups, head_offset, pattern_rows
+from longnet_ref import attention_pattern, geometric_mixture, head_groups, head_offset, keeps, pattern_rows
+from longnet_ref.checks import HEAD_OFFSET_RULES
+from longnet_ref.dilated import kept_row_mask, segment, sparsify
+from longnet_ref.fast import branch_pieces
+from longnet_ref.patterns import branch_mask
 
 
 def test_head_offset_rules():
@@ -15,7 +20,7 @@ def test_head_offset_rules():
         head_offset(0, 2, 2, "diagonal")
 
 
-@pytest.mark.parametrize("rule", ["paper", "torchscale", "none"])
+@pytest.mark.parametrize("rule", HEAD_OFFSET_RULES)
 @pytest.mark.parametrize("H,r", [(1, 1), (1, 3), (6, 4), (8, 2), (5, 3), (12, 12)])
 def test_head_groups_partition_heads(rule, H, r):
     seen = []
@@ -60,3 +65,74 @@ def test_pattern_rows_are_rows_of_the_pattern():
     assert torch.equal(got, full[:, rows])
     with pytest.raises(ValueError, match=r"queries must be .* \[0, 50\), got \[50\]"):
         pattern_rows(50, [50], [8], [1], 3)
+
+
+def test_keeps_by_hand_on_ints_and_tensors():
+    # w = 6, r = 4, offset 1: segment [0, 6) keeps 1 and 5, segment [6, 12) keeps 7 and 11
+    kept = [p for p in range(12) if keeps(p, p, 6, 4, 1)]
+    assert kept == [1, 5, 7, 11]  # counted from each segment's start: 7 = 6 + 1, not 9
+    assert keeps(5, 1, 6, 4, 1) and keeps(1, 5, 6, 4, 1)
+    assert not keeps(7, 5, 6, 4, 1)  # both kept, different segments
+    assert not keeps(1, 5, 6, 4, 1, causal=True) and keeps(5, 1, 6, 4, 1, causal=True)
+    q, k = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    grid = keeps(q, k, 6, 4, 1)
+    assert grid.dtype == torch.bool and grid.shape == (12, 12)
+    assert [(i, j) for i in range(12) for j in range(12) if grid[i, j]] == [
+        (i, j) for i in kept for j in kept if i // 6 == j // 6
+    ]
+
+
+CASES = [(N, w, r) for N in (1, 5, 12, 17) for w in (1, 3, 4, 6, 8, 32) for r in (1, 2, 3, 4) if r <= w]
+
+
+@pytest.mark.parametrize("rule", HEAD_OFFSET_RULES)
+def test_readable_gather_is_the_keep_rule(rule):
+    """dilated.segment + sparsify + kept_row_mask select, per head and segment, exactly the rows keeps() keeps."""
+    H = 5
+    for N, w, r in CASES:
+        W = min(w, N)
+        positions = torch.arange(N, dtype=torch.float64).view(1, 1, N, 1).expand(1, H, N, 1)  # (B, H, N, 1)
+        offsets = torch.tensor([head_offset(j, H, r, rule) for j in range(H)])
+        rows = sparsify(segment(positions, W), r, offsets)[0, ..., 0]  # (H, S, K) positions
+        mask = kept_row_mask(N, W, r, offsets)  # (H, S, K)
+        for h in range(H):
+            for m in range(rows.shape[1]):
+                got = rows[h, m][mask[h, m]].long().tolist()
+                want = [p for p in range(N) if p // W == m and keeps(p, p, w, r, int(offsets[h]))]
+                assert got == want, (N, w, r, rule, h, m)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rule", HEAD_OFFSET_RULES)
+def test_fast_pieces_are_the_keep_rule(rule, causal):
+    """fast.branch_pieces: the (query, key) pairs that meet in one kernel call are exactly keeps()'s pairs."""
+    H = 5
+    for N, w, r in CASES:
+        positions = torch.arange(N).view(1, 1, N).expand(1, H, N)  # (B, H, N)
+        met = torch.zeros(H, N, N, dtype=torch.long)
+        for piece in branch_pieces(N, H, w, r, rule):
+            rows = piece.view(positions, 0)  # (h, S, K) positions
+            for h, head_rows in zip(range(H)[piece.heads], rows):
+                for block in head_rows:  # one segment: a kernel call attends all of it (causal: k <= q)
+                    for i in block.tolist():
+                        for j in block.tolist():
+                            met[h, i, j] += (j <= i) or not causal
+        expected = branch_mask(N, w, r, H, causal=causal, head_offsets=rule)  # keeps() for every head
+        assert torch.equal(met, expected.long()), (N, w, r, rule)
+
+
+def test_geometric_mixture():
+    assert geometric_mixture(2048, 2, seq_len=32768) == ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])
+    assert geometric_mixture(64, 4, seq_len=1000) == ([64, 256, 1024], [1, 4, 16])  # last w: first >= N
+    assert geometric_mixture(64, 2, seq_len=10) == ([64], [1])  # one segment already covers N
+    assert geometric_mixture(8, 2, branches=3) == ([8, 16, 32], [1, 2, 4])
+    with pytest.raises(ValueError, match="ratio must be an integer >= 2, got 1"):
+        geometric_mixture(4, 1, seq_len=100)
+    with pytest.raises(ValueError, match="w0 must be a positive integer, got 0"):
+        geometric_mixture(0, 2, seq_len=100)
+    with pytest.raises(ValueError, match="exactly one of seq_len and branches"):
+        geometric_mixture(4, 2)
+    with pytest.raises(ValueError, match="exactly one of seq_len and branches"):
+        geometric_mixture(4, 2, seq_len=8, branches=2)
+    with pytest.raises(ValueError, match="branches must be a positive integer, got 0"):
+        geometric_mixture(4, 2, branches=0)
