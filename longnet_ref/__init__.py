@@ -20,7 +20,8 @@ Concept map (where each idea lives; the paper's sections and equations in bracke
     input checks                checks.py     every ValueError names its parameter
 
     parallel/   sequence parallelism over P devices, simulated in one process or on
-                torch.distributed: local branches, all-gather of sparse keys and values [Sec. 3.1]
+                torch.distributed: local branches, all-gather of sparse keys and values [Sec. 3.1];
+                consensus.py: every rank raises the same ValueError, or none
     lm/         a small byte-level language model on the layer: train, checkpoint, generate, evaluate,
                 and the Table 2 / recall experiment with its report
     analysis/   numbers and pictures about the pattern: FLOPs and memory [Eqs. 16-18], dependency

@@ -66,7 +66,8 @@ def keeps(query, key, segment_length, dilation_rate, offset, *, causal=False):
     like attention-gym's `mask_mod(b, h, q_idx, kv_idx)`. Every other place that knows which
     pairs a branch keeps either calls this function or is a gathered form of it that says so
     and is tested equal to it (`dilated.sparsify`, `fast.Piece`, `parallel.plan.kept_run`,
-    `analysis.complexity`, `analysis.dependency_paths`).
+    `parallel.plan.plan_branches`, `parallel.fused.distributed_calls`, `analysis.complexity`,
+    `analysis.dependency_paths`).
     """
     w, r = segment_length, dilation_rate
     same_segment = (query // w) == (key // w)

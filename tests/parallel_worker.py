@@ -69,10 +69,10 @@ def layer_case(rank, P, case):
         "y": (y - layer(x)[:, mine]).abs().max().item(),
         "dx": (x_local.grad - x_ref.grad[:, mine]).abs().max().item(),
     }
-    for (name, p), p_ref in zip(parallel.named_parameters(), layer.parameters()):
-        grad = p.grad.clone()
+    for (name, param), param_ref in zip(parallel.named_parameters(), layer.parameters()):
+        grad = param.grad.clone()
         dist.all_reduce(grad)  # each rank holds its tokens' share of the parameter gradient
-        errors[name] = (grad - p_ref.grad).abs().max().item()
+        errors[name] = (grad - param_ref.grad).abs().max().item()
     return {"errors": errors}
 
 

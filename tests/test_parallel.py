@@ -15,13 +15,24 @@ import pytest
 import torch
 from conftest import rand_qkv
 
-from longnet_ref import MultiheadDilatedAttention, dense_attention, dilated_attention, fused_attention, oracle_attention
+from longnet_ref import (
+    MultiheadDilatedAttention,
+    dense_attention,
+    dilated_attention,
+    fused_attention,
+    head_offset,
+    keeps,
+    oracle_attention,
+)
 from longnet_ref.parallel import (
     SequenceParallelDilatedAttention,
     SimulatedGroup,
+    plan_branches,
     sequence_parallel_attention,
     simulate_sequence_parallel,
 )
+from longnet_ref.parallel.fused import distributed_calls, key_runs, sparse_rows
+from longnet_ref.parallel.plan import kept_run
 
 # (world size P, segment lengths, dilation rates, what it exercises); N = 64 everywhere.
 CONFIGS = [
@@ -130,16 +141,150 @@ def test_gradients_through_out_and_lse(implementation):
         want = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
         got = SimulatedGroup(4).run(lambda comm, use_out=use_out: rank(comm, use_out))
         for i in range(3):
-            torch.testing.assert_close(torch.cat([g[i] for g in got], dim=2), want[i], rtol=0, atol=1e-10)
+            torch.testing.assert_close(
+                torch.cat([rank_grads[i] for rank_grads in got], dim=2), want[i], rtol=0, atol=1e-10
+            )
 
 
 def test_key_runs_skip_padding_and_empty_ranks():
-    from longnet_ref.parallel.fused import key_runs
-
-    # K = 4 rows per rank slot; rank 1 holds 3 real rows (one padding row), rank 2 none
+    # n_kept = 4 rows per rank slot; rank 1 holds 3 real rows (one padding row), rank 2 none
     assert key_runs([4, 3, 0, 4], 4, range(4)) == [(0, 7), (12, 4)]
     assert key_runs([4, 4, 4], 4, range(3)) == [(0, 12)]  # no padding: one block, one kernel call
     assert key_runs([4, 4, 4], 4, range(0)) == []  # the first rank of a causal segment: no earlier keys
+
+
+# ---------------------------------------------------------------- the keep rule, gathered
+
+
+def test_kept_run_is_the_keep_rule():
+    """`plan.kept_run` is a gathered form of `patterns.keeps`: its run is the rows x with keeps(x, x, w, r, o)."""
+    for w in range(1, 11):
+        for r in range(1, w + 1):
+            for offset in range(r):
+                for start in range(w):  # the chunk's first position, counted from its segment's start
+                    for length in range(w - start + 1):  # the chunk stays inside its segment
+                        first, count = kept_run(start, length, r, offset)
+                        for m in (0, 3):  # segment m: positions count from the segment's start
+                            x0 = m * w + start
+                            want = [i for i in range(length) if keeps(x0 + i, x0 + i, w, r, offset)]
+                            got = list(range(first, first + count * r, r))
+                            assert got == want, (start, length, r, offset, w, m)
+
+
+def test_plan_ranks_are_the_ranks_of_one_segment():
+    """`plan_branches`: the ranks j sharing rank p's segment are those with keeps(j l, p l, w, 1, 0) (Eq. 3)."""
+    for P in range(1, 9):
+        for l in range(1, 5):
+            N = P * l
+            ws = [w for w in range(1, 2 * N + 1) if l % min(w, N) == 0 or min(w, N) % l == 0]  # checked ones
+            for p in range(P):
+                for w, plan in zip(ws, plan_branches(p, P, l, [(w, 1) for w in ws])):
+                    assert plan.segment_length == min(w, N) and plan.local_length == l
+                    assert plan.local == (min(w, N) <= l)
+                    assert plan.ranks == tuple(j for j in range(P) if keeps(j * l, p * l, w, 1, 0)), (P, l, w, p)
+
+
+def kept_positions(rank, plan, offset):
+    """Positions of the rows that `rank` keeps for a head offset in `plan`'s segment, from its `kept_run`."""
+    l, r = plan.local_length, plan.dilation_rate
+    start = (rank - plan.ranks[0]) * l  # the chunk's first position, counted from the segment's start
+    first, count = kept_run(start, l, r, offset)
+    return [rank * l + first + i * r for i in range(count)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_distributed_key_blocks_are_the_keep_rule(causal):
+    """The blocks of `distributed_branch` (earlier ranks, own, later ranks) hold exactly the keys `keeps` gives.
+
+    For every rank of a segment spanning ranks and every head offset: the queries are the
+    chunk's kept rows (`kept_run`), and each one's keys, in position order, are the earlier
+    ranks' kept rows, its own rank's (causal: those up to the query), and, when not causal,
+    the later ranks': that is `keeps(query, key, w, r, o, causal)` over the whole sequence.
+    The fast path (`fused.distributed_calls`) attends the same keys in fewer calls.
+    """
+    for P, l in [(2, 4), (4, 3), (8, 2), (6, 5)]:
+        N = P * l
+        for w in [g * l for g in range(2, P + 1)] + [2 * N]:  # segments over g ranks, and w > N
+            for r in range(1, min(w, N) + 1):
+                for offset in range(r):
+                    for p in range(P):
+                        (plan,) = plan_branches(p, P, l, [(w, r)])
+                        me = plan.ranks.index(p)
+                        kept = [kept_positions(rank, plan, offset) for rank in plan.ranks]  # per peer
+                        own = kept[me]
+                        assert own == [x for x in range(p * l, (p + 1) * l) if keeps(x, x, w, r, offset)]
+                        earlier = [x for peer in range(me) for x in kept[peer]]
+                        later = [x for peer in range(me + 1, len(plan.ranks)) for x in kept[peer]]
+                        for query in own:
+                            keys = earlier + [x for x in own if x <= query or not causal] + ([] if causal else later)
+                            want = [x for x in range(N) if keeps(query, x, w, r, offset, causal=causal)]
+                            assert keys == want, (P, l, w, r, offset, p, query)
+
+
+def piece_rows(piece):
+    """Rows of a one-segment `fast.Piece` (a run of a rank's rows, or of gathered rows)."""
+    assert piece.num_segments == 1
+    return list(range(piece.start + piece.offset, piece.start + piece.segment_length, piece.dilation_rate))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("head_offsets", ["paper", "torchscale"])
+def test_fused_calls_attend_the_keep_rule(causal, head_offsets):
+    """The fast path's calls (`fused.distributed_calls`) give each query exactly the keys `keeps` gives it, once."""
+    H = 6
+    for P, l in [(2, 4), (4, 3), (8, 2), (6, 5)]:
+        N = P * l
+        for w in [g * l for g in range(2, P + 1)] + [2 * N]:
+            for r in range(1, min(w, N) + 1):
+                n_kept = math.ceil(l / r)
+                for p in range(P):
+                    (plan,) = plan_branches(p, P, l, [(w, r)])
+                    _, groups = sparse_rows(plan, p, H, head_offsets, torch.device("cpu"))
+                    seen = {}  # (head, query position) -> key positions
+                    for call in distributed_calls(plan, p, groups, 1, causal):
+                        heads = range(H)[call.queries.heads]
+                        offset = head_offset(heads[0], H, r, head_offsets)
+                        slots = []  # position of each row of the gathered source; None: padding
+                        for rank in plan.ranks:
+                            rows = kept_positions(rank, plan, offset)
+                            slots += rows + [None] * (n_kept - len(rows))
+                        for query in (p * l + row for row in piece_rows(call.queries)):
+                            if call.source == 0:  # own keys, read from k itself
+                                own = (p * l + row for row in piece_rows(call.keys))
+                                keys = [x for x in own if x <= query or not call.causal]
+                            else:
+                                keys = [slots[row] for row in piece_rows(call.keys)]
+                            for head in heads:
+                                seen.setdefault((head, query), []).extend(keys)
+                    for head in range(H):
+                        offset = head_offset(head, H, r, head_offsets)
+                        for query in range(p * l, (p + 1) * l):
+                            want = [x for x in range(N) if keeps(query, x, w, r, offset, causal=causal)]
+                            assert sorted(seen.get((head, query), [])) == want, (P, l, w, r, p, head, query)
+
+
+def test_public_names_are_what_users_call():
+    import longnet_ref.parallel as parallel
+
+    public = [
+        "SequenceParallelDilatedAttention",
+        "SimulatedGroup",
+        "distributed_branch",
+        "plan_branches",
+        "sequence_parallel_attention",
+        "simulate_sequence_parallel",
+    ]
+    assert sorted(parallel.__all__) == public
+    assert all(f"`{name}`" in parallel.__doc__ for name in public)
+    assert sorted(name for name in vars(parallel) if not name.startswith("_") and name not in public) == [
+        "algorithm",
+        "comm",
+        "consensus",
+        "fused",
+        "layer",
+        "plan",
+        "simulated",
+    ]  # the rest lives in the submodules
 
 
 def test_ranks_take_turns_and_the_timeout_counts_idle_time_only():
@@ -180,10 +325,10 @@ def test_fused_attention_gradient_with_more_or_fewer_keys_than_queries():
     for n_queries, n_keys in [(4, 12), (12, 4)]:
         q = torch.randn(2, 3, n_queries, 8, dtype=torch.float64, requires_grad=True)
         k, v = (torch.randn(2, 3, n_keys, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-        (o, s), (o_ref, s_ref) = fused_attention(q, k, v), dense_attention(q, k, v)
-        do, ds = torch.randn_like(o), torch.randn_like(s)
-        got = grads((o * do).sum() + (s * ds).sum(), (q, k, v), None)
-        want = grads((o_ref * do).sum() + (s_ref * ds).sum(), (q, k, v), None)
+        (out, lse), (out_ref, lse_ref) = fused_attention(q, k, v), dense_attention(q, k, v)
+        dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+        got = grads((out * dout).sum() + (lse * dlse).sum(), (q, k, v), None)
+        want = grads((out_ref * dout).sum() + (lse_ref * dlse).sum(), (q, k, v), None)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
@@ -381,8 +526,8 @@ def test_sequence_parallel_layer_equals_the_layer(P, causal):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(torch.cat([c.grad for c in chunks], dim=1), x_ref.grad, rtol=0, atol=1e-10)
     # threads share the parameters, so their .grad already holds the sum over ranks
-    for (name, p), p_ref in zip(parallel.named_parameters(), layer.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
+    for (name, param), param_ref in zip(parallel.named_parameters(), layer.parameters()):
+        torch.testing.assert_close(param.grad, param_ref.grad, rtol=0, atol=1e-10, msg=name)
     with pytest.raises(ValueError, match=r"x must be \(B, N/P, 32\)"):
         parallel(torch.randn(2, 16, 8))
 

@@ -37,31 +37,31 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}  #
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m longnet_ref.parallel", description=__doc__.split("\n\n")[0])
-    p.add_argument(
+    parser = argparse.ArgumentParser(prog="python -m longnet_ref.parallel", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
         "--seq-len", type=int, default=65536, help="N, the whole sequence (divisible by the number of ranks)"
     )
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
-    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 4, 8, 16])
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, nccl")
-    p.add_argument(
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--embed-dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
+    parser.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, nccl")
+    parser.add_argument(
         "--check", choices=["auto", "yes", "no"], default="auto", help="compare with one device (auto: if small)"
     )
-    p.add_argument(
+    parser.add_argument(
         "--timeout",
         type=float,
         default=60.0,
         help="seconds a collective may wait before failing (also for rank 0's check)",
     )
-    p.add_argument("--kill-rank", type=int, default=-1, help="fault injection: this rank dies before its forward")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (gloo connects lazily)")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    parser.add_argument("--kill-rank", type=int, default=-1, help="fault injection: this rank dies before its forward")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (gloo connects lazily)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
 
 
 def init(args):
@@ -71,9 +71,9 @@ def init(args):
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:  # plain `python -m longnet_ref.parallel`: a single rank
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -113,9 +113,9 @@ def report(args, P, reports, layer):
 
 def check(args, P, rank, layer, sp, x_local, y_local, dy_local):
     """Gather x, y, dy, dx to rank 0 and compare with the single-device layer. True if within tolerance."""
-    grads = [p.grad.clone() for p in sp.parameters()]
-    for g in grads:  # the full parameter gradient is the sum of every rank's part
-        dist.all_reduce(g)
+    grads = [param.grad.clone() for param in sp.parameters()]
+    for grad in grads:  # the full parameter gradient is the sum of every rank's part
+        dist.all_reduce(grad)
 
     def gather(t):
         parts = [torch.empty_like(t) for _ in range(P)] if rank == 0 else None
@@ -134,8 +134,8 @@ def check(args, P, rank, layer, sp, x_local, y_local, dy_local):
         "dx": (dx - x_ref.grad).abs().max() / x_ref.grad.abs().max(),
         # k_proj.bias has a zero gradient in exact arithmetic (softmax ignores a shift shared by
         # every key): measure every parameter against the largest parameter gradient.
-        "dW": max((g - p.grad).abs().max() for g, p in zip(grads, layer.parameters()))
-        / max(p.grad.abs().max() for p in layer.parameters()),
+        "dW": max((grad - param.grad).abs().max() for grad, param in zip(grads, layer.parameters()))
+        / max(param.grad.abs().max() for param in layer.parameters()),
     }
     tol = TOLERANCE[DTYPES[args.dtype]]
     ok = all(e <= tol for e in errors.values())
@@ -183,7 +183,10 @@ def run(args, rank, P):
     for (_, branch), (sent, _) in records.traffic(phase="forward", op="all_gather").items():
         branch_sent[branch] = sent
     totals = {
-        op: [sum(r.bytes_sent for r in records if r.op == op), sum(r.bytes_received for r in records if r.op == op)]
+        op: [
+            sum(rec.bytes_sent for rec in records if rec.op == op),
+            sum(rec.bytes_received for rec in records if rec.op == op),
+        ]
         for op in ("all_gather", "reduce_scatter")
     }
     mine = {

@@ -4,10 +4,10 @@ The sequence-parallel algorithm (`algorithm.py`, LongNet Sec. 3.1) talks to its 
 through a tiny interface:
 
 - `rank`, `world_size`;
-- `all_gather(x, ranks)`: every rank in `ranks` gives a tensor of one shape S and gets all
-  of them, stacked in rank order: (g, *S) for g = len(ranks);
-- `reduce_scatter(y, ranks)`: the backward of `all_gather`: every rank gives (g, *S), and
-  the i-th rank of `ranks` gets the sum over ranks of y[i], shape S;
+- `all_gather(x, ranks)`: every rank in `ranks` gives a tensor of one shape (*shape) and gets
+  all of them, stacked in rank order: (g, *shape) for g = len(ranks);
+- `reduce_scatter(y, ranks)`: the backward of `all_gather`: every rank gives (g, *shape), and
+  the i-th rank of `ranks` gets the sum over ranks of y[i], (*shape);
 - `all_gather_object(obj)`: small Python objects from every rank of the world (input checks).
 
 `AllGather` wraps the first two in one autograd Function: the forward gathers, the backward
@@ -18,8 +18,10 @@ same code. Two communicators implement the interface:
 - `simulated.SimulatedComm`: every rank a thread of one process (for notebooks and tests).
 
 Both append a `Collective` to `records` for every call, with the traffic of a
-bandwidth-optimal (ring) implementation: gathering chunks of c elements among g ranks sends
-and receives (g - 1) c elements per rank, and so does the reduce-scatter that is its backward.
+bandwidth-optimal (ring) implementation: gathering chunks of n elements among g ranks sends
+and receives (g - 1) n elements per rank, and so does the reduce-scatter that is its backward.
+
+Letters: the package legend (`longnet_ref/__init__.py`); g = len(ranks), the ranks taking part.
 """
 
 from __future__ import annotations
@@ -85,10 +87,10 @@ class Communicator:
             )
         )
 
-    def all_gather(self, x, ranks, branch=None):  # (*S) -> (g, *S)
+    def all_gather(self, x, ranks, branch=None):  # (*shape) -> (g, *shape)
         raise NotImplementedError
 
-    def reduce_scatter(self, y, ranks, branch=None):  # (g, *S) -> (*S)
+    def reduce_scatter(self, y, ranks, branch=None):  # (g, *shape) -> (*shape)
         raise NotImplementedError
 
     def all_gather_object(self, obj) -> list:
@@ -99,10 +101,10 @@ class Communicator:
 
 
 class AllGather(torch.autograd.Function):
-    """Differentiable all-gather among `ranks`: (*S) -> (g, *S). Its backward is a reduce-scatter.
+    """Differentiable all-gather among `ranks`: (*shape) -> (g, *shape). Its backward is a reduce-scatter.
 
-    Slot j of the result is rank j's x, so the gradient of rank j's x is the sum, over every
-    rank that used the gathered tensor, of its gradient for slot j: a reduce-scatter.
+    Slot i of the result is the x of ranks[i], so the gradient of that x is the sum, over every
+    rank that used the gathered tensor, of its gradient for slot i: a reduce-scatter.
     """
 
     @staticmethod
@@ -175,7 +177,7 @@ class TorchDistributed(Communicator):
 
     def _key(self, ranks):
         global_ranks = tuple(
-            r if self.group is dist.group.WORLD else dist.get_global_rank(self.group, r) for r in ranks
+            rank if self.group is dist.group.WORLD else dist.get_global_rank(self.group, rank) for rank in ranks
         )
         return dist.group.WORLD, global_ranks
 
@@ -189,13 +191,13 @@ class TorchDistributed(Communicator):
                 _SUBGROUPS[key] = dist.new_group(list(key[1]))  # every process calls, members or not
 
     def all_gather(self, x, ranks, branch=None):
-        out = x.new_empty(len(ranks) * x.numel())  # (g * |S|,)
+        out = x.new_empty(len(ranks) * x.numel())  # (g * x.numel(),)
         _all_gather_single(out, x.reshape(-1), group=self._subgroup(ranks))
         self._record("all_gather", "forward", branch, ranks, x.numel(), x.element_size())
-        return out.view(len(ranks), *x.shape)  # (g, *S)
+        return out.view(len(ranks), *x.shape)  # (g, *shape)
 
     def reduce_scatter(self, y, ranks, branch=None):
-        out = y.new_empty(y.shape[1:])  # (*S)
+        out = y.new_empty(y.shape[1:])  # (*shape)
         _reduce_scatter_single(out.view(-1), y.reshape(-1), group=self._subgroup(ranks))
         self._record("reduce_scatter", "backward", branch, ranks, out.numel(), y.element_size())
         return out

@@ -6,7 +6,7 @@ With the same parameters on every rank, the P chunks of the output are the singl
 layer's output on the whole sequence. Parameter gradients are per-rank partial sums: add
 them over the ranks (an all-reduce, as data parallelism does) to get the full gradient.
 
-Shape legend: B batch, N length, l = N / P local length, E = H * D embedding dim, H heads, D head dim.
+Letters: the package legend (`longnet_ref/__init__.py`): B batch, l = N / P local length, E = H * D.
 """
 
 from __future__ import annotations

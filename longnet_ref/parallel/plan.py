@@ -1,6 +1,20 @@
 """How a rank's chunk meets each branch (LongNet Sec. 3.1): local, or a segment spanning ranks.
 
-Shape legend: l = N / P local length, W segment length, R dilation rate, g ranks per segment.
+Rank p holds positions [p l, (p + 1) l). For a branch (w, r), w clipped to N:
+
+- w <= l (and l % w == 0): the chunk holds whole segments, and the branch is local;
+- w > l (and w % l == 0, or w = N): a segment spans g = w / l ranks, and starts on a rank
+  border; the last segment may hold fewer ranks when N % w != 0.
+
+Both functions here are gathered forms of the one keep rule, `patterns.keeps`, and
+tests/test_parallel.py checks them equal to it:
+
+- `plan_branches`: the ranks sharing rank p's segment are the ranks j whose chunks lie in the
+  same segment (Eq. 3), `keeps(j l, p l, w, 1, 0)`: the same-segment part of the rule;
+- `kept_run`: the rows of a chunk that a head keeps (Eq. 4), the positions x of the chunk
+  with `keeps(x, x, w, r, o)`, as one strided run.
+
+Letters: the package legend (`longnet_ref/__init__.py`).
 """
 
 from __future__ import annotations
@@ -13,9 +27,9 @@ class BranchPlan:
     """How one rank computes one branch."""
 
     index: int  # position in the list of branches (labels the collectives)
-    segment_length: int  # W, clipped to N
-    dilation_rate: int  # R
-    ranks: tuple  # ranks holding this rank's segment, in order (just this rank when local)
+    segment_length: int  # w, clipped to N
+    dilation_rate: int  # r
+    ranks: tuple  # the g ranks holding this rank's segment, in order (just this rank when local)
     local_length: int  # l
 
     @property
@@ -25,7 +39,11 @@ class BranchPlan:
 
 
 def plan_branches(rank, world_size, local_length, branches):
-    """The `BranchPlan` of every branch for one rank (branches already checked by `check_world`)."""
+    """The `BranchPlan` of every branch for one rank (branches already checked by `consensus.check_world`).
+
+    `ranks` are the ranks j with `keeps(j * l, rank * l, w, 1, 0)`: chunks start on segment
+    borders or inside one segment, so a chunk's first position decides its segment (Eq. 3).
+    """
     l, N = local_length, local_length * world_size
     plans = []
     for index, (w, r) in enumerate(branches):
@@ -40,11 +58,15 @@ def plan_branches(rank, world_size, local_length, branches):
     return plans
 
 
-def kept_rows(start, length, dilation_rate, offset):
-    """Rows of a chunk kept by head offset `offset`: `(first, count)`, rows first, first + r, ...
+def kept_run(start, length, dilation_rate, offset):
+    """The rows of a chunk that a head with offset o keeps, as one run: `(first, count)`.
 
-    `start` is the chunk's first position counted from its segment's start (Eq. 4 keeps the
-    positions whose distance to the segment start is offset mod r).
+    The kept rows are first, first + r, ..., first + (count - 1) r of the chunk. This is a
+    gathered form of `patterns.keeps`: for a chunk at positions [m w + start, m w + start +
+    length) of segment m (start + length <= w), row i is in the run exactly when
+    `keeps(x, x, w, r, o)` for its position x = m w + start + i, i.e. when its distance to the
+    segment start, start + i, is o mod r (Eq. 4). So first = (o - start) mod r, and count =
+    ceil((length - first) / r), 0 when the chunk ends before first (r > l).
     """
     first = (offset - start) % dilation_rate
     count = max(0, -(-(length - first) // dilation_rate))  # ceil((length - first) / r)

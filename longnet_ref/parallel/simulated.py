@@ -107,7 +107,7 @@ class SimulatedGroup:
                     f"simulated rank {rank} gave up waiting for ranks {ranks}: another rank failed, or no rank "
                     f"computed for {self.timeout:g} s while some did not come"
                 )
-            values = [slots[j] for j in ranks]
+            values = [slots[peer] for peer in ranks]
             readers = self._readers.setdefault((ranks, n), set(ranks))
             readers.discard(rank)
             if not readers:  # everyone has read: forget the round
@@ -170,13 +170,13 @@ class SimulatedComm(Communicator):
     def all_gather(self, x, ranks, branch=None):
         parts = self.group.exchange(ranks, self.rank, x.detach().clone())
         self._record("all_gather", "forward", branch, ranks, x.numel(), x.element_size())
-        return torch.stack(parts)  # (g, *S)
+        return torch.stack(parts)  # (g, *shape)
 
     def reduce_scatter(self, y, ranks, branch=None):
-        parts = self.group.exchange(ranks, self.rank, y.detach().clone())  # g tensors (g, *S)
+        parts = self.group.exchange(ranks, self.rank, y.detach().clone())  # g tensors (g, *shape)
         me = ranks.index(self.rank)
         self._record("reduce_scatter", "backward", branch, ranks, y[0].numel(), y.element_size())
-        return torch.stack([part[me] for part in parts]).sum(0)  # (*S), summed in rank order
+        return torch.stack([part[me] for part in parts]).sum(0)  # (*shape), summed in rank order
 
     def all_gather_object(self, obj):
         objects = self.group.exchange(tuple(range(self.world_size)), self.rank, copy.deepcopy(obj))
@@ -211,10 +211,10 @@ class _Simulation(torch.autograd.Function):
             p = comm.rank
             # a rank may keep no query row of any branch (r > l), so its output need not depend on q
             grads = torch.autograd.grad(ctx.outs[p], ctx.chunks[p], douts[p], allow_unused=True)
-            return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, ctx.chunks[p]))
+            return tuple(torch.zeros_like(x) if grad is None else grad for grad, x in zip(grads, ctx.chunks[p]))
 
         grads = ctx.group.run(rank_backward)  # per rank (dq, dk, dv), each (B, H, l, D)
-        dq, dk, dv = (torch.cat([g[i] for g in grads], dim=2) for i in range(3))
+        dq, dk, dv = (torch.cat([rank_grads[i] for rank_grads in grads], dim=2) for i in range(3))
         return dq, dk, dv, None, None
 
 
