@@ -5,18 +5,19 @@ Tensors are (B, H, N, D), the layout of `torch.nn.functional.scaled_dot_product_
 
 Concept map (where each idea lives; the paper's sections and equations in brackets):
 
-    head offsets o_j            patterns.py   head_offset, head_groups          [Sec. 2.3]
-    the keep rule               patterns.py   keeps (the one predicate)         [Eqs. 3-5]
-    multiplicity c(h, q, k)     patterns.py   attention_pattern, pattern_rows   [Eq. 10]
-    dense attention + its lse   attention.py  dense_attention                   [Eqs. 1-2]
-    the oracle                  oracle.py     oracle_attention, oracle_rows     [Eq. 10 as one softmax]
-    a branch, step by step      dilated.py    segment, sparsify, attend, scatter [Eqs. 3-8]
-    the merge                   mixture.py    merge_branches                    [Eq. 10]
-    the public entry points     mixture.py    dilated_branch, dilated_attention (the one place that
+    head offsets o_j            patterns.py   head_offset, head_groups            [Sec. 2.3]
+    the keep rule               patterns.py   keeps (the one predicate)           [Eqs. 3-5]
+    multiplicity c(h, q, k)     patterns.py   attention_pattern, pattern_rows     [Eq. 10]
+    geometric mixtures          patterns.py   geometric_mixture                   [Sec. 2.4]
+    dense attention + its lse   attention.py  dense_attention                     [Eqs. 1-2]
+    the oracle                  oracle.py     oracle_attention, oracle_rows       [Eq. 10 as one softmax]
+    a branch, step by step      dilated.py    segment, sparsify, scatter, readable_branch  [Eqs. 3-8]
+    the merge                   mixture.py    merge_branches                      [Eq. 10]
+    the entry points            mixture.py    dilated_branch, dilated_attention   (the one place that
                                               picks implementation="fast" or "readable")
-    the running merge           fast.py       RunningMerge, Piece, branch_calls [Eq. 10, fused]
+    the running merge           fast.py       RunningMerge, Piece, branch_calls   [Eq. 10, fused]
     kernels, exact backward     kernels.py    fused_attention, attention_backward
-    the layer                   layer.py      MultiheadDilatedAttention         [Sec. 2.3]
+    the layer                   layer.py      MultiheadDilatedAttention           [Sec. 2.3]
     input checks                checks.py     every ValueError names its parameter
 
     parallel/   sequence parallelism over P devices, simulated in one process or on

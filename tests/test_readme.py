@@ -142,3 +142,31 @@ def test_the_license_is_the_mit_license_pyproject_names():
     assert license_text.startswith("MIT License\n\nCopyright (c) 2026 the longnet_ref contributors\n")
     assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in license_text
     assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
+
+
+def concept_map_rows():
+    """(file, names) of every row of the README's concept map."""
+    table = re.search(r"<!-- concept-map -->\n(.*?)<!-- /concept-map -->", README, re.S)
+    assert table, "README.md has no concept map between <!-- concept-map --> markers"
+    rows = []
+    for line in table.group(1).splitlines()[2:]:  # after the header and the |---| line
+        _, _, file, names, _ = (cell.strip() for cell in line.split("|"))
+        rows.append((file.strip("`"), [name.strip(" `") for name in names.split(",")]))
+    return rows
+
+
+def test_concept_map_names_real_functions_and_matches_the_package_docstring():
+    import importlib
+
+    import longnet_ref
+
+    rows = concept_map_rows()
+    assert len(rows) >= 10
+    for file, names in rows:
+        assert (ROOT / file).is_file(), file
+        module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
+        for name in names:
+            assert hasattr(module, name), f"{file} has no {name}"
+            # the package docstring's map names the same function on the line of the same file
+            lines = [ln for ln in longnet_ref.__doc__.splitlines() if re.search(rf"\b{name}\b", ln)]
+            assert any(Path(file).name in ln for ln in lines), f"longnet_ref/__init__.py does not map {name} to {file}"
