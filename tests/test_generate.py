@@ -47,6 +47,23 @@ def test_every_head_offset_rule_is_respected_by_the_cache(head_offsets):
     torch.testing.assert_close(stepwise_logits(model, tokens), model(tokens), rtol=0, atol=1e-10)
 
 
+def test_the_cache_asks_the_one_keep_rule(monkeypatch):
+    """`cached_attention` calls `patterns.keeps` (causal) for every branch of every layer at every step."""
+    import longnet_ref.patterns as patterns
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("causal"))
+        return patterns.keeps(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "keeps", counted)
+    model = tiny_lm("dilated")  # 3 branches, 2 layers
+    tokens = torch.randint(0, 256, (1, 20))
+    torch.testing.assert_close(stepwise_logits(model, tokens), model(tokens), rtol=0, atol=1e-10)
+    assert calls == [True] * (19 * 2 * 3)  # the first token is the prefill forward, not the cache
+
+
 def test_a_cache_that_ignores_segments_is_wrong(monkeypatch):
     """The official decoding's mistake: attend every cached key, as if all were one segment."""
     model = tiny_lm("dilated")
@@ -54,12 +71,12 @@ def test_a_cache_that_ignores_segments_is_wrong(monkeypatch):
     full = model(tokens)
     real = gen.cached_attention
 
-    def one_segment(q, keys, values, p, attn):
+    def one_segment(q, keys, values, pos, attn):
         class Unsegmented:  # same layer, every segment length stretched past the sequence
             segment_lengths = [10**9] * len(attn.segment_lengths)
             dilation_rates, head_offsets = attn.dilation_rates, attn.head_offsets
 
-        return real(q, keys, values, p, Unsegmented)
+        return real(q, keys, values, pos, Unsegmented)
 
     monkeypatch.setattr(gen, "cached_attention", one_segment)
     wrong = stepwise_logits(model, tokens)

@@ -43,10 +43,10 @@ def test_layer_rejects_a_rotary_that_is_not_callable():
         MultiheadDilatedAttention(16, 4, [8], [1], rotary="rope")
 
 
-def oracle_attend(layer_index, attn, h):
+def oracle_attend(layer_index, attn, hidden):
     """The layer's attention through the dense oracle (explicit multiplicity mask)."""
-    B, N, E = h.shape
-    q, k, v = (attn.split_heads(p(h)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    B, N, E = hidden.shape
+    q, k, v = (attn.split_heads(proj(hidden)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = attn.rotary(q, k, torch.arange(N))
     ws = [min(w, N) for w in attn.segment_lengths]
     out, _ = oracle_attention(q, k, v, ws, attn.dilation_rates, causal=True)
@@ -150,7 +150,7 @@ def test_the_model_runs_sequence_parallel(attention):
     idx = torch.randint(0, 256, (2, 64))
 
     def rank(comm):
-        return parallel(idx.chunk(4, dim=1)[comm.rank], attend=lambda i, attn, h: attn(h, group=comm))
+        return parallel(idx.chunk(4, dim=1)[comm.rank], attend=lambda i, attn, hidden: attn(hidden, group=comm))
 
     logits = torch.cat(SimulatedGroup(4).run(rank), dim=1)
     torch.testing.assert_close(logits, model(idx), rtol=0, atol=1e-10)

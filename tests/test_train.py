@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from longnet_ref.lm.checkpoint import load_checkpoint
 from longnet_ref.lm.data import random_windows
 from longnet_ref.lm.model import LongNetLM
-from longnet_ref.lm.train import PRESETS, TrainConfig, build_parser, load_checkpoint, main, train
+from longnet_ref.lm.train import PRESETS, TrainConfig, build_parser, main, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,12 +168,21 @@ def test_missing_checkpoint_in_the_library_call(tmp_path):
         train(tiny(), tmp_path, resume=tmp_path / "missing.pt")
 
 
+def test_the_library_call_makes_the_checks_main_relies_on(tmp_path):
+    """`train` and `main` share one set of checks (TrainConfig's and `check_run`'s), made before any work."""
+    with pytest.raises(ValueError, match="--pause-at must be a positive step, got 0"):
+        train(tiny(), tmp_path / "run", pause_at=0)
+    with pytest.raises(ValueError, match="--init-from checkpoint .*missing.pt' does not exist"):
+        train(tiny(), tmp_path / "run", init_from=tmp_path / "missing.pt")
+    assert not (tmp_path / "run").exists()
+
+
 # -- the experiment command: tables and figures come from the runs, never typed ---------------
 
 
 def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus, monkeypatch):
-    import longnet_ref.lm.experiment as ex
     import longnet_ref.analysis.viz as viz
+    import longnet_ref.lm.experiment as ex
 
     figures = tmp_path / "figures"
     figures.mkdir()
@@ -214,6 +224,15 @@ def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus
     before = (runs / "dense-16" / "metrics.json").read_text()
     ex.table2(runs, progress=False)
     assert (runs / "dense-16" / "metrics.json").read_text() == before
+
+
+def test_the_experiment_draws_nothing_its_tables_and_plots_are_report_py():
+    import longnet_ref.lm.experiment as ex
+    import longnet_ref.lm.report as report
+
+    source = Path(ex.__file__).read_text()
+    assert not any(word in source for word in ("matplotlib", "save_fig", "write_table"))
+    assert (ex.report_table2, ex.report_recall) == (report.report_table2, report.report_recall)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -1,1 +1,1 @@
-"""The small language model built on the layer: model, data, train, checkpoint, generate, evaluate, experiment."""
+"""The small language model on the layer: model, data, train, checkpoint, generate, evaluate, experiment, report."""

@@ -12,7 +12,7 @@ path relative to the library root: deterministic across runs, processes and mach
 file's split does not depend on which other files exist. The corpus differs between Python
 versions, as the standard library does.
 
-Shape legend: B batch, N sequence length.
+Shape legend (the package's, plus): M = num_bytes // N evaluation windows.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def stdlib_files(root=None) -> list[str]:
     if not root.is_dir():
         raise ValueError(f"root must be a directory of .py files, got {str(root)!r}")
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    paths = (p.relative_to(root) for p in root.rglob("*.py") if p.is_file())
-    return sorted(p.as_posix() for p in paths if not skip.intersection(p.parts))
+    paths = (path.relative_to(root) for path in root.rglob("*.py") if path.is_file())
+    return sorted(path.as_posix() for path in paths if not skip.intersection(path.parts))
 
 
 def split_of(path: str, val_fraction: float = 0.05) -> str:
@@ -136,29 +136,13 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
     y = torch.full((B, N), IGNORE, dtype=torch.long)
     dist = torch.zeros((B, N), dtype=torch.long)
 
-    def uniform(n):  # an int in [0, n), from the generator
-        return int(torch.randint(0, n, (1,), generator=generator))
-
-    def pick_distances():
-        if distances is not None:
-            choices = sorted(set(distances))
-            return [choices[i] for i in torch.randperm(len(choices), generator=generator)[:per_pair].tolist()]
-        chosen = []
-        while len(chosen) < per_pair:  # distinct distances: two queries never share a position
-            u, half = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-            # half log-uniform in [1, N - 2] (every scale), half uniform (long distances as often as short)
-            d = int(math.exp(math.log(N - 2) * u)) if half < 0.5 else 1 + int(u * (N - 2))
-            if d not in chosen:
-                chosen.append(d)
-        return chosen
-
     for b in range(B):
         used = set()
         for key in torch.randperm(NUM_KEYS, generator=generator)[:num_pairs].tolist():
-            value = uniform(NUM_VALUES)
+            value = uniform(NUM_VALUES, generator)
             for _ in range(1000):  # rejection sampling of free positions; fails only if crowded
-                ds = pick_distances()
-                needle = uniform(N - 1 - max(ds))  # every query q = needle + d <= N - 2
+                ds = query_distances(N, per_pair, distances, generator)
+                needle = uniform(N - 1 - max(ds), generator)  # every query q = needle + d <= N - 2
                 taken = {needle} | {needle + d for d in ds}
                 if len(taken) == 1 + per_pair and not taken & used:
                     break
@@ -171,3 +155,24 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
                 y[b, needle + d] = ord("0") + value
                 dist[b, needle + d] = d
     return x, y, dist
+
+
+def uniform(n, generator=None):
+    """An int in [0, n), drawn from `generator`."""
+    return int(torch.randint(0, n, (1,), generator=generator))
+
+
+def query_distances(seq_len, count, distances=None, generator=None):
+    """`count` different distances of queries from their needle (see `recall_batch`), drawn from `generator`."""
+    N = seq_len
+    if distances is not None:
+        choices = sorted(set(distances))
+        return [choices[i] for i in torch.randperm(len(choices), generator=generator)[:count].tolist()]
+    chosen = []
+    while len(chosen) < count:  # distinct distances: two queries never share a position
+        u, half = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        # half log-uniform in [1, N - 2] (every scale), half uniform (long distances as often as short)
+        d = int(math.exp(math.log(N - 2) * u)) if half < 0.5 else 1 + int(u * (N - 2))
+        if d not in chosen:
+            chosen.append(d)
+    return chosen

@@ -1,6 +1,6 @@
 """Measuring a trained model: bits per byte at a test length, and recall accuracy against distance.
 
-Shape legend: B batch, N length, V vocabulary.
+Shape legend (the package's, plus): V vocabulary; M = num_bytes // N evaluation windows.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def bits_per_byte(model, data, seq_len, num_bytes, *, batch_size=8, device="cpu"
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         with autocast_for(device):
-            logits = model(xb)  # (b, N, V)
+            logits = model(xb)  # (B, N, V)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # an autocast run's softmax in float32
-        loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none")  # (b, N)
+        loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none")  # (B, N)
         per_position += loss.sum(0).double().cpu()
     model.train(was_training)
     per_position /= x.shape[0] * math.log(2)  # bits
@@ -60,10 +60,10 @@ def recall_eval_set(seq_len, num_sequences, distances=None, *, num_pairs=4, quer
     """A fixed evaluation set of the recall task: each needle asked at `queries_per_pair` of the distances.
 
     By default the distances are b, b+1, b+2, b+3 for every base b of `recall_distances`: all
-    four residues mod 4. A dilated branch with rate r lets query p see key p - d in one hop only
-    when r divides d (both must have the head's residue), so distances that are all multiples
-    of 4 would flatter dilated attention; `recall_accuracy(..., buckets=recall_distances(N))`
-    reports the mean over the four.
+    four residues mod 4. A dilated branch with rate r lets a query see the key d positions
+    back in one hop only when r divides d (both must have the head's residue), so distances
+    that are all multiples of 4 would flatter dilated attention;
+    `recall_accuracy(..., buckets=recall_distances(N))` reports the mean over the four.
     """
     if distances is None:
         distances = sorted({b + i for b in recall_distances(seq_len) for i in range(4)})
@@ -88,14 +88,14 @@ def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu", buckets=None
     for i in range(0, x.shape[0], batch_size):
         xb, yb, db = (t[i : i + batch_size].to(device) for t in (x, y, dist))
         with autocast_for(device):
-            logits = model(xb)  # (b, N, V)
-        scored = yb != IGNORE  # (b, N)
+            logits = model(xb)  # (B, N, V)
+        scored = yb != IGNORE  # (B, N)
         loss_sum += F.cross_entropy(logits[scored].float(), yb[scored], reduction="sum").item()
         hit = logits[scored].argmax(-1) == yb[scored]
-        for d, h in zip(db[scored].tolist(), hit.tolist()):
+        for d, right in zip(db[scored].tolist(), hit.tolist()):
             if buckets is not None:
                 d = max(b for b in buckets if b <= d)
-            correct[d] = correct.get(d, 0) + int(h)
+            correct[d] = correct.get(d, 0) + int(right)
             count[d] = count.get(d, 0) + 1
     model.train(was_training)
     accuracy = {d: correct[d] / count[d] for d in sorted(count)}

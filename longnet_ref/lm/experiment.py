@@ -15,8 +15,8 @@
 
 Each run trains with `train.train` into runs/<name>/ (skipped when already finished, resumed
 when a checkpoint exists), then writes runs/<name>/test.json. `report` turns those files into
-figures/07_*.md, .csv and .png, and into the README's section between its 07 markers. Nothing
-in the tables is typed by hand.
+figures/07_*.md, .csv and .png (the tables and plots are report.py's), and into the README's
+section between its 07 markers. Nothing in the tables is typed by hand.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.complexity import mixture_flops
+from ..analysis.results import paste_into_readme
+from .checkpoint import load_checkpoint
 from .data import load_corpus
 from .evaluate import bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
-from ..analysis.results import paste_into_readme, write_table
-from .train import TrainConfig, load_checkpoint, train
-from ..analysis.viz import save_fig
+from .report import report_recall, report_table2
+from .train import TrainConfig, train
 
 TABLE2_COMMON = dict(embed_dim=128, num_heads=4, num_layers=4, steps=500, lr=2e-3, eval_every=125, warmup=50)
 TABLE2_RUNS = {
@@ -87,13 +87,6 @@ def train_run(name, config, runs, corpus=None, progress=True, init_from=None):
     return model
 
 
-def attention_flops_per_token(config, seq_len):
-    """Attention FLOPs per token, causal, forward, all layers (`complexity.mixture_flops`; w clipped to N)."""
-    ws, rs = config.model_config().branches()
-    shape = dict(heads=config.num_heads, head_dim=config.embed_dim // config.num_heads, causal=True)
-    return config.num_layers * sum(mixture_flops(seq_len, ws, rs, **shape)) / seq_len
-
-
 def table2(runs, threads=1, progress=True):
     corpus = load_corpus()
     for name, run in TABLE2_RUNS.items():
@@ -126,127 +119,15 @@ def recall(runs, threads=1, progress=True):
         (Path(runs) / name / "test.json").write_text(json.dumps({"accuracy": accuracy, "loss": loss}, indent=1))
 
 
-def load_results(runs, names):
-    """{name: {"stages": [metrics of each training stage], "test": test.json}} for the runs that finished."""
-    results = {}
-    for name in names:
-        folder = Path(runs) / name
-        if (folder / "test.json").is_file():
-            stages = sorted(folder.glob("stage*/metrics.json")) or [folder / "metrics.json"]
-            results[name] = dict(
-                stages=[json.loads(path.read_text()) for path in stages],
-                test=json.loads((folder / "test.json").read_text()),
-            )
-    return results
-
-
-def training_summary(stages):
-    """Wall seconds, CPU seconds, tokens, over all stages. CPU seconds with one thread = an unloaded core's time."""
-    records = [r for metrics in stages for r in metrics["train"]]
-    wall = sum(r["seconds"] for r in records)
-    cpu = sum(r.get("cpu_seconds", r["seconds"]) for r in records)
-    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in records)
-    return wall, cpu, tokens
-
-
-def time_cells(stages):
-    wall, cpu, tokens = training_summary(stages)
-    return [f"{wall / 60:.1f} / {cpu / 60:.1f} min", f"{tokens / cpu:,.0f}"]
-
-
-TIME_HEADER = ["train time wall / CPU", "tokens per CPU s"]
-
-
-def report_table2(runs):
-    import matplotlib.pyplot as plt
-
-    results = load_results(runs, TABLE2_RUNS)
-    if not results:
-        return None
-    header = ["model", "train length", "batch", "train tokens", "attention FLOPs/token (vs dense)", *TIME_HEADER]
-    header += [f"bpb @ {n}" for n in TEST_LENGTHS]
-    rows = []
-    fig, (ax_curve, ax_bpb, ax_context) = plt.subplots(1, 3, figsize=(16, 4.2))
-    for name, result in results.items():
-        metrics = result["stages"][-1]
-        config = TrainConfig(**metrics["train_config"])
-        flops = attention_flops_per_token(config, config.seq_len)
-        dense = attention_flops_per_token(
-            TrainConfig(**dict(metrics["train_config"], attention="dense")), config.seq_len
-        )
-        bpb = {int(n): b for n, b in result["test"]["bpb"].items()}
-        tokens = training_summary(result["stages"])[2]
-        rows.append(
-            [
-                name,
-                config.seq_len,
-                config.batch_size,
-                f"{tokens / 1e6:.2f} M",
-                f"{flops / 1e3:.0f} K ({flops / dense:.2f})",
-            ]
-            + time_cells(result["stages"])
-            + [f"{bpb[n]:.3f}" for n in TEST_LENGTHS]
-        )
-        per_step = config.batch_size * config.seq_len
-        evals = metrics["eval"]
-        ax_curve.plot([e["step"] * per_step / 1e6 for e in evals], [e["val_bpb"] for e in evals], "o-", label=name)
-        ax_bpb.plot(TEST_LENGTHS, [bpb[n] for n in TEST_LENGTHS], "o-", label=name)
-        by_context = {int(p): b for p, b in result["test"]["bpb_by_context"].items()}
-        ax_context.plot(list(by_context), list(by_context.values()), "o-", label=name)
-    ax_curve.set(xlabel="training tokens (M)", ylabel="bits per byte (validation, training length)", title="training")
-    ax_bpb.set(xscale="log", xlabel="test length (bytes)", ylabel="bits per byte", title="Table 2 in miniature")
-    ax_bpb.set_xticks(TEST_LENGTHS, [str(n) for n in TEST_LENGTHS])
-    ax_bpb.minorticks_off()
-    ax_context.set(
-        xscale="log",
-        xlabel=f"position in a {TEST_LENGTHS[-1]}-byte window (bytes of context)",
-        ylabel="bits per byte",
-        title="how much context each model uses",
-    )
-    for ax in (ax_curve, ax_bpb, ax_context):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_fig(fig, "07_table2")
-    plt.close(fig)
-    return write_table("07_table2", header, rows)
-
-
-def report_recall(runs):
-    import matplotlib.pyplot as plt
-
-    results = load_results(runs, RECALL_RUNS)
-    if not results:
-        return None
-    distances = sorted({int(d) for r in results.values() for d in r["test"]["accuracy"]})
-    header = ["model", "branches (w, r)", "stages (length x steps)", *TIME_HEADER]
-    header += [f"d={d}-{d + 3}" for d in distances]  # each bucket: the four residues mod 4
-    rows = []
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, result in results.items():
-        config = TrainConfig(**result["stages"][-1]["train_config"])
-        ws, rs = config.model_config().branches()
-        branches = "dense" if config.attention == "dense" else " ".join(f"({w},{r})" for w, r in zip(ws, rs))
-        stages = " + ".join(f"{m['train_config']['seq_len']}x{m['train_config']['steps']}" for m in result["stages"])
-        accuracy = {int(d): a for d, a in result["test"]["accuracy"].items()}
-        rows.append([name, branches, stages, *time_cells(result["stages"])] + [f"{accuracy[d]:.2f}" for d in distances])
-        ax.plot(distances, [accuracy[d] for d in distances], "o-", label=f"{config.attention}: {branches}")
-    ax.axhline(1 / 8, color="gray", ls=":", label="chance (1/8)")
-    local_window = RECALL_RUNS["recall-local"]["segment_lengths"][0]
-    ax.axvline(local_window, color="gray", ls="--", lw=0.8, label=f"local window ({local_window})")
-    ax.set(
-        xscale="log", xlabel="distance from the needle (d ... d+3, bytes)", ylabel="recall accuracy", ylim=(-0.03, 1.03)
-    )
-    ax.set_title(f"Key-value recall, tested at N = {RECALL_STAGES[-1]['seq_len']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_fig(fig, "07_recall")
-    plt.close(fig)
-    return write_table("07_recall", header, rows)
-
-
 def report(runs, readme=None):
-    for section, make in (("table2", report_table2), ("recall", report_recall)):
-        markdown = make(runs)
+    """The `report` command: report.py's tables and figures of the runs defined here, pasted into the README."""
+    local_window = RECALL_RUNS["recall-local"]["segment_lengths"][0]
+    sections = (
+        ("table2", lambda: report_table2(runs, TABLE2_RUNS, TEST_LENGTHS)),
+        ("recall", lambda: report_recall(runs, RECALL_RUNS, local_window, RECALL_STAGES[-1]["seq_len"])),
+    )
+    for section, make in sections:
+        markdown = make()
         if markdown is not None:
             print(markdown)
             paste_into_readme(f"07:{section}", markdown, readme)

@@ -1,20 +1,23 @@
 """Token-by-token decoding with a key/value cache that respects segments and head offsets.
 
-A causal dilated branch (w, r) is prefix-consistent: the output at position p depends only
-on positions <= p, through rules that use absolute positions alone (LONGNET.md Sec. 1):
-
-    segment   s = p // w                              (w >= N: one segment, s = 0)
-    kept      (p - s*w) % r == o_h                    head h's offset o_h
-    keys      the kept positions j of segment s with j <= p (p itself included)
+A causal dilated branch (w, r) is prefix-consistent: its output at a position depends only on
+the positions up to it, through a rule of absolute positions alone. A branch cuts the sequence
+into segments [m w, (m + 1) w) (Eq. 3; m = pos // w, and one segment when w >= N) and keeps,
+in each, the positions whose distance to the segment start is o_j mod r, o_j head j's offset
+(Eq. 4, Sec. 2.3); a kept query attends the kept keys of its own segment (Eq. 5), causal: up
+to itself. That is `patterns.keeps(pos, key, w, r, o_j, causal=True)`, the one keep rule,
+which `cached_attention` calls. It never depends on positions after `pos`, so a new token's
+attention needs only the cached keys and values of its own segment, rotated (RoPE) once at
+their own positions.
 
 A query the branch does not keep gets out 0 and lse -inf there; the branches are merged by
-their log-sum-exps (Eq. 10, `merge_branches`). So the new token's attention needs only the
-cached keys and values of its own segment, rotated (RoPE) once at their own positions. The
-official torchscale decoding treats a new token as if it started a new segment and attends
-every cached key: wrong past the first segment. Here a test checks that cached decoding gives
-the full forward's logits at every step, past the largest segment length.
+their log-sum-exps (Eq. 10, `merge_branches`). The official torchscale decoding treats a new
+token as if it started a new segment and attends every cached key: wrong past the first
+segment. Here a test checks that cached decoding gives the full forward's logits at every
+step, past the largest segment length.
 
-Shape legend: B batch, H heads, N length, D head dim, L keys in the window, E = H * D.
+Shape legend (the package's, plus): T new tokens, J = pos + 1 - m w keys of the query's segment
+so far (its window), V vocabulary.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from ..attention import dense_attention
 from ..mixture import dilated_attention, merge_branches
-from ..patterns import head_offset
+from ..patterns import head_offset, keeps
 
 
 class KVCache:
@@ -36,12 +39,12 @@ class KVCache:
         self.values = [None] * num_layers
         self.length = 0  # tokens cached so far (all layers agree once a forward has finished)
 
-    def __call__(self, layer_index, attn, h):
-        """Attention of layer `layer_index` for new inputs h (B, T, E) at positions length..length+T-1."""
-        B, T, E = h.shape
+    def __call__(self, layer_index, attn, hidden):
+        """Attention of layer `layer_index` for new inputs `hidden` (B, T, E) at positions length..length+T-1."""
+        B, T, E = hidden.shape
         start = self.length
-        positions = torch.arange(start, start + T, device=h.device)  # (T,) absolute positions
-        q, k, v = (attn.split_heads(proj(h)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (B, H, T, D)
+        positions = torch.arange(start, start + T, device=hidden.device)  # (T,) absolute positions
+        q, k, v = (attn.split_heads(proj(hidden)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # (B, H, T, D)
         if attn.rotary is not None:
             q, k = attn.rotary(q, k, positions)
         if self.keys[layer_index] is None:
@@ -65,33 +68,33 @@ class KVCache:
             keys, values = self.keys[layer_index], self.values[layer_index]
             rows = [cached_attention(q[:, :, t : t + 1], keys, values, start + t, attn) for t in range(T)]
             out = torch.cat(rows, dim=2)  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(B, T, E)  # (B, T, H*D)
+        out = out.transpose(1, 2).reshape(B, T, E)  # (B, T, E)
         return attn.out_proj(out)
 
     def advance(self, num_tokens: int):
         self.length += num_tokens
 
 
-def cached_attention(q, keys, values, p, attn):
-    """The mixture's output for one query q (B, H, 1, D) at absolute position p, from the cache.
+def cached_attention(q, keys, values, pos, attn):
+    """The mixture's output for one query q (B, H, 1, D) at absolute position `pos`, from the cache.
 
-    keys, values: (B, H, >= p+1, D), position j at index j. Each branch attends its segment's
-    window keys[s*w : p+1] with the rows of other residues masked (-inf bias), exactly the
-    keys the full forward's branch gives this query; `dense_attention` returns out 0 and
-    lse -inf where every key is masked, which is what a branch that skips the query gives.
+    keys, values: (B, H, >= pos + 1, D), position j at index j. Each branch attends the window
+    keys[m w : pos + 1] of the query's segment m, with the keys `patterns.keeps` drops for a
+    head masked (-inf bias): exactly the keys the full forward's branch gives this query (keys
+    outside the window are in another segment or after `pos`, which `keeps` drops too).
+    `dense_attention` returns out 0 and lse -inf where every key is masked, which is what a
+    branch that does not keep the query gives.
     """
     H = q.shape[1]
     outs, lses = [], []
     for w, r in zip(attn.segment_lengths, attn.dilation_rates):
-        first = (p // w) * w  # start of p's segment
-        window = torch.arange(first, p + 1, device=q.device)  # (L,) positions p can see in this branch
+        first = (pos // w) * w  # m w: the start of the query's segment
+        window = torch.arange(first, pos + 1, device=q.device)  # (J,) positions the query can see
         offsets = torch.tensor([head_offset(j, H, r, attn.head_offsets) for j in range(H)], device=q.device)  # (H,)
-        key_kept = (window[None, :] - first) % r == offsets[:, None]  # (H, L)
-        query_kept = (p - first) % r == offsets  # (H,): a head that skips p sees nothing here
-        visible = key_kept & query_kept[:, None]  # (H, L)
+        visible = keeps(pos, window[None, :], w, r, offsets[:, None], causal=True)  # (H, J)
         bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
         out, lse = dense_attention(
-            q, keys[:, :, first : p + 1], values[:, :, first : p + 1], bias=bias[None, :, None, :]
+            q, keys[:, :, first : pos + 1], values[:, :, first : pos + 1], bias=bias[None, :, None, :]
         )  # out (B, H, 1, D), lse (B, H, 1)
         outs.append(out)
         lses.append(lse)

@@ -20,7 +20,7 @@ context is already thinned out by the sparse branches, which is the effect we wa
 a decay that hides it. Both run at test lengths longer than training; neither needs a learned
 table that stops at the training length.
 
-Shape legend: B batch, N length, E embedding dim, H heads, D = E / H head dim, V vocabulary.
+Shape legend (the package's, plus): L layers, V vocabulary.
 """
 
 from __future__ import annotations
@@ -140,9 +140,9 @@ class Block(nn.Module):
         )
 
     def forward(self, x, attend=None):
-        """x (B, N, E) -> (B, N, E). `attend(attn, h)` replaces `attn(h)` (cached decoding)."""
-        h = self.ln_attn(x)
-        x = x + (self.attn(h) if attend is None else attend(self.attn, h))
+        """x (B, N, E) -> (B, N, E). `attend(attn, hidden)` replaces `attn(hidden)` (cached decoding)."""
+        hidden = self.ln_attn(x)
+        x = x + (self.attn(hidden) if attend is None else attend(self.attn, hidden))
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -182,7 +182,7 @@ class LongNetLM(nn.Module):
             raise ValueError(f"idx must be (B, N) token ids, got shape {tuple(idx.shape)}")
         x = self.embed(idx)  # (B, N, E)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if attend is None else lambda attn, h, i=i: attend(i, attn, h))
+            x = block(x, None if attend is None else lambda attn, hidden, i=i: attend(i, attn, hidden))
         logits = F.linear(self.ln_final(x), self.embed.weight)  # (B, N, V), head tied to the embedding
         if targets is None:
             return logits
@@ -193,7 +193,7 @@ class LongNetLM(nn.Module):
         return logits, loss
 
     def num_parameters(self):
-        return sum(p.numel() for p in self.parameters())
+        return sum(param.numel() for param in self.parameters())
 
 
 def sequence_parallel(model, group=None):
@@ -202,7 +202,7 @@ def sequence_parallel(model, group=None):
     Same weights; embeddings, MLPs, norms and the head act token by token, so each rank runs
     the copy on its own chunk (B, N/P) of the tokens and gets its chunk of the logits. The
     layers use `group` (torch.distributed's default when None); a simulated rank passes its
-    communicator per call: `parallel(chunk, attend=lambda i, attn, h: attn(h, group=comm))`.
+    communicator per call: `parallel(chunk, attend=lambda i, attn, hidden: attn(hidden, group=comm))`.
     """
     from ..parallel import SequenceParallelDilatedAttention  # imported here: the model itself needs no parallel code
 

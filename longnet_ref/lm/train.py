@@ -7,7 +7,12 @@ and metrics.json into `--out` at every evaluation. `--resume CKPT` continues a r
 checkpoint holds the model, the optimiser, the step, and every random state (weights init,
 dropout, data), so the resumed loss curve is the uninterrupted one (a test checks it).
 `--pause-at STEP` stops after STEP with a checkpoint, as a time limit would. What a checkpoint
-holds is in checkpoint.py; `load_checkpoint` is importable from here too.
+holds, and `load_checkpoint` to rebuild a model from one, are in checkpoint.py.
+
+A run, top to bottom: `check_run` (the checks beyond `TrainConfig`'s own), `start_run` (the
+folder, `build_model`, the data, the checkpoint restored), then `run_loop`: `train_step` on
+`draw_batch` until the stop, `evaluate` and `save` every `--eval-every` steps. `train` is the
+two calls; `main` is the same two calls with their errors shown as usage errors.
 
 Presets: "cpu" (the default, about 10 minutes on an unloaded 2-core CPU), "gpu" (a Colab GPU,
 about 15 minutes), "tiny" (seconds; tests and CI). Explicit flags override the preset.
@@ -25,7 +30,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint as load_checkpoint  # re-exported: the README loads runs from here
 from .checkpoint import read_checkpoint, restore_run, rng_states, save_checkpoint
 from .data import load_corpus, random_windows, recall_batch
 from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
@@ -34,6 +38,7 @@ from .model import ATTENTION_KINDS, LongNetLM, ModelConfig
 TASKS = ("code", "recall")
 # fields that define the model or the data stream: a resumed run must agree on them
 MODEL_FIELDS = ("attention", "seq_len", "embed_dim", "num_heads", "num_layers", "segment_lengths", "dilation_rates")
+RESUME_FIELDS = MODEL_FIELDS + ("task", "num_pairs", "queries_per_pair", "seed", "batch_size")
 
 
 @dataclass
@@ -132,166 +137,234 @@ def learning_rate(config, step):
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=None, progress=True, corpus=None):
-    """Train (or resume) a run into the folder `out`; returns (model, metrics dict).
+def check_run(config, *, resume=None, init_from=None, pause_at=None):
+    """The checks of a run beyond its config's own (`TrainConfig` checks every field); errors name the flag.
 
-    `init_from`: start from the weights of another run's checkpoint (same sizes; the attention
-    kind and the sequence length may differ), with a fresh optimiser: a second stage of
-    training, e.g. a short-sequence warm-up followed by long sequences.
-    `corpus` (from `data.load_corpus`) may be passed to skip reading the library again.
+    Reads the checkpoints it is given and returns `(device, resume checkpoint, init_from
+    checkpoint)`, each None when not asked for. `main` relies on these checks alone.
     """
-    out = Path(out)
-    device = pick_device(config.device)
-    checkpoint = source = None
+    if pause_at is not None and (isinstance(pause_at, bool) or not isinstance(pause_at, int) or pause_at < 1):
+        raise ValueError(f"--pause-at must be a positive step, got {pause_at!r}")
     if resume is not None and init_from is not None:
         raise ValueError("--resume and --init-from exclude each other: a resumed run already has its weights")
+    device = pick_device(config.device)
+    source = checkpoint = None
     if init_from is not None:
         source = read_checkpoint(init_from, flag="--init-from")
-        for name in ("embed_dim", "num_heads", "num_layers"):
-            if source["train_config"][name] != getattr(config, name):
-                flag, theirs = "--" + name.replace("_", "-"), source["train_config"][name]
-                raise ValueError(
-                    f"{flag} {getattr(config, name)!r} differs from the --init-from checkpoint's {theirs!r}"
-                )
+        check_agrees(config, source["train_config"], ("embed_dim", "num_heads", "num_layers"), "the --init-from")
     if resume is not None:
         checkpoint = read_checkpoint(resume)
-        saved = checkpoint["train_config"]
-        for name in MODEL_FIELDS + ("task", "num_pairs", "queries_per_pair", "seed", "batch_size"):
-            if saved[name] != getattr(config, name):
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} {getattr(config, name)!r} differs from the checkpoint's {saved[name]!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        # On a shared CPU one thread per run can be many times faster than two threads
-        # fighting other processes (OpenMP workers spin while they wait for each other).
-        torch.set_num_threads(config.threads)
+        check_agrees(config, checkpoint["train_config"], RESUME_FIELDS, "the")
+    return device, checkpoint, source
 
+
+def check_agrees(config, saved, names, whose):
+    """A ValueError naming the first flag in `names` on which `config` and a checkpoint's config differ."""
+    for name in names:
+        if saved[name] != getattr(config, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {getattr(config, name)!r} differs from {whose} checkpoint's {saved[name]!r}")
+
+
+@dataclass
+class Run:
+    """One training run: its model and optimiser, the data it draws from, and how far it has come."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    model: LongNetLM
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    data_rng: torch.Generator  # the training stream
+    metrics: dict
+    stop: int  # the step to stop after: config.steps, or --pause-at
+    step: int = 0
+    corpus: dict | None = None  # task "code": {"train", "val"} bytes
+    eval_set: tuple | None = None  # task "recall": the fixed evaluation sequences
+
+
+def build_model(config, device):
+    """The model, seeded by `config.seed`, and AdamW (matrices decay; norms and biases do not)."""
     torch.manual_seed(config.seed)  # weights, then dropout
-    data_rng = torch.Generator().manual_seed(config.seed + 1)  # the training stream
     model = LongNetLM(config.model_config()).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    decay = [param for param in model.parameters() if param.dim() >= 2]
+    rest = [param for param in model.parameters() if param.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
         lr=config.lr,
         betas=(0.9, 0.95),
     )
-    autocast = autocast_for(device)
+    return model, optimizer
+
+
+def start_run(config, out, *, resume=None, init_from=None, pause_at=None, corpus=None) -> Run:
+    """Check the run (`check_run`), then set it up in `out`: fresh, from `init_from`'s weights, or resumed."""
+    device, checkpoint, source = check_run(config, resume=resume, init_from=init_from, pause_at=pause_at)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        # On a shared CPU one thread per run can be many times faster than two threads
+        # fighting other processes (OpenMP workers spin while they wait for each other).
+        torch.set_num_threads(config.threads)
+    model, optimizer = build_model(config, device)
     # fp16 (GPUs without native bf16) needs loss scaling; bf16 and float32 do not
     fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
-    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-
+    run = Run(
+        config,
+        out,
+        device,
+        model,
+        optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=fp16),
+        data_rng=torch.Generator().manual_seed(config.seed + 1),
+        metrics={"train_config": asdict(config), "device": str(device), "train": [], "eval": []},
+        stop=config.steps if pause_at is None else min(config.steps, pause_at),
+    )
     if config.task == "code":
-        corpus = load_corpus() if corpus is None else corpus
-        val = corpus["val"]
+        run.corpus = load_corpus() if corpus is None else corpus
     else:
-        eval_set = recall_eval_set(
+        run.eval_set = recall_eval_set(
             config.seq_len, config.eval_size, num_pairs=config.num_pairs, queries_per_pair=config.queries_per_pair
         )
-
-    def batch():
-        if config.task == "code":
-            return random_windows(corpus["train"], config.seq_len, config.batch_size, data_rng)
-        x, y, _ = recall_batch(
-            config.batch_size,
-            config.seq_len,
-            data_rng,
-            num_pairs=config.num_pairs,
-            queries_per_pair=config.queries_per_pair,
-        )
-        return x, y
-
-    def evaluate(step):
-        if config.task == "code":
-            bpb = bits_per_byte(model, val, config.seq_len, config.eval_size * config.seq_len, device=device)
-            return {"step": step, "val_bpb": bpb}
-        accuracy, loss = recall_accuracy(model, eval_set, device=device, buckets=recall_distances(config.seq_len))
-        return {"step": step, "recall_loss": loss, "recall_accuracy": accuracy}
-
-    metrics = {"train_config": asdict(config), "device": str(device), "train": [], "eval": []}
-    step = 0
     if source is not None:
         model.load_state_dict(source["model"])
-        metrics["init_from"] = str(init_from)
+        run.metrics["init_from"] = str(init_from)
     if checkpoint is not None:
-        step = restore_run(checkpoint, model, optimizer, scaler, data_rng, device)
+        run.step = restore_run(checkpoint, model, optimizer, run.scaler, run.data_rng, device)
         # the run's history (curves, where it started from), under the config given now
-        metrics.update({k: v for k, v in checkpoint["metrics"].items() if k != "train_config"})
-    metrics["parameters"] = model.num_parameters()
+        run.metrics.update({k: v for k, v in checkpoint["metrics"].items() if k != "train_config"})
+    run.metrics["parameters"] = model.num_parameters()
+    return run
 
-    def save():
-        save_checkpoint(
-            out / "checkpoint.pt",
-            step=step,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict(),
-            rng=rng_states(data_rng, device),
-            train_config=asdict(config),
-            model_config=model.config.to_dict(),
-            metrics=metrics,
-        )
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
-    model.train()
-    stop = config.steps if pause_at is None else min(config.steps, pause_at)
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"{config.attention} N={config.seq_len}")
+def draw_batch(run):
+    """The next training batch from the run's stream: inputs and targets, (B, N) each."""
+    config = run.config
+    if config.task == "code":
+        return random_windows(run.corpus["train"], config.seq_len, config.batch_size, run.data_rng)
+    x, y, _ = recall_batch(
+        config.batch_size,
+        config.seq_len,
+        run.data_rng,
+        num_pairs=config.num_pairs,
+        queries_per_pair=config.queries_per_pair,
+    )
+    return x, y
+
+
+def train_step(run):
+    """One optimiser step on the next batch; returns its record for metrics["train"]."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(run.config, run.step)
+    x, y = (t.to(run.device) for t in draw_batch(run))  # (B, N) each
+    with autocast_for(run.device):
+        _, loss = run.model(x, y)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    seconds = time.perf_counter() - start
+    record = {"step": run.step, "loss": loss.item(), "seconds": seconds, "tokens_per_s": x.numel() / seconds}
+    # CPU time of this process (all its threads): on a shared machine wall time also
+    # counts the time other processes held the cores
+    record["cpu_seconds"] = time.process_time() - cpu_start
+    return record
+
+
+def evaluate(run):
+    """The run's evaluation at its step: validation bits per byte (code) or recall accuracy by distance."""
+    config, step = run.config, run.step
+    if config.task == "code":
+        num_bytes = config.eval_size * config.seq_len
+        bpb = bits_per_byte(run.model, run.corpus["val"], config.seq_len, num_bytes, device=run.device)
+        return {"step": step, "val_bpb": bpb}
+    buckets = recall_distances(config.seq_len)
+    accuracy, loss = recall_accuracy(run.model, run.eval_set, device=run.device, buckets=buckets)
+    return {"step": step, "recall_loss": loss, "recall_accuracy": accuracy}
+
+
+def save(run):
+    """checkpoint.pt (everything `--resume` needs, checkpoint.py) and metrics.json, into the run's folder."""
+    save_checkpoint(
+        run.out / "checkpoint.pt",
+        step=run.step,
+        model=run.model.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scaler=run.scaler.state_dict(),
+        rng=rng_states(run.data_rng, run.device),
+        train_config=asdict(run.config),
+        model_config=run.model.config.to_dict(),
+        metrics=run.metrics,
+    )
+    (run.out / "metrics.json").write_text(json.dumps(run.metrics, indent=1))
+
+
+def run_loop(run, progress=True):
+    """Train until the run's stop: evaluate and save every `eval_every` steps and at the last; save when paused."""
+    config, metrics = run.config, run.metrics
+    run.model.train()
+    desc = f"{config.attention} N={config.seq_len}"
+    bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc=desc)
     try:
-        while step < stop:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
-            x, y = (t.to(device) for t in batch())  # (B, N) each
-            with autocast:
-                _, loss = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seconds = time.perf_counter() - start
-            record = {"step": step, "loss": loss.item(), "seconds": seconds, "tokens_per_s": x.numel() / seconds}
-            # CPU time of this process (all its threads): on a shared machine wall time also
-            # counts the time other processes held the cores
-            record["cpu_seconds"] = time.process_time() - cpu_start
+        while run.step < run.stop:
+            record = train_step(run)
             metrics["train"].append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if step % config.eval_every == 0 or step == config.steps:
-                metrics["eval"].append(evaluate(step))
-                bar.write(f"step {step}: " + json.dumps(metrics["eval"][-1]))
-                save()
-        if step % config.eval_every and step != config.steps:  # paused between evaluations
-            save()
+            if run.step % config.eval_every == 0 or run.step == config.steps:
+                metrics["eval"].append(evaluate(run))
+                bar.write(f"step {run.step}: " + json.dumps(metrics["eval"][-1]))
+                save(run)
+        if run.step % config.eval_every and run.step != config.steps:  # paused between evaluations
+            save(run)
     except KeyboardInterrupt:
-        save()  # keep what was done; resume with --resume out/checkpoint.pt
+        save(run)  # keep what was done; resume with --resume out/checkpoint.pt
         raise
     finally:
         bar.close()
-    return model, metrics
+    return run.model, metrics
+
+
+def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=None, progress=True, corpus=None):
+    """Train (or resume) a run into the folder `out`; returns (model, metrics dict).
+
+    `resume`: continue the run of this checkpoint exactly (same model, data and seed fields).
+    `init_from`: start from the weights of another run's checkpoint (same sizes; the attention
+    kind and the sequence length may differ), with a fresh optimiser: a second stage of
+    training, e.g. a short-sequence warm-up followed by long sequences.
+    `pause_at`: stop after this step with a checkpoint. `corpus` (from `data.load_corpus`)
+    may be passed to skip reading the library again.
+    """
+    run = start_run(config, out, resume=resume, init_from=init_from, pause_at=pause_at, corpus=corpus)
+    return run_loop(run, progress)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m longnet_ref.lm.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; flags below override")
-    p.add_argument("--attention", choices=ATTENTION_KINDS, help="dilated (LongNet), dense, or local (first branch)")
-    p.add_argument("--task", choices=TASKS, help="code: the standard library; recall: key-value recall")
-    p.add_argument("--out", required=True, help="folder for checkpoint.pt and metrics.json")
-    p.add_argument("--resume", help="continue from this checkpoint.pt")
-    p.add_argument("--init-from", help="start from the weights of this checkpoint.pt (fresh optimiser)")
-    p.add_argument("--pause-at", type=int, help="stop after this step with a checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser = argparse.ArgumentParser(prog="python -m longnet_ref.lm.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; flags below override")
+    parser.add_argument(
+        "--attention", choices=ATTENTION_KINDS, help="dilated (LongNet), dense, or local (first branch)"
+    )
+    parser.add_argument("--task", choices=TASKS, help="code: the standard library; recall: key-value recall")
+    parser.add_argument("--out", required=True, help="folder for checkpoint.pt and metrics.json")
+    parser.add_argument("--resume", help="continue from this checkpoint.pt")
+    parser.add_argument("--init-from", help="start from the weights of this checkpoint.pt (fresh optimiser)")
+    parser.add_argument("--pause-at", type=int, help="stop after this step with a checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ints = ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "num_pairs", "queries_per_pair")
     for name in ints + ("warmup", "eval_every", "eval_size", "seed", "threads"):
-        p.add_argument("--" + name.replace("_", "-"), type=int)
+        parser.add_argument("--" + name.replace("_", "-"), type=int)
     for name in ("lr", "weight_decay", "grad_clip"):
-        p.add_argument("--" + name.replace("_", "-"), type=float)
+        parser.add_argument("--" + name.replace("_", "-"), type=float)
     for name in ("segment_lengths", "dilation_rates"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, nargs="+", help="e.g. 256 512 1024")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    return p
+        parser.add_argument("--" + name.replace("_", "-"), type=int, nargs="+", help="e.g. 256 512 1024")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    return parser
 
 
 def config_from_args(args) -> TrainConfig:
@@ -304,26 +377,12 @@ def config_from_args(args) -> TrainConfig:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    try:  # every check of the flags is TrainConfig's or check_run's (in start_run), made before any work
         config = config_from_args(args)
-        if args.pause_at is not None and args.pause_at < 1:
-            raise ValueError(f"--pause-at must be a positive step, got {args.pause_at!r}")
-        for flag, path in (("--resume", args.resume), ("--init-from", args.init_from)):
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{flag} checkpoint {path!r} does not exist")
-        if args.resume is not None and args.init_from is not None:
-            raise ValueError("--resume and --init-from exclude each other: a resumed run already has its weights")
-        pick_device(config.device)
+        run = start_run(config, args.out, resume=args.resume, init_from=args.init_from, pause_at=args.pause_at)
     except ValueError as error:
         parser.error(str(error))  # usage + message, exit status 2
-    _, metrics = train(
-        config,
-        args.out,
-        resume=args.resume,
-        init_from=args.init_from,
-        pause_at=args.pause_at,
-        progress=not args.no_progress,
-    )
+    _, metrics = run_loop(run, progress=not args.no_progress)
     last = metrics["eval"][-1] if metrics["eval"] else {}
     print(json.dumps({"out": args.out, "steps": len(metrics["train"]), **last}))
     return metrics

@@ -1,0 +1,167 @@
+"""The experiment's tables and plots: runs/<name>/ (metrics.json, test.json) -> figures/07_*.md, .csv, .png.
+
+`python -m longnet_ref.lm.experiment report --runs runs/` calls `report_table2` and
+`report_recall` with the runs experiment.py defines, and pastes the two tables into the
+README between its 07 markers. Every number in a table is read from the runs' files: the
+training curves and times from metrics.json, the test results from test.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from ..analysis.complexity import mixture_flops
+from ..analysis.results import write_table
+from ..analysis.viz import save_fig
+from .train import TrainConfig
+
+TIME_HEADER = ["train time wall / CPU", "tokens per CPU s"]
+
+
+def load_results(runs, names):
+    """{name: {"stages": [metrics of each training stage], "test": test.json}} for the runs that finished."""
+    results = {}
+    for name in names:
+        folder = Path(runs) / name
+        if (folder / "test.json").is_file():
+            stages = sorted(folder.glob("stage*/metrics.json")) or [folder / "metrics.json"]
+            results[name] = dict(
+                stages=[json.loads(path.read_text()) for path in stages],
+                test=json.loads((folder / "test.json").read_text()),
+            )
+    return results
+
+
+def training_summary(stages):
+    """Wall seconds, CPU seconds, tokens, over all stages. CPU seconds with one thread = an unloaded core's time."""
+    records = [record for metrics in stages for record in metrics["train"]]
+    wall = sum(record["seconds"] for record in records)
+    cpu = sum(record.get("cpu_seconds", record["seconds"]) for record in records)
+    tokens = sum(record["tokens_per_s"] * record["seconds"] for record in records)
+    return wall, cpu, tokens
+
+
+def time_cells(stages):
+    """The TIME_HEADER cells of a run: wall / CPU minutes, tokens per CPU second."""
+    wall, cpu, tokens = training_summary(stages)
+    return [f"{wall / 60:.1f} / {cpu / 60:.1f} min", f"{tokens / cpu:,.0f}"]
+
+
+def attention_flops_per_token(config, seq_len):
+    """Attention FLOPs per token, causal, forward, all layers (`complexity.mixture_flops`; w clipped to N)."""
+    ws, rs = config.model_config().branches()
+    shape = dict(heads=config.num_heads, head_dim=config.embed_dim // config.num_heads, causal=True)
+    return config.num_layers * sum(mixture_flops(seq_len, ws, rs, **shape)) / seq_len
+
+
+def table2_row(name, result, test_lengths):
+    """One model's row of the Table 2 table: its training, its attention cost, bits per byte at each test length."""
+    metrics = result["stages"][-1]
+    config = TrainConfig(**metrics["train_config"])
+    flops = attention_flops_per_token(config, config.seq_len)
+    dense = attention_flops_per_token(TrainConfig(**dict(metrics["train_config"], attention="dense")), config.seq_len)
+    bpb = {int(n): b for n, b in result["test"]["bpb"].items()}
+    tokens = training_summary(result["stages"])[2]
+    return (
+        [
+            name,
+            config.seq_len,
+            config.batch_size,
+            f"{tokens / 1e6:.2f} M",
+            f"{flops / 1e3:.0f} K ({flops / dense:.2f})",
+        ]
+        + time_cells(result["stages"])
+        + [f"{bpb[n]:.3f}" for n in test_lengths]
+    )
+
+
+def plot_table2(results, test_lengths):
+    """figures/07_table2.png: validation curves, bits per byte against test length, and against context."""
+    fig, (ax_curve, ax_bpb, ax_context) = plt.subplots(1, 3, figsize=(16, 4.2))
+    for name, result in results.items():
+        metrics = result["stages"][-1]
+        config = TrainConfig(**metrics["train_config"])
+        bpb = {int(n): b for n, b in result["test"]["bpb"].items()}
+        per_step = config.batch_size * config.seq_len
+        evals = metrics["eval"]
+        tokens = [evaluation["step"] * per_step / 1e6 for evaluation in evals]
+        ax_curve.plot(tokens, [evaluation["val_bpb"] for evaluation in evals], "o-", label=name)
+        ax_bpb.plot(test_lengths, [bpb[n] for n in test_lengths], "o-", label=name)
+        by_context = {int(position): b for position, b in result["test"]["bpb_by_context"].items()}
+        ax_context.plot(list(by_context), list(by_context.values()), "o-", label=name)
+    ax_curve.set(xlabel="training tokens (M)", ylabel="bits per byte (validation, training length)", title="training")
+    ax_bpb.set(xscale="log", xlabel="test length (bytes)", ylabel="bits per byte", title="Table 2 in miniature")
+    ax_bpb.set_xticks(test_lengths, [str(n) for n in test_lengths])
+    ax_bpb.minorticks_off()
+    ax_context.set(
+        xscale="log",
+        xlabel=f"position in a {test_lengths[-1]}-byte window (bytes of context)",
+        ylabel="bits per byte",
+        title="how much context each model uses",
+    )
+    for ax in (ax_curve, ax_bpb, ax_context):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_fig(fig, "07_table2")
+    plt.close(fig)
+
+
+def report_table2(runs, names, test_lengths):
+    """figures/07_table2.md, .csv and .png from the finished runs among `names`; the markdown, or None if none."""
+    results = load_results(runs, names)
+    if not results:
+        return None
+    header = ["model", "train length", "batch", "train tokens", "attention FLOPs/token (vs dense)", *TIME_HEADER]
+    header += [f"bpb @ {n}" for n in test_lengths]
+    rows = [table2_row(name, result, test_lengths) for name, result in results.items()]
+    plot_table2(results, test_lengths)
+    return write_table("07_table2", header, rows)
+
+
+def recall_branches(config):
+    """The branches of a recall model as the table shows them: "dense", or "(w,r) (w,r) ..."."""
+    ws, rs = config.model_config().branches()
+    return "dense" if config.attention == "dense" else " ".join(f"({w},{r})" for w, r in zip(ws, rs))
+
+
+def plot_recall(results, distances, local_window, seq_len):
+    """figures/07_recall.png: recall accuracy against distance, one line per model."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for result in results.values():
+        config = TrainConfig(**result["stages"][-1]["train_config"])
+        accuracy = {int(d): a for d, a in result["test"]["accuracy"].items()}
+        label = f"{config.attention}: {recall_branches(config)}"
+        ax.plot(distances, [accuracy[d] for d in distances], "o-", label=label)
+    ax.axhline(1 / 8, color="gray", ls=":", label="chance (1/8)")
+    ax.axvline(local_window, color="gray", ls="--", lw=0.8, label=f"local window ({local_window})")
+    ax.set(
+        xscale="log", xlabel="distance from the needle (d ... d+3, bytes)", ylabel="recall accuracy", ylim=(-0.03, 1.03)
+    )
+    ax.set_title(f"Key-value recall, tested at N = {seq_len}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_fig(fig, "07_recall")
+    plt.close(fig)
+
+
+def report_recall(runs, names, local_window, seq_len):
+    """figures/07_recall.md, .csv and .png from the finished runs among `names` (tested at length `seq_len`)."""
+    results = load_results(runs, names)
+    if not results:
+        return None
+    distances = sorted({int(d) for result in results.values() for d in result["test"]["accuracy"]})
+    header = ["model", "branches (w, r)", "stages (length x steps)", *TIME_HEADER]
+    header += [f"d={d}-{d + 3}" for d in distances]  # each bucket: the four residues mod 4
+    rows = []
+    for name, result in results.items():
+        config = TrainConfig(**result["stages"][-1]["train_config"])
+        stage_configs = [metrics["train_config"] for metrics in result["stages"]]
+        stages = " + ".join(f"{stage['seq_len']}x{stage['steps']}" for stage in stage_configs)
+        accuracy = {int(d): a for d, a in result["test"]["accuracy"].items()}
+        cells = [name, recall_branches(config), stages, *time_cells(result["stages"])]
+        rows.append(cells + [f"{accuracy[d]:.2f}" for d in distances])
+    plot_recall(results, distances, local_window, seq_len)
+    return write_table("07_recall", header, rows)
