@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from longnet_ref.bench.__main__ import attention_flops, geometric_config, main
+from longnet_ref import geometric_mixture
+from longnet_ref.bench.__main__ import RATIO, W0, attention_flops, main
 
 
 def test_quick_benchmark_runs_and_checks_outputs():
@@ -17,9 +18,15 @@ def test_quick_benchmark_runs_and_checks_outputs():
     assert len(lines) == 20  # 2 N x 2 modes x 2 causal x (dense, fast) + readable at N = 2^10 (4)
 
 
-def test_geometric_config_and_flops():
-    assert geometric_config(16384) == ([2048, 4096, 8192, 16384], [1, 2, 4, 8])
-    assert geometric_config(1000) == ([2048], [1])  # w >= N: one dense segment
+def test_geometric_mixture_and_flops():
+    # the bench's mixtures: w0 = 2048, a = 2 up to the first w >= N
+    assert (W0, RATIO) == (2048, 2)
+    assert geometric_mixture(W0, RATIO, seq_len=16384) == ([2048, 4096, 8192, 16384], [1, 2, 4, 8])
+    assert geometric_mixture(W0, RATIO, seq_len=1000) == ([2048], [1])  # w >= N: one dense segment
+    for log2 in range(4, 25):  # every N the bench accepts (powers of two): the w0 a^i <= max(N, w0)
+        ws, rs = geometric_mixture(W0, RATIO, seq_len=2**log2)
+        assert ws == [w for w in (2048 * 2**i for i in range(21)) if w <= max(2**log2, 2048)]
+        assert rs == [w // 2048 for w in ws]
     cfg = dict(path="fast", N=16384, B=1, H=8, D=64, ws=[2048, 4096, 8192, 16384], rs=[1, 2, 4, 8], causal=False,
                backward=False)  # fmt: skip
     dense = dict(cfg, path="dense")
@@ -45,7 +52,7 @@ def test_sweep_csv_round_trip_and_table(tmp_path, monkeypatch):
     from longnet_ref.bench.report import read_csv, sweep_table, write_csv
 
     monkeypatch.setattr(viz, "figures_dir", lambda: tmp_path)
-    ws, rs = geometric_config(2**11)
+    ws, rs = geometric_mixture(W0, RATIO, seq_len=2**11)
     base = dict(N=2**11, B=1, H=2, D=16, ws=ws, rs=rs, causal=False, repeats=3)
     results = []
     for backward in (False, True):

@@ -1,11 +1,12 @@
-"""The cost model: LONGNET.md Sec. 5 numbers, exact pair counts against attention_pattern, the CLI."""
+"""The cost model: the paper's numbers (Eqs. 16-18), exact pair counts against keeps and attention_pattern, the CLI."""
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from longnet_ref import attention_pattern
+from longnet_ref import attention_pattern, geometric_mixture, head_offset, keeps
 from longnet_ref.analysis.complexity import (
     TABLE2_DILATION_RATES,
     TABLE2_SEGMENT_LENGTHS,
@@ -19,19 +20,21 @@ from longnet_ref.analysis.complexity import (
     mixture_flops,
     reduction,
 )
+from longnet_ref.checks import HEAD_OFFSET_RULES
 
 WS, RS = list(TABLE2_SEGMENT_LENGTHS), list(TABLE2_DILATION_RATES)
 
 
-def test_section5_flop_ratios():
-    # LONGNET.md Sec. 5: the Table 2 mixture against dense, w clipped to N
+def test_table2_flop_ratios():
+    # Eqs. 16-17 (Sec. 2.4) for the Table 2 mixture (Sec. 4.1) against dense, w clipped to N
     assert round(flop_ratio(8192, WS, RS), 3) == 0.472
     assert round(flop_ratio(16384, WS, RS), 4) == 0.2535
     assert round(flop_ratio(32768, WS, RS), 4) == 0.1302
     assert round(flop_ratio(2048, WS, RS), 3) == 1.347  # more than dense
 
 
-def test_section5_per_branch_reductions():
+def test_table2_per_branch_reductions():
+    # N r^2 / w: how many times cheaper than dense each branch of Eq. 16 is, at N = 32768
     assert [reduction(32768, w, r) for w, r in zip(WS, RS)] == [16, 32, 64, 72, 144]
 
 
@@ -60,6 +63,22 @@ def test_attended_pairs_is_the_pattern_sum(n, w, r, heads, causal, rule):
     assert attended_pairs(n, w, r, heads, causal=causal, head_offsets=rule) == pattern.sum().item()
 
 
+@pytest.mark.parametrize("rule", HEAD_OFFSET_RULES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attended_pairs_is_keeps_summed_exhaustively(rule, causal):
+    # attended_pairs is the closed form of the keep rule: count keeps(q, k, w, r, o_h) over every
+    # pair, for every head, of every small branch (ragged segments, r not dividing w, w > N)
+    for n in range(1, 17):
+        pos = np.arange(n)
+        for w in range(1, n + 3):
+            for r in range(1, w + 1):
+                for heads in range(1, 6):
+                    offsets = np.array([head_offset(j, heads, r, rule) for j in range(heads)])  # (H,)
+                    kept = keeps(pos[None, :, None], pos[None, None, :], w, r, offsets[:, None, None], causal=causal)
+                    got = attended_pairs(n, w, r, heads, causal=causal, head_offsets=rule)
+                    assert got == kept.sum().item(), (n, w, r, heads)
+
+
 def test_formula_is_exact_when_everything_divides():
     # r | w | N and every head keeps K = w / r rows per segment: N / w segments of K^2 pairs
     n, w, r, heads = 256, 32, 4, 4
@@ -74,10 +93,8 @@ def test_formula_is_exact_when_everything_divides():
 def test_geometric_bound_eq18():
     for n in (2**12, 2**16, 2**20):
         for w0, a in ((2048, 2), (512, 4), (64, 3)):
-            k = 1
-            while w0 * a ** (k - 1) < n:
-                k += 1
-            ws, rs = [w0 * a**i for i in range(k)], [a**i for i in range(k)]
+            ws, rs = geometric_mixture(w0, a, seq_len=n)  # up to the first w >= N
+            assert ws[-1] >= n > (ws[-2] if len(ws) > 1 else 0)
             assert flop_ratio(n, ws, rs) <= geometric_bound(n, w0, a) + 1e-12
 
 

@@ -8,17 +8,19 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longnet_ref import attention_pattern
-from longnet_ref.analysis import dependency_paths as P
+from longnet_ref import attention_pattern, geometric_mixture, head_offset, keeps
+from longnet_ref.analysis import dependency_paths
 from longnet_ref.analysis.dependency_paths import (
+    branch_classes,
     distances_from,
     eq19_layers,
     eq19_reach,
     eq20_max_path,
-    geometric_branches,
+    kept_offsets,
     path_length_stats,
     window_path_stats,
 )
+from longnet_ref.checks import HEAD_OFFSET_RULES
 
 
 def bfs_distances(adjacent: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,7 @@ def bfs_distances(adjacent: torch.Tensor) -> torch.Tensor:
 
 
 def histogram(dist: torch.Tensor, causal: bool):
-    """(counts[d], unreachable) over the pairs paths.py counts: j != i, and j < i when causal."""
+    """(counts[d], unreachable) over the pairs dependency_paths counts: j != i, and j < i when causal."""
     n = dist.shape[0]
     pairs = ~torch.eye(n, dtype=torch.bool)
     if causal:
@@ -78,11 +80,12 @@ configs = st.integers(1, 40).flatmap(
 def test_matches_brute_force_any_configuration(config, dense_fraction):
     n, branches, heads, causal, rule = config
     ws, rs = [w for w, _ in branches], [r for _, r in branches]
-    P.DENSE_FRACTION, saved = dense_fraction, P.DENSE_FRACTION  # -1: always views, 2: always gathers
+    saved = dependency_paths.DENSE_FRACTION
+    dependency_paths.DENSE_FRACTION = dense_fraction  # -1: always views, 2: always gathers
     try:
         stats = path_length_stats(n, ws, rs, heads, causal=causal, head_offsets=rule, words=1)
     finally:
-        P.DENSE_FRACTION = saved
+        dependency_paths.DENSE_FRACTION = saved
     counts, unreachable = brute_force(n, ws, rs, heads, causal, rule)
     assert same_counts(stats.counts, counts) and stats.unreachable == unreachable
 
@@ -91,7 +94,7 @@ def test_matches_brute_force_any_configuration(config, dense_fraction):
 @pytest.mark.parametrize("w0, ratio, heads, rule", [(4, 2, 1, "paper"), (2, 2, 4, "paper"), (8, 4, 3, "torchscale")])
 def test_geometric_mixtures_match_brute_force(w0, ratio, heads, rule, causal):
     for n in (16, 64, 128):  # powers of two: every branch takes the strided-view path
-        ws, rs = geometric_branches(n, w0, ratio)
+        ws, rs = geometric_mixture(w0, ratio, seq_len=n)
         stats = path_length_stats(n, ws, rs, heads, causal=causal, head_offsets=rule, words=2)
         counts, unreachable = brute_force(n, ws, rs, heads, causal, rule)
         assert same_counts(stats.counts, counts) and stats.unreachable == unreachable
@@ -141,18 +144,74 @@ def test_statistics():
     assert stats.mean == pytest.approx(hops.mean()) and stats.max == hops.max() == 3
 
 
-def test_geometric_branches():
-    assert geometric_branches(32768, 2048, 2) == ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])
-    assert geometric_branches(1000, 64, 4) == ([64, 256, 1024], [1, 4, 16])
-    assert geometric_branches(10, 64, 2) == ([64], [1])  # one segment already covers N
+def test_geometric_mixture_until_one_segment_covers_n():
+    # the mixtures the figures and explorers search: w_i = w0 a^i, r_i = a^i up to the first w >= N
+    assert geometric_mixture(2048, 2, seq_len=32768) == ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])
+    assert geometric_mixture(64, 4, seq_len=1000) == ([64, 256, 1024], [1, 4, 16])
+    assert geometric_mixture(64, 2, seq_len=10) == ([64], [1])  # one segment already covers N
     with pytest.raises(ValueError, match="ratio"):
-        geometric_branches(100, 4, 1)
+        geometric_mixture(4, 1, seq_len=100)
     with pytest.raises(ValueError, match="w0"):
-        geometric_branches(100, 0, 2)
+        geometric_mixture(0, 2, seq_len=100)
+
+
+def keep_union(n, w, r, heads, rule, causal):
+    """(N query, N key) bool: pairs that `keeps` lets some head attend in the branch (w, r)."""
+    pos = np.arange(n)
+    offsets = np.array([head_offset(j, heads, r, rule) for j in range(heads)])  # (H,)
+    return keeps(pos[None, :, None], pos[None, None, :], w, r, offsets[:, None, None], causal=causal).any(0)
+
+
+def class_union(members, n, causal):
+    """(N query, N key) bool: every two positions of one class (causal: key <= query)."""
+    adjacent = np.zeros((n + 1, n + 1), dtype=bool)  # row and column N: the padding
+    adjacent[members[:, :, None], members[:, None, :]] = True  # (G, K, K) pairs inside each class
+    adjacent = adjacent[:n, :n]
+    return adjacent & np.tri(n, dtype=bool) if causal else adjacent
+
+
+@pytest.mark.parametrize("rule", HEAD_OFFSET_RULES)
+def test_classes_are_keeps_gathered_exhaustively(rule):
+    # branch_classes is the keep rule in gathered form: class (m, o) is the positions p of segment m
+    # with keeps(p, p, w, r, o), and the pairs inside classes are exactly the pairs keeps allows
+    for n in range(1, 21):
+        for w in range(1, n + 3):
+            for r in range(1, w + 1):
+                for heads in range(1, 6):
+                    members = branch_classes(n, w, r, heads, rule)  # (G, K) padded with N
+                    pos = np.arange(n)
+                    expected = sorted(
+                        tuple(pos[keeps(pos, pos, w, r, o) & (pos // w == m)].tolist())
+                        for m in range(-(-n // w))
+                        for o in kept_offsets(heads, r, rule)
+                    )
+                    got = sorted(tuple(p for p in row if p < n) for row in members.tolist())
+                    assert got == [c for c in expected if c], (n, w, r, heads)
+                    for causal in (False, True):
+                        union = class_union(members, n, causal)
+                        assert np.array_equal(union, keep_union(n, w, r, heads, rule, causal)), (n, w, r, heads, causal)
+
+
+@pytest.mark.parametrize("rule", HEAD_OFFSET_RULES)
+def test_strided_classes_are_keeps_gathered_exhaustively(rule):
+    # when r | w | N the search reads the classes as a strided view: entry [m, i, o] = m w + i r + o
+    for n in range(1, 33):
+        for w in (d for d in range(1, n + 1) if n % d == 0):
+            for r in (d for d in range(1, w + 1) if w % d == 0):
+                for heads in range(1, 6):
+                    plan = dependency_paths._plan(n, w, r, heads, rule)
+                    assert plan.members is None
+                    view = plan.classes(np.arange(n + 1))  # (S, K, O)
+                    members = np.moveaxis(view, 1, 2).reshape(-1, view.shape[1])  # (S * O, K)
+                    gathered = branch_classes(n, w, r, heads, rule)  # the same classes, by index
+                    assert sorted(map(tuple, members.tolist())) == sorted(map(tuple, gathered.tolist()))
+                    for causal in (False, True):
+                        union = class_union(members, n, causal)
+                        assert np.array_equal(union, keep_union(n, w, r, heads, rule, causal)), (n, w, r, heads, causal)
 
 
 def test_paper_equations():
-    # LONGNET.md Sec. 3: w0 = 2048, a = 2 gives 4 at N = 32768 and about 19 at N = 1e9
+    # Eq. 20 with w0 = 2048, a = 2: log2(32768 / 2048) = 4 layers at N = 32768, about 19 at N = 1e9
     assert eq20_max_path(32768, 2048, 2) == pytest.approx(4)
     assert round(eq20_max_path(1e9, 2048, 2)) == 19
     assert eq19_reach(3, 2048, 2) == 2048 + 4096 + 8192
@@ -180,7 +239,7 @@ def test_bad_input(call, match):
 
 
 def test_max_layers_stops_early():
-    ws, rs = geometric_branches(64, 2, 2)
+    ws, rs = geometric_mixture(2, 2, seq_len=64)
     full = path_length_stats(64, ws, rs, 1)
     cut = path_length_stats(64, ws, rs, 1, max_layers=2)
     assert full.max > 2 and cut.counts.tolist() == full.counts[:3].tolist()

@@ -136,6 +136,7 @@ def test_figures_command_writes_pngs_elsewhere(tmp_path, capsys):
 
 
 def test_path_law_rows_are_the_path_statistics():
+    from longnet_ref import geometric_mixture
     from longnet_ref.analysis import dependency_paths as paths
     from longnet_ref.analysis import figures
 
@@ -143,6 +144,6 @@ def test_path_law_rows_are_the_path_statistics():
     assert rows["dense"] == [1, 1] and rows["window 8"] == [3, 19]  # ceil((N - 1) / 7)
     assert rows["segments 8"] == [float("inf")] * 2
     for n, longest, lost in zip([16, 128], rows["m"], rows["m causal"]):
-        ws, rs = paths.geometric_branches(n, 4, 2)
+        ws, rs = geometric_mixture(4, 2, seq_len=n)
         causal = paths.path_length_stats(n, ws, rs, 1, causal=True)
         assert longest == paths.path_length_stats(n, ws, rs, 1).max and lost == causal.unreachable / causal.pairs

@@ -7,9 +7,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from longnet_ref import attention_pattern  # noqa: E402
-from longnet_ref.analysis.dependency_paths import eq20_max_path, geometric_branches, path_length_stats  # noqa: E402
+from longnet_ref import attention_pattern, geometric_mixture  # noqa: E402
+from longnet_ref.analysis.dependency_paths import eq20_max_path, path_length_stats  # noqa: E402
 from longnet_ref.analysis.widgets import format_numbers, path_explorer, pattern_explorer  # noqa: E402
+from longnet_ref.checks import HEAD_OFFSET_RULES  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +20,7 @@ def _close_figures():
 
 
 def expected_pattern_numbers(n, w0, a, k, heads, head, causal, offsets):
-    ws, rs = [w0 * a**i for i in range(k)], [a**i for i in range(k)]
+    ws, rs = geometric_mixture(w0, a, branches=k)
     c = attention_pattern(n, ws, rs, heads, causal=causal, head_offsets=offsets)
     allowed = n * (n + 1) // 2 if causal else n * n
     return dict(
@@ -83,16 +84,16 @@ def test_head_slider_follows_the_number_of_heads():
 def test_path_explorer_slider_changes_picture_and_numbers():
     explorer = path_explorer(seq_len=128, w0=4, heads=1, window=8)
     picture, numbers = bytes(explorer.image.value), dict(explorer.numbers)
-    stats = path_length_stats(128, *geometric_branches(128, 4, 2), 1)
+    stats = path_length_stats(128, *geometric_mixture(4, 2, seq_len=128), 1)
     assert numbers["max_path"] == stats.max and numbers["mean_path"] == pytest.approx(stats.mean)
     assert numbers["window_max_path"] == 19  # ceil(127 / 7)
     explorer.controls["w0"].value = 16
     assert bytes(explorer.image.value) != picture
     assert explorer.numbers["eq20"] == pytest.approx(eq20_max_path(128, 16, 2)) != numbers["eq20"]
-    stats = path_length_stats(128, *geometric_branches(128, 16, 2), 1)
+    stats = path_length_stats(128, *geometric_mixture(16, 2, seq_len=128), 1)
     assert explorer.numbers["max_path"] == stats.max
     explorer.controls["causal"].value = True
-    stats = path_length_stats(128, *geometric_branches(128, 16, 2), 1, causal=True)
+    stats = path_length_stats(128, *geometric_mixture(16, 2, seq_len=128), 1, causal=True)
     assert explorer.numbers["unreachable"] == stats.unreachable / stats.pairs
 
 
@@ -100,3 +101,11 @@ def test_numbers_html():
     html = format_numbers({"flop_ratio": 0.25, "max_path": 3, "a<b": 1.0})
     assert '<span class="longnet-flop_ratio">0.2500</span>' in html and "max_path: <span" in html
     assert "a&lt;b" in html
+
+
+def test_explorers_use_the_package_mixture_and_offset_rules():
+    # the pattern explorer's mixture of k branches: w_i = w0 a^i, r_i = a^i for i < k
+    for w0, a, k in ((8, 2, 3), (16, 3, 2), (1, 4, 5)):
+        assert geometric_mixture(w0, a, branches=k) == ([w0 * a**i for i in range(k)], [a**i for i in range(k)])
+    for explorer in (pattern_explorer(), path_explorer(seq_len=64)):
+        assert tuple(explorer.controls["offsets"].options) == HEAD_OFFSET_RULES

@@ -1,15 +1,19 @@
 """Cost model: FLOPs and memory of dense, dilated and local attention (LongNet Eqs. 16-18, Sec. 3).
 
-FLOPs (LONGNET.md Sec. 1; the paper's Eq. 16 per head and per multiply-add): a branch (w, r)
-attends, in each of N / w segments, w / r kept queries to w / r kept keys, for QK^T and PV:
+FLOPs (LongNet, arXiv 2307.02486, Sec. 2.4): in each of the N / w segments a branch (w, r) attends
+w / r kept queries to w / r kept keys, for QK^T and for PV. Eq. 16 counts that as 2 N w D / r^2
+multiply-adds per head; at 2 FLOPs per multiply-add, over B batch rows and H heads:
 
     branch (w, r):   4 B H D N w / r^2      (w clipped to N: a longer segment is the whole sequence)
     dense:           4 B H D N^2
     mixture:         the sum over branches (Eq. 17); geometric w, r: <= 2a / (a - 1) * w0 ... (Eq. 18)
 
-Causal attention halves every term, so ratios do not change. `attended_pairs` counts the pairs
-exactly (ragged segments, w not a multiple of r, head offsets) from positions; the formula is
-what the paper and LONGNET.md Sec. 5 quote.
+Causal attention halves every term, so ratios do not change. For the paper's language-model
+mixture (`TABLE2_SEGMENT_LENGTHS`, `TABLE2_DILATION_RATES`) Eqs. 16-17 give the FLOP ratios to
+dense 0.472, 0.2535 and 0.1302 at N = 8K, 16K and 32K (1.347 at 2K: more than dense), and
+per-branch reductions N r^2 / w of 16, 32, 64, 72 and 144 at 32K. The formula is the paper's;
+`attended_pairs` counts the pairs exactly (ragged segments, w not a multiple of r, head
+offsets): it is the closed form of `patterns.keeps`, tested equal to it.
 
 Memory, in elements of one layer's forward (multiply by bytes per element):
 - activations: q, k, v and the output, 4 B H N D, for every method;
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from ..checks import as_positive_int, check_branches, check_head_offsets
 from ..patterns import head_offset
 
-# The paper's language-model mixture (Table 2): LONGNET.md Sec. 3 and 5.
+# The paper's language-model mixture (Sec. 4.1, the LongNet rows of Table 2): w_i and r_i.
 TABLE2_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 TABLE2_DILATION_RATES = (1, 2, 4, 6, 12)
 
@@ -76,9 +80,12 @@ def geometric_bound(seq_len, w0, ratio) -> float:
 def attended_pairs(seq_len, segment_length, dilation_rate, num_heads=1, *, causal=False, head_offsets="paper") -> int:
     """Exact number of (head, query, key) triples one branch attends, summed over heads.
 
-    Each head keeps, per segment, the positions with (p - s*w) mod r == o_h; those kept
-    queries attend those kept keys (causal: K (K + 1) / 2 of the K x K pairs). Equals
-    `attention_pattern(N, [w], [r], H).sum()`, without building it.
+    The closed form of `patterns.keeps`, summed without building the pairs (tests/test_complexity.py
+    checks it against `keeps` over every pair of small cases): in segment m a head with offset o
+    keeps K_m rows (the positions p of the segment with `keeps(p, p, w, r, o)`: o, o + r, ... from
+    the segment start, fewer in a ragged last segment), and `keeps(q, k, ...)` holds for all K_m^2
+    pairs of them (causal: the K_m (K_m + 1) / 2 with k <= q). Equals
+    `attention_pattern(N, [w], [r], H).sum()`.
     """
     n = as_positive_int("seq_len", seq_len)
     w, r = check_branches([segment_length], [dilation_rate])[0]
@@ -87,9 +94,9 @@ def attended_pairs(seq_len, segment_length, dilation_rate, num_heads=1, *, causa
     total = 0
     for h in range(num_heads):
         o = head_offset(h, num_heads, r, head_offsets)
-        for start in range(0, n, w):
+        for start in range(0, n, w):  # segment m = start // w
             length = min(w, n - start)  # the last segment may be shorter
-            kept = max(0, -(-(length - o) // r))  # rows o, o + r, ... below `length`
+            kept = max(0, -(-(length - o) // r))  # K_m: rows o, o + r, ... below `length`
             total += kept * (kept + 1) // 2 if causal else kept * kept
     return total
 

@@ -11,20 +11,24 @@ What is counted, exactly:
   number of layers connects them. Non-causal: all ordered pairs (j, i) with j != i, N (N - 1)
   of them. Causal: pairs with j < i only (information never flows backwards), N (N - 1) / 2.
 
-The paper's estimate (Sec. 2.4): with w_i = w0 a^i, layer l adds w0 a^l to the distance a token
-reaches, so after l layers it reaches D(l) = sum_{i<l} w0 a^i = w0 (a^l - 1) / (a - 1) (Eq. 19),
+The paper's estimate (Sec. 2.4): with w_i = w0 a^i, layer t adds w0 a^t to the distance a token
+reaches, so after L layers it reaches reach(L) = sum_{t<L} w0 a^t = w0 (a^L - 1) / (a - 1) (Eq. 19),
 and covering N tokens takes about L = log_a(N (a - 1) / w0) layers (Eq. 20).
 
 How it scales to N = 2^16 without an N x N matrix: a dilated branch (w, r) splits the positions
-it keeps into *classes* (segment s, residue o): inside one class every query sees every key
-(causal: every earlier key). So one hop is, per class, an OR over its members (causal: a
-running OR along the class in position order), and the reached sets of 64 sources travel
-together as the bits of one uint64 word. `path_length_stats` runs this breadth-first search for
-all N sources, a batch of 64 * words at a time: memory O(N * words), work O(N^2 k L / 64);
-`distances_from` runs it for chosen sources and keeps every distance. Sliding windows are not
-classes; `window_path_stats` gives their distribution in closed form.
+it keeps into *classes* (segment m, offset o): class (m, o) holds the positions p of segment m
+with `patterns.keeps(p, p, w, r, o)`, and `keeps(q, k, w, r, o)` holds for every two of them
+(causal: k <= q). A class is thus the keep rule in gathered form (`branch_classes`, and the
+strided view `_Branch.classes`; tests/test_dependency_paths.py checks both against `keeps` over
+every pair of small cases). One hop is, per class, an OR over its members (causal: a running OR
+along the class in position order), and the reached sets of 64 sources travel together as the
+bits of one uint64 word. `path_length_stats` runs this breadth-first search for all N sources, a
+batch of 64 * words at a time: memory O(N * words), work O(N^2 k L / 64) for k branches and L
+layers; `distances_from` runs it for chosen sources and keeps every distance. Sliding windows
+are not classes; `window_path_stats` gives their distribution in closed form.
 
-Shape legend: N sequence length, G classes of a branch, K positions per class, Wd words per batch.
+Shape legend (adds to the package's): G classes of a branch, O offsets some head keeps (they are
+0 .. O - 1), A classes one hop works on, J sources, Wd words of source bits per position.
 """
 
 from __future__ import annotations
@@ -82,29 +86,13 @@ class PathStats:
         return float((np.arange(len(self.counts)) * self.counts).sum() / reached) if reached else math.nan
 
 
-def geometric_branches(seq_len, w0, ratio) -> tuple[list[int], list[int]]:
-    """The paper's geometric mixture (Sec. 2.4): w_i = w0 a^i, r_i = a^i, until one segment covers N.
-
-    The last w is the first one >= N: that branch is one segment over the whole sequence.
-    """
-    n, w0, a = as_positive_int("seq_len", seq_len), as_positive_int("w0", w0), as_positive_int("ratio", ratio)
-    if a < 2:
-        raise ValueError(f"ratio must be an integer >= 2, got {ratio!r}")
-    ws, rs = [], []
-    while True:
-        ws.append(w0 * a ** len(rs))
-        rs.append(a ** len(rs))
-        if ws[-1] >= n:
-            return ws, rs
-
-
 def eq19_reach(layers, w0, ratio) -> float:
-    """Eq. 19: distance a token's information travels in `layers` layers, w0 (a^l - 1) / (a - 1)."""
+    """Eq. 19: distance a token's information travels in L = `layers` layers, w0 (a^L - 1) / (a - 1)."""
     return w0 * (ratio**layers - 1) / (ratio - 1)
 
 
 def eq19_layers(seq_len, w0, ratio) -> int:
-    """Fewest layers whose Eq. 19 reach spans the sequence, D(l) >= N - 1."""
+    """Fewest layers L whose Eq. 19 reach spans the sequence, reach(L) >= N - 1."""
     layers = 0
     while eq19_reach(layers, w0, ratio) < seq_len - 1:
         layers += 1
@@ -117,22 +105,24 @@ def eq20_max_path(seq_len, w0, ratio) -> float:
 
 
 def kept_offsets(num_heads, dilation_rate, head_offsets="paper") -> list[int]:
-    """Residues some head keeps for dilation rate r (union over heads): always 0, 1, ..., m - 1."""
+    """Offsets o some head keeps for dilation rate r (union over heads): always 0, 1, ..., O - 1."""
     return sorted({head_offset(h, num_heads, dilation_rate, head_offsets) for h in range(num_heads)})
 
 
 def branch_classes(seq_len, segment_length, dilation_rate, num_heads, head_offsets="paper") -> np.ndarray:
     """Positions of each class of the branch (w, r), union over heads: (G, K), padded with N.
 
-    A class is one segment s and one residue o that some head keeps: positions s*w + o + m*r
-    inside the segment, in increasing order. Query and key of a class see each other.
+    The keep rule `patterns.keeps` in gathered form: class (m, o), for segment m and an offset o
+    that some head has, holds the positions p = m w + o + i r inside the segment (i = 0, 1, ...),
+    exactly those with `keeps(p, p, w, r, o)`, in increasing order; `keeps(q, k, w, r, o)` holds
+    for every two of them, and for no pair outside a class. Tested equal to `keeps`.
     """
     n, w, r = seq_len, segment_length, dilation_rate
     offsets = np.array(kept_offsets(num_heads, r, head_offsets))  # (O,)
     S, K = -(-n // w), -(-w // r)
-    s = np.arange(S)[:, None, None]  # (S, 1, 1)
+    m = np.arange(S)[:, None, None]  # (S, 1, 1) segment index
     within = offsets[None, :, None] + r * np.arange(K)[None, None, :]  # (1, O, K) position inside the segment
-    pos = s * w + within  # (S, O, K)
+    pos = m * w + within  # (S, O, K)
     pos = np.where((within < w) & (pos < n), pos, n)  # ragged segment or residue: pad with N
     pos = pos.reshape(-1, K)  # (G, K), G = S * O
     return pos[pos[:, 0] < n]  # drop classes with no position at all
@@ -140,15 +130,21 @@ def branch_classes(seq_len, segment_length, dilation_rate, num_heads, head_offse
 
 @dataclass(frozen=True)
 class _Branch:
-    """The classes of one branch, as a strided view of the position axis when (w, r) tile N exactly, else an index."""
+    """The classes of one branch, as a strided view of the position axis when (w, r) tile N exactly, else an index.
+
+    Both are `patterns.keeps` in gathered form (see `branch_classes`; tested equal to it).
+    """
 
     w: int
     r: int
-    kept: int  # heads keep the residues 0 .. kept - 1
+    kept: int  # O: heads keep the offsets 0 .. O - 1
     members: np.ndarray | None  # (G, K) positions padded with N; None: use the view
 
     def classes(self, x):
-        """x (N + 1, ...) -> a view (S, K, m, ...) of the kept positions: segment, row, residue."""
+        """x (N + 1, ...) -> a view (S, K, O, ...) of the kept positions: segment m, row i, offset o.
+
+        Entry [m, i, o] is position m w + i r + o: with r | w | N, the rows of class (m, o).
+        """
         n = x.shape[0] - 1
         return x[:n].reshape(n // self.w, self.w // self.r, self.r, *x.shape[1:])[:, :, : self.kept]
 
@@ -158,12 +154,12 @@ class _Branch:
         Only classes holding a frontier position do any work: late in the search there are few.
         """
         if self.members is None:
-            busy = self.classes(active).any(axis=1)  # (S, m) classes holding a frontier position
+            busy = self.classes(active).any(axis=1)  # (S, O) classes holding a frontier position
             if busy.mean() > DENSE_FRACTION:  # most classes busy: strided views beat gathering
-                bits, target = self.classes(frontier), (self.classes(out), np.s_[:])  # (S, K, m, Wd)
+                bits, target = self.classes(frontier), (self.classes(out), np.s_[:])  # (S, K, O, Wd)
             else:
-                s, o = np.nonzero(busy)  # (A,) active classes: segment, residue
-                bits, target = self.classes(frontier)[s, :, o], (self.classes(out), np.s_[s, :, o])  # (A, K, Wd)
+                m, o = np.nonzero(busy)  # (A,) active classes: segment, offset
+                bits, target = self.classes(frontier)[m, :, o], (self.classes(out), np.s_[m, :, o])  # (A, K, Wd)
         else:
             members = self.members[active[self.members].any(axis=1)]  # (A, K)
             bits = frontier[members]  # (A, K, Wd)
@@ -182,7 +178,7 @@ class _Branch:
 def _plan(n, w, r, num_heads, head_offsets):
     offsets = kept_offsets(num_heads, r, head_offsets)
     kept = len(offsets)
-    assert offsets == list(range(kept)), "every offset rule keeps the residues 0 .. m - 1"
+    assert offsets == list(range(kept)), "every offset rule keeps the offsets 0 .. O - 1"
     if n % w == 0 and w % r == 0:
         return _Branch(w, r, kept, None)
     return _Branch(w, r, kept, branch_classes(n, w, r, num_heads, head_offsets))
@@ -267,10 +263,10 @@ def distances_from(
     The same search as `path_length_stats`, keeping each distance instead of counting them.
     """
     n, _, plans = _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets)
-    sources = np.asarray(sources, dtype=np.int64).reshape(-1)  # (S,)
+    sources = np.asarray(sources, dtype=np.int64).reshape(-1)  # (J,)
     if sources.size and (sources.min() < 0 or sources.max() >= n):
         raise ValueError(f"sources must be positions in [0, {n}), got {sources.tolist()}")
-    dist = np.full((len(sources), n), -1, dtype=np.int64)  # (S, N)
+    dist = np.full((len(sources), n), -1, dtype=np.int64)  # (J, N)
     dist[np.arange(len(sources)), sources] = 0
     for first in range(0, len(sources), 64):
         batch = sources[first : first + 64]

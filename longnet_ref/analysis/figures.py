@@ -2,11 +2,11 @@
 
 - patterns (from `attention_pattern`, via `viz`): branches coloured like the paper's Figure 2,
   heads like Figure 3, multiplicities, a block-summarised long sequence;
-- the path-length law (`paths`): the longest dependency path against N for dense attention,
-  a sliding window (N / w) and dilated mixtures (log N), against Eqs. 19-20; and what causal
-  attention leaves unconnected;
-- the cost model (`complexity`): FLOPs and memory against N for the paper's configuration,
-  with the numbers of LONGNET.md Sec. 5 marked.
+- the path-length law (`dependency_paths`): the longest dependency path against N for dense
+  attention, a sliding window (N / w) and dilated mixtures (log N), against Eqs. 19-20; and what
+  causal attention leaves unconnected;
+- the cost model (`complexity`): FLOPs and memory against N for the paper's configuration
+  (Sec. 4.1, Table 2), with its FLOP ratios to dense from Eqs. 16-17 marked at N = 2K, 8K, 16K, 32K.
 
 `--notebooks` also re-runs every notebook (in CI mode, outputs discarded) so that their figures
 (figures/NN_*.png) are regenerated too: then every PNG in figures/ comes from this one command.
@@ -29,8 +29,17 @@ if __name__ == "__main__":
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import complexity as C  # noqa: E402
-from . import dependency_paths as P  # noqa: E402
+from ..patterns import geometric_mixture  # noqa: E402
+from .complexity import (  # noqa: E402
+    TABLE2_DILATION_RATES,
+    TABLE2_SEGMENT_LENGTHS,
+    branch_flops,
+    cost_table,
+    dense_flops,
+    flop_ratio,
+    mixture_flops,
+)
+from .dependency_paths import eq19_layers, eq20_max_path, path_length_stats, window_path_stats  # noqa: E402
 from .viz import BRANCH_COLORS, plot_branches, plot_heads, plot_multiplicity, save_fig  # noqa: E402
 
 # Mixtures whose dependency paths are plotted: (w0, a, heads, label).
@@ -48,13 +57,13 @@ def path_law(sizes, mixtures=PATH_MIXTURES, window=WINDOW, verbose=False) -> dic
     rows.update({label + " causal": [] for *_, label in mixtures})
     for n in sizes:
         rows["dense"].append(1)
-        rows[f"window {window}"].append(P.window_path_stats(n, window).max)
-        rows[f"segments {window}"].append(P.path_length_stats(n, [window], [1]).max)  # inf when N > w
+        rows[f"window {window}"].append(window_path_stats(n, window).max)
+        rows[f"segments {window}"].append(path_length_stats(n, [window], [1]).max)  # inf when N > w
         for w0, a, heads, label in mixtures:
-            ws, rs = P.geometric_branches(n, w0, a)
+            ws, rs = geometric_mixture(w0, a, seq_len=n)
             start = time.perf_counter()
-            rows[label].append(P.path_length_stats(n, ws, rs, heads).max)
-            causal = P.path_length_stats(n, ws, rs, heads, causal=True)
+            rows[label].append(path_length_stats(n, ws, rs, heads).max)
+            causal = path_length_stats(n, ws, rs, heads, causal=True)
             rows[label + " causal"].append(causal.unreachable / causal.pairs)
             if verbose:
                 print(f"  paths N={n:6d} {label}: {time.perf_counter() - start:5.1f} s (both)", flush=True)
@@ -71,9 +80,9 @@ def plot_path_law(rows, mixtures=PATH_MIXTURES, window=WINDOW):
         color = BRANCH_COLORS[i]
         left.plot(n, rows[label], "s-", color=color, label=label)
         grid = np.geomspace(n[0], n[-1], 200)
-        eq20 = [P.eq20_max_path(x, w0, a) for x in grid]
+        eq20 = [eq20_max_path(x, w0, a) for x in grid]
         left.plot(grid, np.maximum(eq20, 0.5), "--", color=color, lw=1, label=f"Eq. 20, w0={w0}, a={a}")
-        left.plot(n, [P.eq19_layers(x, w0, a) for x in n], ":", color=color, lw=1.5, label="Eq. 19: layers to reach N")
+        left.plot(n, [eq19_layers(x, w0, a) for x in n], ":", color=color, lw=1.5, label="Eq. 19: layers to reach N")
     left.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="longest dependency path (layers)")
     left.set_title(f"non-causal; local segments of {window}: never connected across segments", fontsize=9)
     left.legend(fontsize=7)
@@ -88,15 +97,15 @@ def plot_path_law(rows, mixtures=PATH_MIXTURES, window=WINDOW):
 
 def plot_path_distribution(n=4096, window=WINDOW, w0=4, a=2, heads=1):
     """Fraction of pairs connected within L layers: the mixture against a sliding window of the same N."""
-    ws, rs = P.geometric_branches(n, w0, a)
-    mixture, local = P.path_length_stats(n, ws, rs, heads), P.window_path_stats(n, window)
+    ws, rs = geometric_mixture(w0, a, seq_len=n)
+    mixture, local = path_length_stats(n, ws, rs, heads), window_path_stats(n, window)
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for stats, color, name in ((mixture, BRANCH_COLORS[0], f"dilated w0={w0}, a={a}"), (local, "gray", "window")):
         layers = np.arange(len(stats.counts))
         ax.step(
             layers, np.cumsum(stats.counts) / stats.pairs, where="post", color=color, label=f"{name}: max {stats.max}"
         )
-    ax.axvline(P.eq20_max_path(n, w0, a), color="k", ls="--", lw=1, label="Eq. 20")
+    ax.axvline(eq20_max_path(n, w0, a), color="k", ls="--", lw=1, label="Eq. 20")
     ax.set(xscale="log", xlabel="layers L", ylabel="fraction of pairs (j, i) connected", xlim=(0.9, None))
     ax.set_title(f"N = {n}, non-causal, every pair counted", fontsize=9)
     ax.legend(fontsize=8)
@@ -107,10 +116,10 @@ def plot_path_distribution(n=4096, window=WINDOW, w0=4, a=2, heads=1):
 def plot_flops(sizes=None):
     """FLOPs per head-dim against N: dense, the paper's mixture (Table 2), local attention, Eq. 18."""
     sizes = np.geomspace(2**10, 2**30, 81) if sizes is None else np.asarray(sizes, dtype=float)
-    ws, rs = list(C.TABLE2_SEGMENT_LENGTHS), list(C.TABLE2_DILATION_RATES)
-    dense = [C.dense_flops(int(n)) for n in sizes]
-    dilated = [sum(C.mixture_flops(int(n), ws, rs)) for n in sizes]
-    local = [C.branch_flops(int(n), 2048, 1) for n in sizes]
+    ws, rs = list(TABLE2_SEGMENT_LENGTHS), list(TABLE2_DILATION_RATES)
+    dense = [dense_flops(int(n)) for n in sizes]
+    dilated = [sum(mixture_flops(int(n), ws, rs)) for n in sizes]
+    local = [branch_flops(int(n), 2048, 1) for n in sizes]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(sizes, dense, "k-", label="dense: 4 N^2")
     left.plot(sizes, dilated, color=BRANCH_COLORS[0], label="dilated, Table 2 (w clipped to N)")
@@ -120,12 +129,12 @@ def plot_flops(sizes=None):
     marks = (2048, 8192, 16384, 32768)
     right.plot(sizes, np.array(dilated) / np.array(dense), color=BRANCH_COLORS[0])
     for n in marks:
-        ratio = C.flop_ratio(n, ws, rs)
+        ratio = flop_ratio(n, ws, rs)
         right.plot(n, ratio, "o", color=BRANCH_COLORS[1])
         right.annotate(f"{ratio:.4g} at {n}", (n, ratio), textcoords="offset points", xytext=(6, 4), fontsize=8)
     right.axhline(1, color="k", lw=0.8)
     right.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="dilated / dense FLOPs")
-    right.set_title("LONGNET.md Sec. 5 numbers marked", fontsize=9)
+    right.set_title("Table 2 mixture, Eqs. 16-17 (marked: N = 2K, 8K, 16K, 32K)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -133,8 +142,8 @@ def plot_flops(sizes=None):
 def plot_memory(sizes=None, heads=12, head_dim=64, chunk=8192, bytes_per_element=2):
     """One layer's memory against N: readable scores (dense vs dilated), activations, gathered K/V per device."""
     sizes = [2**e for e in range(13, 31)] if sizes is None else list(sizes)
-    ws, rs = list(C.TABLE2_SEGMENT_LENGTHS), list(C.TABLE2_DILATION_RATES)
-    tables = [C.cost_table(n, ws, rs, heads=heads, head_dim=head_dim, devices=max(n // chunk, 1)) for n in sizes]
+    ws, rs = list(TABLE2_SEGMENT_LENGTHS), list(TABLE2_DILATION_RATES)
+    tables = [cost_table(n, ws, rs, heads=heads, head_dim=head_dim, devices=max(n // chunk, 1)) for n in sizes]
     b = bytes_per_element
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(sizes, [t["dense"].score_elements * b for t in tables], "k-", label="dense scores (N x N)")

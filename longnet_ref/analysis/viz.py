@@ -12,6 +12,8 @@ O(H * stripe * N); `MAX_PATTERN_WORK` caps H * N^2, the time it takes.
 
 `save_fig(fig, name)` writes a PNG into the repository's figures/ folder whatever the working
 directory (nbval runs a notebook from its own folder; scripts run from anywhere).
+
+Shape legend (adds to the package's): b tokens per pixel side, nb = ceil(N / b) pixels per side.
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ def pattern_blocks(
         c = pattern_rows(
             n, queries, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets
         )
-        c = torch.nn.functional.pad(c.double(), (0, nb * b - n, 0, (-len(queries)) % b))  # (H, Q', nb*b)
-        tiles = c.view(num_heads, -1, b, nb, b).sum(dim=(2, 4))  # (H, Q'/b, nb)
+        c = torch.nn.functional.pad(c.double(), (0, nb * b - n, 0, (-len(queries)) % b))  # (H, Q + pad, nb * b)
+        tiles = c.view(num_heads, -1, b, nb, b).sum(dim=(2, 4))  # (H, (Q + pad) / b, nb)
         sums[:, start // b : start // b + tiles.shape[1]] += tiles
     sizes = torch.full((nb,), b, dtype=torch.float64)
     sizes[-1] = n - (nb - 1) * b  # the ragged last tile
@@ -109,7 +111,7 @@ def pattern_blocks(
 
 
 def blend(densities, colors) -> np.ndarray:
-    """Ink on white: each branch darkens a pixel towards its colour by its density; (P, P, 3) RGB in [0, 1]."""
+    """Ink on white: each branch darkens a pixel towards its colour by its density; (nb, nb, 3) RGB in [0, 1]."""
     image = np.ones((*densities[0].shape, 3))
     for density, color in zip(densities, colors):
         ink = 1.0 - np.asarray(to_rgb(color))  # (3,) what the colour removes from white
@@ -119,9 +121,9 @@ def blend(densities, colors) -> np.ndarray:
 
 def dominant(densities, colors) -> np.ndarray:
     """Block summaries: each pixel in the colours of the branches that keep pairs there, weighted by how many."""
-    weights = np.stack([np.asarray(d) for d in densities])  # (k, P, P)
-    total = weights.sum(axis=0)  # (P, P)
-    rgb = np.einsum("kpq,kc->pqc", weights, np.array([to_rgb(c) for c in colors]))  # (P, P, 3)
+    weights = np.stack([np.asarray(d) for d in densities])  # (branches, nb, nb)
+    total = weights.sum(axis=0)  # (nb, nb)
+    rgb = np.einsum("kpq,kc->pqc", weights, np.array([to_rgb(c) for c in colors]))  # (nb, nb, 3)
     return np.where(total[..., None] > 0, rgb / np.maximum(total, 1e-300)[..., None], 1.0)
 
 
@@ -159,7 +161,7 @@ def plot_branches(
     per_branch = [
         pattern_blocks(seq_len, [w], [r], num_heads, causal=causal, head_offsets=head_offsets)[head].numpy()
         for w, r in branches
-    ]  # each (P, P): the fraction of each tile this branch keeps
+    ]  # each (nb, nb): the fraction of each tile this branch keeps
     summarised = block_size(seq_len) > 1
     fig, axes = _axes(len(branches) + bool(union))
     for ax, density, color, (w, r) in zip(axes, per_branch, colors, branches):
@@ -190,10 +192,10 @@ def plot_heads(seq_len, segment_length, dilation_rate, num_heads, *, causal=Fals
     return fig
 
 
-def count_style(k: int) -> dict:
-    """imshow style for counts 0 .. k: white where masked, then one colour per value, darker = counted more."""
-    shades = plt.get_cmap("viridis_r")(np.linspace(0.15, 1.0, k))  # (k, 4)
-    return dict(cmap=ListedColormap(["white", *shades]), vmin=-0.5, vmax=k + 0.5)
+def count_style(most: int) -> dict:
+    """imshow style for counts 0 .. most: white where masked, then one colour per value, darker = counted more."""
+    shades = plt.get_cmap("viridis_r")(np.linspace(0.15, 1.0, most))  # (most, 4) RGBA
+    return dict(cmap=ListedColormap(["white", *shades]), vmin=-0.5, vmax=most + 0.5)
 
 
 def plot_multiplicity(
@@ -204,10 +206,10 @@ def plot_multiplicity(
     head = check_head(head, as_positive_int("num_heads", num_heads))
     c = pattern_blocks(seq_len, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets)
     fig, (ax,) = _axes(1, size=3.6, ax=ax)
-    k = len(branches)
-    style = count_style(k) if block_size(seq_len) == 1 else dict(cmap="viridis_r", vmin=0, vmax=k)  # means: fractional
+    most = len(branches)  # c counts at most one per branch
+    style = count_style(most) if block_size(seq_len) == 1 else dict(cmap="viridis_r", vmin=0, vmax=most)  # fractional
     _show(ax, c[head].numpy(), seq_len, f"multiplicity c(h={head}, q, k)", **style)
     bar = fig.colorbar(ax.images[-1], ax=ax, shrink=0.8, label="branches that keep (q, k)")
     if block_size(seq_len) == 1:
-        bar.set_ticks(range(k + 1))
+        bar.set_ticks(range(most + 1))
     return fig

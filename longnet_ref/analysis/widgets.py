@@ -3,7 +3,7 @@
 - `pattern_explorer()`: sliders for N, w0, the ratio a, the number of branches, heads and the
   head shown; a checkbox for causal and a menu for the head-offset rule. It shows the pattern (from
   `attention_pattern`), the FLOP ratio against dense (Eq. 17) and coverage / overlap numbers.
-- `path_explorer()`: the same knobs for dependency paths (`paths.py`): the distribution of
+- `path_explorer()`: the same knobs for dependency paths (`dependency_paths`): the distribution of
   path lengths of the mixture against a sliding window, with Eq. 20's prediction.
 
 Each explorer is a plain function `view(**values) -> (figure, numbers)` plus an `Explorer`
@@ -20,17 +20,11 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..checks import HEAD_OFFSET_RULES
+from ..patterns import attention_pattern, geometric_mixture
 from .complexity import flop_ratio
-from .dependency_paths import eq19_layers, eq20_max_path, geometric_branches, path_length_stats, window_path_stats
-from ..patterns import attention_pattern
+from .dependency_paths import eq19_layers, eq20_max_path, path_length_stats, window_path_stats
 from .viz import BRANCH_COLORS, blend, count_style, png_bytes
-
-OFFSET_RULES = ("paper", "torchscale", "none")
-
-
-def geometric(w0, ratio, branches):
-    """w_i = w0 a^i, r_i = a^i for i < branches (Sec. 2.4)."""
-    return [w0 * ratio**i for i in range(branches)], [ratio**i for i in range(branches)]
 
 
 def pattern_view(seq_len=64, w0=8, ratio=2, branches=3, heads=4, head=0, causal=False, offsets="paper"):
@@ -40,7 +34,7 @@ def pattern_view(seq_len=64, w0=8, ratio=2, branches=3, heads=4, head=0, causal=
     and pairs / H / allowed pairs), coverage (allowed pairs the head attends), coverage_all_heads
     (pairs at least one head attends) and overlap (attended pairs of the head seen by 2+ branches).
     """
-    ws, rs = geometric(w0, ratio, branches)
+    ws, rs = geometric_mixture(w0, ratio, branches=branches)
     head = min(head, heads - 1)
     c = attention_pattern(seq_len, ws, rs, heads, causal=causal, head_offsets=offsets)  # (H, N, N)
     # The picture needs head `head` of each branch alone. Under the "paper" and "none" rules head h
@@ -75,7 +69,7 @@ def pattern_view(seq_len=64, w0=8, ratio=2, branches=3, heads=4, head=0, causal=
 
 def path_view(seq_len=256, w0=4, ratio=2, heads=1, window=16, causal=False, offsets="paper"):
     """Dependency paths of the geometric mixture that covers N, against a sliding window: (figure, numbers)."""
-    ws, rs = geometric_branches(seq_len, w0, ratio)
+    ws, rs = geometric_mixture(w0, ratio, seq_len=seq_len)
     mixture = path_length_stats(seq_len, ws, rs, heads, causal=causal, head_offsets=offsets)
     local = window_path_stats(seq_len, window, causal=causal)
     numbers = dict(
@@ -165,7 +159,7 @@ def pattern_explorer(seq_len=64, w0=8, ratio=2, branches=3, heads=4) -> Explorer
         heads=_slider("heads H", heads, 1, 8),
         head=_slider("head", 0, 0, 7),
         causal=widgets.Checkbox(value=False, description="causal"),
-        offsets=widgets.Dropdown(options=OFFSET_RULES, value="paper", description="offsets"),
+        offsets=widgets.Dropdown(options=HEAD_OFFSET_RULES, value="paper", description="offsets"),
     )
 
     def follow_heads(change):  # the head slider only offers heads that exist
@@ -185,6 +179,6 @@ def path_explorer(seq_len=256, w0=4, ratio=2, heads=1, window=16) -> Explorer:
         heads=_slider("heads H", heads, 1, 16),
         window=_slider("window", window, 2, 256),
         causal=widgets.Checkbox(value=False, description="causal"),
-        offsets=widgets.Dropdown(options=OFFSET_RULES, value="paper", description="offsets"),
+        offsets=widgets.Dropdown(options=HEAD_OFFSET_RULES, value="paper", description="offsets"),
     )
     return Explorer(path_view, controls, "Dependency paths", "longnet-path-explorer")

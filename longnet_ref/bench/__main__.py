@@ -14,8 +14,11 @@ Reported as ratios measured in one run (the machine is shared and noisy):
 
 `--quick` (CI) runs two small N in one process: timings are printed, outputs checked, no target.
 
-FLOP count (LONGNET.md §1): a branch costs 4 B H D N w / r^2 (QK^T and PV), dense 4 B H D N^2;
-causal halves both; the backward is counted as 2.5 x the forward (5 matmuls against 2).
+The mixture is the paper's geometric one with w0 = 2048, a = 2 (Sec. 2.4): w_i = 2048 * 2^i,
+r_i = 2^i up to the first w >= N (`patterns.geometric_mixture`; one dense segment when N <= 2048).
+FLOP count (`analysis.complexity`, from Eqs. 16-17 of arXiv 2307.02486): a branch costs
+4 B H D N w / r^2 (QK^T and PV), dense 4 B H D N^2; causal halves both; the backward is counted
+as 2.5 x the forward (5 matmuls against 2).
 """
 
 from __future__ import annotations
@@ -32,25 +35,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .report import read_csv, scaling_line, write_csv, write_outputs
 from ..analysis.complexity import dense_flops, flop_ratio, mixture_flops
 from ..mixture import dilated_attention
 from ..oracle import oracle_rows
+from ..patterns import geometric_mixture
+from .report import read_csv, scaling_line, write_csv, write_outputs
 
 BACKWARD_FLOP_FACTOR = 2.5
-
-
-def geometric_config(seq_len, w0=2048, a=2):
-    """Branches w = w0 a^i, r = a^i for every w0 a^i <= max(N, w0): the paper's geometric mixture."""
-    ws, rs = [w0], [1]
-    while ws[-1] * a <= seq_len:
-        ws.append(ws[-1] * a)
-        rs.append(rs[-1] * a)
-    return ws, rs
+W0, RATIO = 2048, 2  # every timed mixture: geometric_mixture(W0, RATIO, seq_len=N)
 
 
 def attention_flops(cfg):
-    """Forward (+ backward) FLOPs of one configuration, from the cost model (`complexity.py`)."""
+    """Forward (+ backward) FLOPs of one configuration, from the cost model (`analysis.complexity`)."""
     shape = dict(batch=cfg["B"], heads=cfg["H"], head_dim=cfg["D"], causal=cfg["causal"])
     if cfg["path"] == "dense":
         flops = dense_flops(cfg["N"], **shape)
@@ -99,7 +95,7 @@ def _check(cfg, inputs, out):
     N = cfg["N"]
     rows = sorted({0, N - 1, *torch.randint(0, N, (6,), generator=torch.Generator().manual_seed(1)).tolist()})
     ws, rs = ([N], [1]) if cfg["path"] == "dense" else (cfg["ws"], cfg["rs"])
-    ref, _ = oracle_rows(*(x.detach().double() for x in inputs), rows, ws, rs, causal=cfg["causal"])
+    ref, _lse = oracle_rows(*(x.detach().double() for x in inputs), rows, ws, rs, causal=cfg["causal"])
     return (out.detach().double()[:, :, rows] - ref).abs().max().item()
 
 
@@ -161,7 +157,7 @@ def run_sweep(args, run, log):
     results, dense_last = [], {}
     for log2 in range(args.min_log2, args.max_log2 + 1):
         N = 2**log2
-        ws, rs = geometric_config(N)
+        ws, rs = geometric_mixture(W0, RATIO, seq_len=N)
         for backward in (False, True):
             for causal in (False, True):
                 for path in ("dense", "readable", "fast"):
@@ -190,7 +186,7 @@ def run_sweep(args, run, log):
 def run_glue(args, run, log):
     """The issue's glue and ceiling targets at N = 16384, B = 1, H = 8, D = 64, fp32, non-causal."""
     N = 16384
-    ws, rs = geometric_config(N)  # [2048, 4096, 8192, 16384], [1, 2, 4, 8]
+    ws, rs = geometric_mixture(W0, RATIO, seq_len=N)  # [2048, 4096, 8192, 16384], [1, 2, 4, 8]
     ideal = flop_ratio(N, ws, rs)
     print(f"ideal FLOP ratio dilated/dense at N={N}, w={ws}, r={rs}: {ideal:.4f}")
     rows = []
@@ -215,7 +211,7 @@ def run_scaling(args, run, log):
     """t(2^20) / t(2^14), forward+backward, geometric w0 = 2048, a = 2, B = 1, H = 4, D = 64."""
     times = {}
     for log2 in (14, 20):
-        ws, rs = geometric_config(2**log2)
+        ws, rs = geometric_mixture(W0, RATIO, seq_len=2**log2)
         cfg = dict(path="fast", N=2**log2, B=1, H=4, D=64, ws=ws, rs=rs, causal=False, backward=True,
                    repeats=args.repeats)  # fmt: skip
         result = run([cfg])[0]
@@ -228,7 +224,7 @@ def run_scaling(args, run, log):
 def run_parallel(args, run, log):
     """Simulated sequence parallelism at P = 8 against one process, N = 2^18, interleaved in one process."""
     N, P = 2**18, 8
-    ws, rs = geometric_config(N)
+    ws, rs = geometric_mixture(W0, RATIO, seq_len=N)
     rows = []
     for backward in (False, True):
         base = dict(N=N, B=1, H=4, D=64, ws=ws, rs=rs, causal=False, backward=backward, repeats=args.repeats)
@@ -258,7 +254,8 @@ def report_sweep(name):
     fast = {r["N"]: r for r in results if r["path"] == "fast" and r["backward"] and not r["causal"]}
     footer = ""
     if {2**14, 2**20} <= set(fast):  # the scaling target's configuration is the sweep's
-        small, large = (dict(fast[N], **dict(zip(("ws", "rs"), geometric_config(N)))) for N in (2**14, 2**20))
+        mixtures = {N: geometric_mixture(W0, RATIO, seq_len=N) for N in (2**14, 2**20)}
+        small, large = (dict(fast[N], ws=mixtures[N][0], rs=mixtures[N][1]) for N in (2**14, 2**20))
         line = scaling_line(small, large, attention_flops(large) / attention_flops(small))
         footer = f"\nforward+backward, non-causal, {line}\n"
     write_outputs(results, name, footer)

@@ -3,7 +3,7 @@
 `figures/bench.csv` holds one row per configuration (rewritten after every result, so an
 interrupted sweep keeps what it measured); `write_outputs` draws `figures/bench.png` from it and
 writes `figures/bench_table.md`, which it pastes into the README between its markers
-(`results.py`). `python -m longnet_ref.bench --replot` redoes both from the CSV.
+(`analysis.results`). `python -m longnet_ref.bench --replot` redoes both from the CSV.
 """
 
 from __future__ import annotations
