@@ -36,7 +36,7 @@ fast.py or kernels.py.
 Notation legend (every module uses these letters with these meanings; a module's own legend
 only adds letters):
 
-    B  batch size                     H  query heads; h  heads in one offset group
+    B  batch size; b  a batch index   H  query heads; h  heads in one offset group
     N  sequence length                D  head dim; E = H * D  embedding dim
     w  segment length (W in shape tuples)   r  dilation rate (R in shape tuples)
     o  a head's offset, o_j for head j      S = ceil(N / w) segments; m  a segment's index

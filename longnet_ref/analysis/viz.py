@@ -13,7 +13,7 @@ O(H * stripe * N); `MAX_PATTERN_WORK` caps H * N^2, the time it takes.
 `save_fig(fig, name)` writes a PNG into the repository's figures/ folder whatever the working
 directory (nbval runs a notebook from its own folder; scripts run from anywhere).
 
-Shape legend (adds to the package's): b tokens per pixel side, nb = ceil(N / b) pixels per side.
+Shape legend (adds to the package's): blk tokens per pixel side, nb = ceil(N / blk) pixels per side.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def block_size(seq_len: int) -> int:
 def pattern_blocks(
     seq_len, segment_lengths, dilation_rates, num_heads, *, causal=False, head_offsets="paper", block=None
 ) -> torch.Tensor:
-    """Mean of c(h, q, k) over block x block tiles: float64 (H, ceil(N / b), ceil(N / b)).
+    """Mean of c(h, q, k) over block x block tiles: float64 (H, ceil(N / blk), ceil(N / blk)).
 
     block = 1 gives `attention_pattern` itself (as float). A ragged last tile is averaged
     over its real pairs only.
@@ -84,29 +84,29 @@ def pattern_blocks(
     check_branches(segment_lengths, dilation_rates)
     num_heads = as_positive_int("num_heads", num_heads)
     check_head_offsets(head_offsets)
-    b = block_size(n) if block is None else as_positive_int("block", block)
+    blk = block_size(n) if block is None else as_positive_int("block", block)
     if num_heads * n * n > MAX_PATTERN_WORK:
         raise ValueError(
             f"seq_len {n} with num_heads {num_heads} needs {num_heads * n * n:.3g} pattern entries, more than "
             f"MAX_PATTERN_WORK = {MAX_PATTERN_WORK}; draw a shorter sequence (the pattern repeats every max(w))"
         )
-    if b == 1 and num_heads * n * n <= STRIPE_ENTRIES:
+    if blk == 1 and num_heads * n * n <= STRIPE_ENTRIES:
         return attention_pattern(
             n, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets
         ).double()
-    nb = -(-n // b)  # pixels per side
+    nb = -(-n // blk)  # pixels per side
     sums = torch.zeros(num_heads, nb, nb, dtype=torch.float64)
-    rows_per_stripe = max(b, STRIPE_ENTRIES // (num_heads * n) // b * b)  # whole blocks of rows
+    rows_per_stripe = max(blk, STRIPE_ENTRIES // (num_heads * n) // blk * blk)  # whole blocks of rows
     for start in range(0, n, rows_per_stripe):
         queries = torch.arange(start, min(start + rows_per_stripe, n))
         c = pattern_rows(
             n, queries, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets
         )
-        c = torch.nn.functional.pad(c.double(), (0, nb * b - n, 0, (-len(queries)) % b))  # (H, Q + pad, nb * b)
-        tiles = c.view(num_heads, -1, b, nb, b).sum(dim=(2, 4))  # (H, (Q + pad) / b, nb)
-        sums[:, start // b : start // b + tiles.shape[1]] += tiles
-    sizes = torch.full((nb,), b, dtype=torch.float64)
-    sizes[-1] = n - (nb - 1) * b  # the ragged last tile
+        c = torch.nn.functional.pad(c.double(), (0, nb * blk - n, 0, (-len(queries)) % blk))  # (H, Q + pad, nb * blk)
+        tiles = c.view(num_heads, -1, blk, nb, blk).sum(dim=(2, 4))  # (H, (Q + pad) / blk, nb)
+        sums[:, start // blk : start // blk + tiles.shape[1]] += tiles
+    sizes = torch.full((nb,), blk, dtype=torch.float64)
+    sizes[-1] = n - (nb - 1) * blk  # the ragged last tile
     return sums / (sizes[:, None] * sizes[None, :])
 
 
@@ -135,10 +135,10 @@ def _axes(count, size=2.6, ax=None):
 
 
 def _show(ax, image, seq_len, title, **kwargs):
-    b = block_size(seq_len)
+    blk = block_size(seq_len)
     extent = (-0.5, seq_len - 0.5, seq_len - 0.5, -0.5)  # axes in token positions, summarised or not
     ax.imshow(image, extent=extent, interpolation="nearest", **kwargs)
-    ax.set_title(title + (f"\n(mean over {b}x{b} blocks)" if b > 1 else ""), fontsize=9)
+    ax.set_title(title + (f"\n(mean over {blk}x{blk} blocks)" if blk > 1 else ""), fontsize=9)
     ax.set_xlabel("key k", fontsize=8)
     ax.set_ylabel("query q", fontsize=8)
     ax.tick_params(labelsize=7)
