@@ -36,7 +36,8 @@ fast.py or kernels.py.
 Notation legend (every module uses these letters with these meanings; a module's own legend
 only adds letters):
 
-    B  batch size; b  a batch index   H  query heads; h  heads in one offset group
+    B  batch size; b  a batch index   H  query heads; h  a head (c(h, q, k)); in shape tuples,
+                                      h is the axis of the heads of one offset group
     N  sequence length                D  head dim; E = H * D  embedding dim
     w  segment length (W in shape tuples)   r  dilation rate (R in shape tuples)
     o  a head's offset, o_j for head j      S = ceil(N / w) segments; m  a segment's index
@@ -45,6 +46,7 @@ only adds letters):
     lse  log-sum-exp of a row of scores (log of its softmax denominator); s_i = exp(lse_i) the
          denominator of branch i (the paper's s_i, Eq. 10); alpha_i = s_i / sum_j s_j  its merge weight
     P  devices (ranks); p  a rank's index; l = N / P  local length; g  ranks sharing a segment
+    pos  a position in the sequence, 0 <= pos < N (a word: p is a rank)
     Q  number of selected query rows (oracle_rows, pattern_rows)
 """
 

@@ -7,7 +7,7 @@ Eq. 1-2:
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V
 
 Besides the output we return the log-sum-exp (LSE) of every row of scores,
-`lse_i = log sum_j exp(s_ij)`, the log of the softmax denominator. LongNet needs it: the
+`lse_i = log sum_j exp(x_ij)` (x_ij the scaled scores), the log of the softmax denominator. LongNet needs it: the
 mixture of dilated branches weights each branch by its denominator (Eq. 10), and
 sequence parallelism merges partial results the same way.
 

@@ -19,8 +19,8 @@ kernel). It imports nothing from the fast path; `mixture.dilated_branch` validat
 and picks the implementation.
 
 `segment` + `sparsify` + `kept_row_mask` are a gathered form of the keep rule
-`patterns.keeps`: the rows they keep for head h in segment m are exactly the positions p of
-that segment with `keeps(p, p, w, r, o_h)` (tested in tests/test_patterns.py).
+`patterns.keeps`: the rows they keep for head h in segment m are exactly the positions pos of
+that segment with `keeps(pos, pos, w, r, o_h)` (tested in tests/test_patterns.py).
 
 Letters: the package legend (`longnet_ref/__init__.py`); W = w and R = r in shape tuples.
 """

@@ -19,13 +19,13 @@ whose keys come from other ranks (`parallel/fused.py`). The backward uses the
 identity of `kernels.py`: a branch's kernel backward, given the merged output O in place of
 its own and `alpha_i dO` as gradient (alpha_i = exp(lse_i - LSE), the branch's merge weight),
 returns exactly the gradient that flows through the branch *and* its merge weight:
-Delta = alpha_i dO.O = alpha_i dO.O_i - g_i, where g_i = alpha_i dO.(O_i - O) is the
+Delta = alpha_i dO.O = alpha_i dO.O_i - dlse_i, where dlse_i = alpha_i dO.(O_i - O) is the
 gradient of lse_i. No branch output needs to be kept for the backward. A gradient dLSE of
 the merged log-sum-exp reaches branch i as alpha_i dLSE and goes through the kernel's extra
 column (`kernels.attention_backward`).
 
 `Piece.view` and `branch_pieces` are a gathered form of the keep rule `patterns.keeps`: the
-rows a branch's pieces select for a head are exactly the positions p with `keeps(p, p, w, r, o)`,
+rows a branch's pieces select for a head are exactly the positions pos with `keeps(pos, pos, w, r, o)`,
 and two rows meet in one kernel call exactly when `keeps` pairs them (tests/test_patterns.py).
 
 Letters: the package legend (`longnet_ref/__init__.py`); W = w and R = r in shape tuples.

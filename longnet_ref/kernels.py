@@ -14,11 +14,11 @@ strided views of q, k, v without copying them.
 The backward. Write x_ij for the scaled scores, prob_ij = softmax_j(x_ij) for the attention
 probabilities, and `Delta_i = dO_i . O_i`. The kernels' backward computes
 `dx_ij = prob_ij (dO_i . v_j - Delta_i)` and uses the `out` it is given only to form Delta. A
-gradient `g_i` flowing into the LSE adds `prob_ij g_i` to dx (since d lse_i / d x_ij = prob_ij),
-i.e. it replaces Delta_i by `Delta_i - g_i`.
-`attention_backward` folds g into the kernel call by appending one column:
-q' = [q, 0], k' = [k, 0], v' = [v, 0], out' = [O, -g], dO' = [dO, 1] gives
-dO'.out' = Delta - g and dO'.v'_j = dO.v_j, so one kernel call is exact.
+gradient `dlse_i` flowing into the LSE adds `prob_ij dlse_i` to dx (since d lse_i / d x_ij = prob_ij),
+i.e. it replaces Delta_i by `Delta_i - dlse_i`.
+`attention_backward` folds dlse into the kernel call by appending one column:
+q' = [q, 0], k' = [k, 0], v' = [v, 0], out' = [O, -dlse], dO' = [dO, 1] gives
+dO'.out' = Delta - dlse and dO'.v'_j = dO.v_j, so one kernel call is exact.
 
 Letters: the package legend (`longnet_ref/__init__.py`).
 """

@@ -80,7 +80,7 @@ def dilated_branch(
         q, k, v: (B, H, N, D), same shape, dtype and device.
         segment_length: w; w >= N makes the whole sequence one segment. The last segment may
             be shorter than w; it is never padded with attended keys.
-        dilation_rate: r <= w; head j keeps the rows p with (p - m*w) mod r == o_j in segment m
+        dilation_rate: r <= w; head j keeps the rows pos with (pos - m*w) mod r == o_j in segment m
             (`patterns.keeps`).
         causal: a kept query attends only kept keys at or before it.
         head_offsets: "paper" (o_j = j mod r), "torchscale" or "none" (`patterns.head_offset`).

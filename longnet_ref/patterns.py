@@ -59,8 +59,8 @@ def keeps(query, key, segment_length, dilation_rate, offset, *, causal=False):
     A branch cuts positions into segments [m w, (m + 1) w) (Eq. 3; the last may be shorter) and,
     in each segment, keeps the positions whose distance to the segment start is o mod r (Eq. 4,
     Sec. 2.3). A pair is kept when both positions are kept and lie in the same segment (Eq. 5);
-    causal attention also drops keys after the query. A position p is a row of the branch at
-    all exactly when `keeps(p, p, ...)`.
+    causal attention also drops keys after the query. A position pos is a row of the branch at
+    all exactly when `keeps(pos, pos, ...)`.
 
     Works on ints and on broadcasting LongTensors of positions (then returns a bool tensor),
     like attention-gym's `mask_mod(b, h, q_idx, kv_idx)`. Every other place that knows which

@@ -82,7 +82,7 @@ def attended_pairs(seq_len, segment_length, dilation_rate, num_heads=1, *, causa
 
     The closed form of `patterns.keeps`, summed without building the pairs (tests/test_complexity.py
     checks it against `keeps` over every pair of small cases): in segment m a head with offset o
-    keeps K_m rows (the positions p of the segment with `keeps(p, p, w, r, o)`: o, o + r, ... from
+    keeps K_m rows (the positions pos of the segment with `keeps(pos, pos, w, r, o)`: o, o + r, ... from
     the segment start, fewer in a ragged last segment), and `keeps(q, k, ...)` holds for all K_m^2
     pairs of them (causal: the K_m (K_m + 1) / 2 with k <= q). Equals
     `attention_pattern(N, [w], [r], H).sum()`.

@@ -16,8 +16,8 @@ reaches, so after L layers it reaches reach(L) = sum_{t<L} w0 a^t = w0 (a^L - 1)
 and covering N tokens takes about L = log_a(N (a - 1) / w0) layers (Eq. 20).
 
 How it scales to N = 2^16 without an N x N matrix: a dilated branch (w, r) splits the positions
-it keeps into *classes* (segment m, offset o): class (m, o) holds the positions p of segment m
-with `patterns.keeps(p, p, w, r, o)`, and `keeps(q, k, w, r, o)` holds for every two of them
+it keeps into *classes* (segment m, offset o): class (m, o) holds the positions pos of segment m
+with `patterns.keeps(pos, pos, w, r, o)`, and `keeps(q, k, w, r, o)` holds for every two of them
 (causal: k <= q). A class is thus the keep rule in gathered form (`branch_classes`, and the
 strided view `_Branch.classes`; tests/test_dependency_paths.py checks both against `keeps` over
 every pair of small cases). One hop is, per class, an OR over its members (causal: a running OR
@@ -113,8 +113,8 @@ def branch_classes(seq_len, segment_length, dilation_rate, num_heads, head_offse
     """Positions of each class of the branch (w, r), union over heads: (G, K), padded with N.
 
     The keep rule `patterns.keeps` in gathered form: class (m, o), for segment m and an offset o
-    that some head has, holds the positions p = m w + o + i r inside the segment (i = 0, 1, ...),
-    exactly those with `keeps(p, p, w, r, o)`, in increasing order; `keeps(q, k, w, r, o)` holds
+    that some head has, holds the positions pos = m w + o + i r inside the segment (i = 0, 1, ...),
+    exactly those with `keeps(pos, pos, w, r, o)`, in increasing order; `keeps(q, k, w, r, o)` holds
     for every two of them, and for no pair outside a class. Tested equal to `keeps`.
     """
     n, w, r = seq_len, segment_length, dilation_rate
@@ -187,7 +187,7 @@ def _plan(n, w, r, num_heads, head_offsets):
 def _search(sources, n, words, plans, causal, limit, on_layer):
     """Breadth-first search from up to 64 * words sources at once; calls on_layer(depth, new bits).
 
-    reached (N + 1, Wd): bit b of word b // 64 at row p says source b reaches position p (row N is
+    reached (N + 1, Wd): bit src of word src // 64 at row pos says source src reaches position pos (row N is
     padding). A hop is OR-linear, so reached_{t+1} = reached_t | hop(frontier_t), with frontier_t
     the bits that are new at depth t: the search only spreads the frontier.
     """

@@ -11,8 +11,8 @@ tests/test_parallel.py checks them equal to it:
 
 - `plan_branches`: the ranks sharing rank p's segment are the ranks j whose chunks lie in the
   same segment (Eq. 3), `keeps(j l, p l, w, 1, 0)`: the same-segment part of the rule;
-- `kept_run`: the rows of a chunk that a head keeps (Eq. 4), the positions x of the chunk
-  with `keeps(x, x, w, r, o)`, as one strided run.
+- `kept_run`: the rows of a chunk that a head keeps (Eq. 4), the positions pos of the chunk
+  with `keeps(pos, pos, w, r, o)`, as one strided run.
 
 Letters: the package legend (`longnet_ref/__init__.py`).
 """
