@@ -12,6 +12,8 @@ Concept map (where each idea lives; the paper's sections and equations in bracke
     dense attention + its lse   attention.py  dense_attention                     [Eqs. 1-2]
     the oracle                  oracle.py     oracle_attention, oracle_rows       [Eq. 10 as one softmax]
     a branch, step by step      dilated.py    segment, sparsify, scatter, readable_branch  [Eqs. 3-8]
+    causal inside a segment     dilated.py    readable_branch: kept rows stay in position order, so the
+                                              mask is the lower triangle over K rows (fast: the kernel's flag)
     the merge                   mixture.py    merge_branches                      [Eq. 10]
     the entry points            mixture.py    dilated_branch, dilated_attention   (the one place that
                                               picks implementation="fast" or "readable")
@@ -19,6 +21,7 @@ Concept map (where each idea lives; the paper's sections and equations in bracke
     kernels, exact backward     kernels.py    fused_attention, attention_backward
     the layer                   layer.py      MultiheadDilatedAttention           [Sec. 2.3]
     input checks                checks.py     every ValueError names its parameter
+    all-gather of sparse K, V   parallel/algorithm.py distributed_branch, via parallel/comm.py all_gather  [Sec. 3.1]
 
     parallel/   sequence parallelism over P devices, simulated in one process or on
                 torch.distributed: local branches, all-gather of sparse keys and values [Sec. 3.1];
