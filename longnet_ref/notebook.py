@@ -58,4 +58,4 @@ def compare(name: str, ours, ref, *, atol: float = 1e-12) -> None:
         diff = torch.where(ours == ref, torch.zeros_like(ours), (ours - ref).abs())
         max_diff = diff.max().item()
     print(f"{name:<44} exact: {exact!s:<5}  max abs diff: {max_diff:.1e}")
-    torch.testing.assert_close(ours, ref, rtol=0.0, atol=atol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(ours, ref, rtol=0.0, atol=atol, msg=lambda msg: f"{name}: {msg}")

@@ -153,12 +153,12 @@ def cost_table(
     rows = [branch_cost(f"branch {i}", n, w, r, **shape) for i, (w, r) in enumerate(branches)]
     total = BranchCost(
         "dilated (sum)",
-        max(b.segment_length for b in rows),
+        max(cost.segment_length for cost in rows),
         0,
-        sum(b.flops for b in rows),
-        sum(b.ratio for b in rows),
-        sum(b.score_elements for b in rows),
-        sum(b.gathered_elements for b in rows),
+        sum(cost.flops for cost in rows),
+        sum(cost.ratio for cost in rows),
+        sum(cost.score_elements for cost in rows),
+        sum(cost.gathered_elements for cost in rows),
     )
     return dict(
         seq_len=n,
@@ -182,11 +182,11 @@ def human(x: float, unit: str = "") -> str:
 
 
 def format_table(table: dict, bytes_per_element: int = 2) -> str:
-    b = bytes_per_element
+    bytes_per = bytes_per_element
     lines = [
         f"LongNet cost model, one layer forward: N = {table['seq_len']}, B = {table['batch']}, "
         f"H = {table['heads']}, D = {table['head_dim']}, causal = {table['causal']}, "
-        f"{b} bytes per element, P = {table['devices']} devices",
+        f"{bytes_per} bytes per element, P = {table['devices']} devices",
         f"{'':16} {'w':>7} {'r':>4} {'FLOPs':>10} {'/ dense':>9} {'dense / x':>9} "
         f"{'readable scores':>16} {'gathered K/V':>13}",
     ]
@@ -196,9 +196,9 @@ def format_table(table: dict, bytes_per_element: int = 2) -> str:
         r = row.dilation_rate or "-"
         lines.append(
             f"{row.name:16} {row.segment_length:>7} {r:>4} {human(row.flops):>10} {row.ratio:>9.4f} {red:>9} "
-            f"{human(row.score_elements * b, 'B'):>16} {human(row.gathered_elements * b, 'B'):>13}"
+            f"{human(row.score_elements * bytes_per, 'B'):>16} {human(row.gathered_elements * bytes_per, 'B'):>13}"
         )
-    lines.append(f"activations q, k, v, out: {human(table['activation_elements'] * b, 'B')} for every method")
+    lines.append(f"activations q, k, v, out: {human(table['activation_elements'] * bytes_per, 'B')} for every method")
     lines.append("dense / x: times cheaper than dense (N r^2 / w for a branch); readable scores: B H S K^2")
     return "\n".join(lines)
 

@@ -27,8 +27,8 @@ batch of 64 * words at a time: memory O(N * words), work O(N^2 k L / 64) for k b
 layers; `distances_from` runs it for chosen sources and keeps every distance. Sliding windows
 are not classes; `window_path_stats` gives their distribution in closed form.
 
-Shape legend (adds to the package's): G classes of a branch, O offsets some head keeps (they are
-0 .. O - 1), A classes one hop works on, J sources, Wd words of source bits per position.
+Shape legend (adds to the package's): G classes of a branch, Noff offsets some head keeps (they
+are 0 .. Noff - 1), A classes one hop works on, Nsrc sources, Wd words of source bits per position.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def eq20_max_path(seq_len, w0, ratio) -> float:
 
 
 def kept_offsets(num_heads, dilation_rate, head_offsets="paper") -> list[int]:
-    """Offsets o some head keeps for dilation rate r (union over heads): always 0, 1, ..., O - 1."""
+    """Offsets o some head keeps for dilation rate r (union over heads): always 0, 1, ..., Noff - 1."""
     return sorted({head_offset(h, num_heads, dilation_rate, head_offsets) for h in range(num_heads)})
 
 
@@ -118,13 +118,13 @@ def branch_classes(seq_len, segment_length, dilation_rate, num_heads, head_offse
     for every two of them, and for no pair outside a class. Tested equal to `keeps`.
     """
     n, w, r = seq_len, segment_length, dilation_rate
-    offsets = np.array(kept_offsets(num_heads, r, head_offsets))  # (O,)
+    offsets = np.array(kept_offsets(num_heads, r, head_offsets))  # (Noff,)
     S, K = -(-n // w), -(-w // r)
     m = np.arange(S)[:, None, None]  # (S, 1, 1) segment index
-    within = offsets[None, :, None] + r * np.arange(K)[None, None, :]  # (1, O, K) position inside the segment
-    pos = m * w + within  # (S, O, K)
+    within = offsets[None, :, None] + r * np.arange(K)[None, None, :]  # (1, Noff, K) position inside the segment
+    pos = m * w + within  # (S, Noff, K)
     pos = np.where((within < w) & (pos < n), pos, n)  # ragged segment or residue: pad with N
-    pos = pos.reshape(-1, K)  # (G, K), G = S * O
+    pos = pos.reshape(-1, K)  # (G, K), G = S * Noff
     return pos[pos[:, 0] < n]  # drop classes with no position at all
 
 
@@ -137,11 +137,11 @@ class _Branch:
 
     w: int
     r: int
-    kept: int  # O: heads keep the offsets 0 .. O - 1
+    kept: int  # Noff: heads keep the offsets 0 .. Noff - 1
     members: np.ndarray | None  # (G, K) positions padded with N; None: use the view
 
     def classes(self, x):
-        """x (N + 1, ...) -> a view (S, K, O, ...) of the kept positions: segment m, row i, offset o.
+        """x (N + 1, ...) -> a view (S, K, Noff, ...) of the kept positions: segment m, row i, offset o.
 
         Entry [m, i, o] is position m w + i r + o: with r | w | N, the rows of class (m, o).
         """
@@ -154,9 +154,9 @@ class _Branch:
         Only classes holding a frontier position do any work: late in the search there are few.
         """
         if self.members is None:
-            busy = self.classes(active).any(axis=1)  # (S, O) classes holding a frontier position
+            busy = self.classes(active).any(axis=1)  # (S, Noff) classes holding a frontier position
             if busy.mean() > DENSE_FRACTION:  # most classes busy: strided views beat gathering
-                bits, target = self.classes(frontier), (self.classes(out), np.s_[:])  # (S, K, O, Wd)
+                bits, target = self.classes(frontier), (self.classes(out), np.s_[:])  # (S, K, Noff, Wd)
             else:
                 m, o = np.nonzero(busy)  # (A,) active classes: segment, offset
                 bits, target = self.classes(frontier)[m, :, o], (self.classes(out), np.s_[m, :, o])  # (A, K, Wd)
@@ -178,7 +178,7 @@ class _Branch:
 def _plan(n, w, r, num_heads, head_offsets):
     offsets = kept_offsets(num_heads, r, head_offsets)
     kept = len(offsets)
-    assert offsets == list(range(kept)), "every offset rule keeps the offsets 0 .. O - 1"
+    assert offsets == list(range(kept)), "every offset rule keeps the offsets 0 .. Noff - 1"
     if n % w == 0 and w % r == 0:
         return _Branch(w, r, kept, None)
     return _Branch(w, r, kept, branch_classes(n, w, r, num_heads, head_offsets))
@@ -192,9 +192,9 @@ def _search(sources, n, words, plans, causal, limit, on_layer):
     the bits that are new at depth t: the search only spreads the frontier.
     """
     bit = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))  # (64,)
-    b = np.arange(len(sources))
+    src = np.arange(len(sources))
     reached = np.zeros((n + 1, words), dtype=np.uint64)  # (N + 1, Wd)
-    np.bitwise_or.at(reached, (sources, b // 64), bit[b % 64])  # a source listed twice gets both bits
+    np.bitwise_or.at(reached, (sources, src // 64), bit[src % 64])  # a source listed twice gets both bits
     frontier = reached.copy()
     for layer in range(1, limit + 1):
         active = frontier.any(axis=1)  # (N + 1,) positions with new bits
@@ -263,10 +263,10 @@ def distances_from(
     The same search as `path_length_stats`, keeping each distance instead of counting them.
     """
     n, _, plans = _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets)
-    sources = np.asarray(sources, dtype=np.int64).reshape(-1)  # (J,)
+    sources = np.asarray(sources, dtype=np.int64).reshape(-1)  # (Nsrc,)
     if sources.size and (sources.min() < 0 or sources.max() >= n):
         raise ValueError(f"sources must be positions in [0, {n}), got {sources.tolist()}")
-    dist = np.full((len(sources), n), -1, dtype=np.int64)  # (J, N)
+    dist = np.full((len(sources), n), -1, dtype=np.int64)  # (Nsrc, N)
     dist[np.arange(len(sources)), sources] = 0
     for first in range(0, len(sources), 64):
         batch = sources[first : first + 64]
@@ -280,7 +280,7 @@ def _recorder(dist, first, size):
 
     def record(layer, fresh):  # fresh (N + 1, 1) uint64
         words = fresh[:n].astype("<u8", copy=False).view(np.uint8)  # (N, 8) bytes, least significant first
-        bits = np.unpackbits(words, axis=1, bitorder="little")[:, :size]  # (N, 64): bit b = source first + b
+        bits = np.unpackbits(words, axis=1, bitorder="little")[:, :size]  # (N, 64): bit src = source first + src
         position, source = np.nonzero(bits)
         dist[first + source, position] = layer
 

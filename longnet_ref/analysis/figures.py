@@ -144,12 +144,14 @@ def plot_memory(sizes=None, heads=12, head_dim=64, chunk=8192, bytes_per_element
     sizes = [2**e for e in range(13, 31)] if sizes is None else list(sizes)
     ws, rs = list(TABLE2_SEGMENT_LENGTHS), list(TABLE2_DILATION_RATES)
     tables = [cost_table(n, ws, rs, heads=heads, head_dim=head_dim, devices=max(n // chunk, 1)) for n in sizes]
-    b = bytes_per_element
+    bytes_per = bytes_per_element
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(sizes, [t["dense"].score_elements * b for t in tables], "k-", label="dense scores (N x N)")
-    ax.plot(sizes, [t["total"].score_elements * b for t in tables], color=BRANCH_COLORS[0], label="dilated scores")
-    ax.plot(sizes, [t["activation_elements"] * b for t in tables], color="gray", ls=":", label="q, k, v, out")
-    gathered = [t["total"].gathered_elements * b for t in tables]
+    ax.plot(sizes, [t["dense"].score_elements * bytes_per for t in tables], "k-", label="dense scores (N x N)")
+    ax.plot(
+        sizes, [t["total"].score_elements * bytes_per for t in tables], color=BRANCH_COLORS[0], label="dilated scores"
+    )
+    ax.plot(sizes, [t["activation_elements"] * bytes_per for t in tables], color="gray", ls=":", label="q, k, v, out")
+    gathered = [t["total"].gathered_elements * bytes_per for t in tables]
     label = f"gathered K/V per device, {chunk} tokens each (0 while segments fit a device)"
     ax.plot(sizes, gathered, color=BRANCH_COLORS[1], label=label)
     ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="bytes (one layer, fp16)")

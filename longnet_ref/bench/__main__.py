@@ -128,12 +128,12 @@ def measure(cfgs):
 
 def matmul_gflops(repeats=5, n=2048):
     """The machine's ceiling in this run: fp32 matmul throughput (median of `repeats`)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    lhs, rhs = torch.randn(n, n), torch.randn(n, n)
+    lhs @ rhs
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        lhs @ rhs
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -251,7 +251,7 @@ def describe(result):
 def report_sweep(name):
     """figures/<name>.png and <name>_table.md from figures/<name>.csv, with the scaling target read off it."""
     results = read_csv(name)
-    fast = {r["N"]: r for r in results if r["path"] == "fast" and r["backward"] and not r["causal"]}
+    fast = {row["N"]: row for row in results if row["path"] == "fast" and row["backward"] and not row["causal"]}
     footer = ""
     if {2**14, 2**20} <= set(fast):  # the scaling target's configuration is the sweep's
         mixtures = {N: geometric_mixture(W0, RATIO, seq_len=N) for N in (2**14, 2**20)}
@@ -262,21 +262,23 @@ def report_sweep(name):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m longnet_ref.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="CI mode: N = 2^10, 2^11 in one process, checks only")
-    p.add_argument(
+    parser = argparse.ArgumentParser(prog="python -m longnet_ref.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI mode: N = 2^10, 2^11 in one process, checks only")
+    parser.add_argument(
         "--sections", default="glue,scaling,parallel,sweep", help="comma list of glue, scaling, parallel, sweep"
     )
-    p.add_argument("--min-log2", type=int, default=10)
-    p.add_argument("--max-log2", type=int, default=20)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
-    p.add_argument("--dense-limit", type=float, default=60.0, help="extrapolate dense once a call would take longer")
-    p.add_argument("--readable-max-n", type=int, default=2**13)
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per configuration")
-    p.add_argument("--replot", action="store_true", help="redraw figures/bench.png and its table from bench.csv")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    parser.add_argument("--min-log2", type=int, default=10)
+    parser.add_argument("--max-log2", type=int, default=20)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    parser.add_argument(
+        "--dense-limit", type=float, default=60.0, help="extrapolate dense once a call would take longer"
+    )
+    parser.add_argument("--readable-max-n", type=int, default=2**13)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per configuration")
+    parser.add_argument("--replot", action="store_true", help="redraw figures/bench.png and its table from bench.csv")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     # the sweep's table, kept up to date as it runs; a partial range must not overwrite the full one
     full = (args.min_log2, args.max_log2) == (10, 20)
     args.csv = None if args.quick else "bench" if full else f"bench_2^{args.min_log2}-2^{args.max_log2}"
@@ -287,12 +289,12 @@ def main(argv=None):
         report_sweep("bench")
         return 0
     if args.repeats < 3:
-        p.error(f"--repeats must be at least 3 (medians of at least 3 runs), got {args.repeats}")
+        parser.error(f"--repeats must be at least 3 (medians of at least 3 runs), got {args.repeats}")
     if not 4 <= args.min_log2 <= args.max_log2 <= 24:
-        p.error(f"need 4 <= --min-log2 <= --max-log2 <= 24, got {args.min_log2} and {args.max_log2}")
+        parser.error(f"need 4 <= --min-log2 <= --max-log2 <= 24, got {args.min_log2} and {args.max_log2}")
     sections = set(args.sections.split(","))
     if not sections <= {"glue", "scaling", "parallel", "sweep"}:
-        p.error(f"--sections must be a comma list of glue, scaling, parallel, sweep; got {args.sections!r}")
+        parser.error(f"--sections must be a comma list of glue, scaling, parallel, sweep; got {args.sections!r}")
 
     failures = []
 

@@ -50,19 +50,19 @@ def sweep_table(results):
 
     def find(path, N, backward):
         key = (path, N, backward, False)
-        return next((r for r in results if (r["path"], r["N"], r["backward"], r["causal"]) == key), None)
+        return next((row for row in results if (row["path"], row["N"], row["backward"], row["causal"]) == key), None)
 
-    def seconds(r):  # 3 significant digits, whole seconds from 100 s on; ~ marks an extrapolation
-        if r is None:
+    def seconds(row):  # 3 significant digits, whole seconds from 100 s on; ~ marks an extrapolation
+        if row is None:
             return ""
-        value = f"{r['seconds']:.0f}" if r["seconds"] >= 100 else f"{r['seconds']:.3g}"
-        return ("~" if r["extrapolated"] else "") + value
+        value = f"{row['seconds']:.0f}" if row["seconds"] >= 100 else f"{row['seconds']:.3g}"
+        return ("~" if row["extrapolated"] else "") + value
 
     header = ["N", "dense fwd s", "fast fwd s", "fast / dense fwd", "ideal FLOP ratio", "dense fwd+bwd s",
               "fast fwd+bwd s", "fast / dense fwd+bwd", "fast GFLOP/s fwd+bwd", "matmul GFLOP/s",
               "peak RSS fwd+bwd"]  # fmt: skip
     rows = []
-    for N in sorted({r["N"] for r in results}):
+    for N in sorted({row["N"] for row in results}):
         cells = [f"2^{int(math.log2(N))}"]
         for backward in (False, True):
             dense, fast = find("dense", N, backward), find("fast", N, backward)
@@ -95,15 +95,19 @@ def write_outputs(results, name, footer=""):
     for ax, backward in zip(axes, (False, True)):
         for path, color in (("dense", "C0"), ("readable", "C2"), ("fast", "C1")):
             for causal, style in ((False, "-"), (True, ":")):
-                pts = [r for r in results if r["path"] == path and r["backward"] == backward and r["causal"] == causal]
-                measured = [r for r in pts if not r.get("extrapolated")]
+                pts = [
+                    row
+                    for row in results
+                    if row["path"] == path and row["backward"] == backward and row["causal"] == causal
+                ]
+                measured = [row for row in pts if not row.get("extrapolated")]
                 label = f"{path}{' causal' if causal else ''}"
-                ax.loglog([r["N"] for r in measured], [r["seconds"] for r in measured], style, color=color,
-                          marker="o", ms=3, label=label)  # fmt: skip
-                extra = [r for r in pts if r.get("extrapolated")]
+                ax.loglog([row["N"] for row in measured], [row["seconds"] for row in measured], style,
+                          color=color, marker="o", ms=3, label=label)  # fmt: skip
+                extra = [row for row in pts if row.get("extrapolated")]
                 if extra and measured:
-                    ax.loglog([measured[-1]["N"]] + [r["N"] for r in extra],
-                              [measured[-1]["seconds"]] + [r["seconds"] for r in extra], style, color=color,
+                    ax.loglog([measured[-1]["N"]] + [row["N"] for row in extra],
+                              [measured[-1]["seconds"]] + [row["seconds"] for row in extra], style, color=color,
                               alpha=0.35)  # fmt: skip
         ax.set(xlabel="sequence length N", ylabel="seconds", title="forward+backward" if backward else "forward")
         ax.grid(True, which="both", alpha=0.3)

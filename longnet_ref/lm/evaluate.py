@@ -59,14 +59,14 @@ def recall_distances(seq_len):
 def recall_eval_set(seq_len, num_sequences, distances=None, *, num_pairs=4, queries_per_pair=8, seed=1234):
     """A fixed evaluation set of the recall task: each needle asked at `queries_per_pair` of the distances.
 
-    By default the distances are b, b+1, b+2, b+3 for every base b of `recall_distances`: all
-    four residues mod 4. A dilated branch with rate r lets a query see the key d positions
-    back in one hop only when r divides d (both must have the head's residue), so distances
-    that are all multiples of 4 would flatter dilated attention;
+    By default the distances are base, base+1, base+2, base+3 for every base distance of
+    `recall_distances`: all four residues mod 4. A dilated branch with rate r lets a query see
+    the key d positions back in one hop only when r divides d (both must have the head's
+    residue), so distances that are all multiples of 4 would flatter dilated attention;
     `recall_accuracy(..., buckets=recall_distances(N))` reports the mean over the four.
     """
     if distances is None:
-        distances = sorted({b + i for b in recall_distances(seq_len) for i in range(4)})
+        distances = sorted({base + i for base in recall_distances(seq_len) for i in range(4)})
     distances = list(distances)
     generator = torch.Generator().manual_seed(seed)
     per_pair = min(queries_per_pair, len(set(distances)))
@@ -94,7 +94,7 @@ def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu", buckets=None
         hit = logits[scored].argmax(-1) == yb[scored]
         for d, right in zip(db[scored].tolist(), hit.tolist()):
             if buckets is not None:
-                d = max(b for b in buckets if b <= d)
+                d = max(bucket for bucket in buckets if bucket <= d)
             correct[d] = correct.get(d, 0) + int(right)
             count[d] = count.get(d, 0) + 1
     model.train(was_training)

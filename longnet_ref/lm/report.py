@@ -63,7 +63,7 @@ def table2_row(name, result, test_lengths):
     config = TrainConfig(**metrics["train_config"])
     flops = attention_flops_per_token(config, config.seq_len)
     dense = attention_flops_per_token(TrainConfig(**dict(metrics["train_config"], attention="dense")), config.seq_len)
-    bpb = {int(n): b for n, b in result["test"]["bpb"].items()}
+    bpb = {int(n): value for n, value in result["test"]["bpb"].items()}
     tokens = training_summary(result["stages"])[2]
     return (
         [
@@ -84,13 +84,13 @@ def plot_table2(results, test_lengths):
     for name, result in results.items():
         metrics = result["stages"][-1]
         config = TrainConfig(**metrics["train_config"])
-        bpb = {int(n): b for n, b in result["test"]["bpb"].items()}
+        bpb = {int(n): value for n, value in result["test"]["bpb"].items()}
         per_step = config.batch_size * config.seq_len
         evals = metrics["eval"]
         tokens = [evaluation["step"] * per_step / 1e6 for evaluation in evals]
         ax_curve.plot(tokens, [evaluation["val_bpb"] for evaluation in evals], "o-", label=name)
         ax_bpb.plot(test_lengths, [bpb[n] for n in test_lengths], "o-", label=name)
-        by_context = {int(position): b for position, b in result["test"]["bpb_by_context"].items()}
+        by_context = {int(position): value for position, value in result["test"]["bpb_by_context"].items()}
         ax_context.plot(list(by_context), list(by_context.values()), "o-", label=name)
     ax_curve.set(xlabel="training tokens (M)", ylabel="bits per byte (validation, training length)", title="training")
     ax_bpb.set(xscale="log", xlabel="test length (bytes)", ylabel="bits per byte", title="Table 2 in miniature")
@@ -132,7 +132,7 @@ def plot_recall(results, distances, local_window, seq_len):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for result in results.values():
         config = TrainConfig(**result["stages"][-1]["train_config"])
-        accuracy = {int(d): a for d, a in result["test"]["accuracy"].items()}
+        accuracy = {int(d): value for d, value in result["test"]["accuracy"].items()}
         label = f"{config.attention}: {recall_branches(config)}"
         ax.plot(distances, [accuracy[d] for d in distances], "o-", label=label)
     ax.axhline(1 / 8, color="gray", ls=":", label="chance (1/8)")
@@ -160,7 +160,7 @@ def report_recall(runs, names, local_window, seq_len):
         config = TrainConfig(**result["stages"][-1]["train_config"])
         stage_configs = [metrics["train_config"] for metrics in result["stages"]]
         stages = " + ".join(f"{stage['seq_len']}x{stage['steps']}" for stage in stage_configs)
-        accuracy = {int(d): a for d, a in result["test"]["accuracy"].items()}
+        accuracy = {int(d): value for d, value in result["test"]["accuracy"].items()}
         cells = [name, recall_branches(config), stages, *time_cells(result["stages"])]
         rows.append(cells + [f"{accuracy[d]:.2f}" for d in distances])
     plot_recall(results, distances, local_window, seq_len)

@@ -96,16 +96,16 @@ def report(args, P, reports, layer):
         w = min(w, N)
         kinds.append(f"({w}, {r}) " + ("local" if w <= l else f"{w // l} ranks/segment"))
     print(f"layer: B = {B}, E = {E}, H = {layer.num_heads}; branches (w, r): " + " | ".join(kinds))
-    branches = sorted({b for rep in reports for b in rep["branch_sent"]})
+    branches = sorted({branch for rep in reports for branch in rep["branch_sent"]})
     header = "rank  forward s  backward s  all-gather MB sent/recv  reduce-scatter MB sent/recv"
-    print(header + "".join(f"  branch {b} MB" for b in branches))
+    print(header + "".join(f"  branch {branch} MB" for branch in branches))
     for rep in reports:
         line = (
             f"{rep['rank']:4d}  {rep['forward']:9.3f}  {rep['backward']:10.3f}  "
             f"{megabytes(rep['gather'][0])} / {megabytes(rep['gather'][1])}       "
             f"{megabytes(rep['scatter'][0])} / {megabytes(rep['scatter'][1])}"
         )
-        print(line + "".join(f"  {megabytes(rep['branch_sent'].get(b, 0))}   " for b in branches))
+        print(line + "".join(f"  {megabytes(rep['branch_sent'].get(branch, 0))}   " for branch in branches))
     itemsize = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
     dense = (P - 1) * 2 * B * l * E * itemsize  # all-gathering every rank's whole K and V
     print(f"for comparison, all-gathering dense K and V would send {megabytes(dense).strip()} MB per rank")
@@ -141,7 +141,7 @@ def check(args, P, rank, layer, sp, x_local, y_local, dy_local):
     ok = all(e <= tol for e in errors.values())
     print(
         f"check vs one device ({time.perf_counter() - start:.1f} s): max error / max |reference|: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+        + ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
         + f" (tolerance {tol:.0e}) "
         + ("OK" if ok else "FAILED")
     )

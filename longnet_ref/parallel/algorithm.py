@@ -164,7 +164,11 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
             blocks.append((*gathered_rows(gathered, range(me), heads, counts), False))
         if me < g - 1 and not causal:  # later ranks: every key is in the future
             blocks.append((*gathered_rows(gathered, range(me + 1, g), heads, counts), False))
-        results = [fused_attention(queries, keys, values, causal=c) for keys, values, c in blocks if keys.shape[2] > 0]
+        results = [
+            fused_attention(queries, keys, values, causal=causal_block)
+            for keys, values, causal_block in blocks
+            if keys.shape[2] > 0
+        ]
         block_outs, block_lses = zip(*results)  # per block: (B, h, count, D), (B, h, count)
         out_h, lse_h = merge_branches(block_outs, block_lses)  # one softmax over the blocks' union
         out[:, heads, rows] = out_h  # scatter (Eqs. 6-8): (B, h, count, D)
