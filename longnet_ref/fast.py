@@ -3,13 +3,14 @@
 For a branch `(w, r)` and the heads that share offset o, the kept rows of every segment are
 a strided view, with no copy and no index tensor:
 
-    x[b, heads]                    (h, N, D)       heads: a slice (patterns.head_groups)
-      [:, start : start + S*W]     (h, S*W, D)     full segments (the ragged tail is its own piece)
-      .unflatten(1, (S, W))        (h, S, W, D)    segment, Eq. 3
-      [:, :, o::r]                 (h, S, K, D)    sparsify, Eq. 4
+    x[:, heads]                       (B, h, N, D)       heads: a slice (patterns.head_groups)
+      [:, :, start : start + S*W]     (B, h, S*W, D)     full segments (the ragged tail is its own piece)
+      .unflatten(2, (S, W))           (B, h, S, W, D)    segment, Eq. 3
+      [:, :, :, o::r]                 (B, h, S, K, D)    sparsify, Eq. 4
 
-and the fused kernel reads it as a batch of h, S "heads" of K rows. Outputs go back through
-the same views (scatter, Eqs. 6-8).
+and one fused-kernel call reads it as a batch of B*h "sequences" of S "heads" of K rows (or
+B*S of h: `fold`, whichever the strides allow as a view). Outputs go back through the same
+views (scatter, Eqs. 6-8).
 
 `dilated_attention` merges branches as they finish (Eq. 10) in a running output and
 log-sum-exp, so memory does not grow with the number of branches: `RunningMerge`, one
@@ -58,11 +59,38 @@ class Piece:
     dilation_rate: int  # R
     heads: slice  # heads sharing the offset
 
-    def view(self, x, b):
-        """Kept rows of batch element b: (B, H, N, *rest) -> (h, S, K, *rest), a view of x."""
-        rows = x[b, self.heads, self.start : self.start + self.num_segments * self.segment_length]
-        rows = rows.unflatten(1, (self.num_segments, self.segment_length))  # (h, S, W, *rest)
-        return rows[:, :, self.offset :: self.dilation_rate]  # (h, S, K, *rest)
+    def view(self, x):
+        """Kept rows of every batch element: (B, H, N, *rest) -> (B, h, S, K, *rest), a view of x."""
+        rows = x[:, self.heads, self.start : self.start + self.num_segments * self.segment_length]
+        rows = rows.unflatten(2, (self.num_segments, self.segment_length))  # (B, h, S, W, *rest)
+        return rows[:, :, :, self.offset :: self.dilation_rate]  # (B, h, S, K, *rest)
+
+
+# The kernels take 4-D (batch, heads, rows, D) tensors, and a piece's view is 5-D (B, h, S, K, D):
+# every (b, head, segment) is an independent attention, so two of B, h, S are folded into the
+# kernel's batch axis. One call per piece instead of one per batch element (fewer, larger kernel
+# calls; the per-(b, head, segment) arithmetic is unchanged, so results are bit-identical). B is
+# folded with h when x's strides allow a view (contiguous (B, H, N, D) and the paper's offsets),
+# else with S (the layer's (B, N, H, D).transpose(1, 2) over whole segments); failing both, the
+# fold copies the rows, which only kernel inputs ever need.
+def fold_axes(x5):
+    """Which axis of (B, h, S, K, ...) to fold B with: 1 (h) or 2 (S), a view when x5's strides allow."""
+    if x5.shape[0] == 1 or x5.stride(0) == x5.shape[1] * x5.stride(1):
+        return 1
+    if x5.stride(0) == x5.shape[2] * x5.stride(2):
+        return 2
+    return 1
+
+
+def fold(x5, axis):
+    """(B, h, S, K, *rest) -> (B*h, S, K, *rest) (axis 1) or (B*S, h, K, *rest) (axis 2)."""
+    return (x5 if axis == 1 else x5.transpose(1, 2)).flatten(0, 1)
+
+
+def unfold(y, axis, batch):
+    """The inverse of `fold`: a kernel result back to (B, h, S, K, *rest)."""
+    y = y.unflatten(0, (batch, -1))
+    return y if axis == 1 else y.transpose(1, 2)
 
 
 def branch_pieces(seq_len, num_heads, segment_length, dilation_rate, head_offsets):
@@ -86,10 +114,10 @@ def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_of
     out = q.new_zeros(B, H, N, D)
     lse = torch.full((B, H, N), -math.inf, dtype=_lse_dtype(q), device=q.device)
     for piece in branch_pieces(N, H, segment_length, dilation_rate, head_offsets):
-        for b in range(B):
-            out_b, lse_b = fused_attention(piece.view(q, b), piece.view(k, b), piece.view(v, b), causal=causal)
-            piece.view(out, b).copy_(out_b)  # scatter, Eqs. 6-8 (autograd records the copy)
-            piece.view(lse, b).copy_(lse_b)
+        axis = fold_axes(piece.view(q))
+        out_p, lse_p = fused_attention(*(fold(piece.view(x), axis) for x in (q, k, v)), causal=causal)
+        piece.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 6-8 (autograd records the copy)
+        piece.view(lse).copy_(unfold(lse_p, axis, B))
     return out, lse
 
 
@@ -138,17 +166,22 @@ class RunningMerge(torch.autograd.Function):
         sources = [(k, v), *((x[0], x[1]) for x in kv)]
         out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)  # running merged output
         lse = torch.full((B, H, N), -math.inf, dtype=acc, device=q.device)  # running merged LSE
-        saved = []
+        saved, axes = [], []
         for call in calls:
             keys, values = sources[call.source]
-            for b in range(B):
-                out_b, lse_b, kernel_saved = attention_forward(
-                    call.queries.view(q, b), call.keys.view(keys, b), call.keys.view(values, b), call.causal, scale
-                )
-                _merge_into(call.queries.view(out, b), call.queries.view(lse, b), out_b, lse_b)
-                saved.append((lse_b, *kernel_saved))
+            axis = fold_axes(call.queries.view(q))
+            out_c, lse_c, kernel_saved = attention_forward(
+                fold(call.queries.view(q), axis),  # (B*h, S, K, D) or (B*S, h, K, D)
+                fold(call.keys.view(keys), axis),
+                fold(call.keys.view(values), axis),
+                call.causal,
+                scale,
+            )
+            _merge_into(call.queries.view(out), call.queries.view(lse), unfold(out_c, axis, B), unfold(lse_c, axis, B))
+            saved.append((lse_c, *kernel_saved))
+            axes.append(axis)
         out = out.to(q.dtype)
-        ctx.calls, ctx.scale, ctx.batch = calls, scale, B
+        ctx.calls, ctx.axes, ctx.scale, ctx.batch = calls, axes, scale, B
         ctx.saved_sizes = [len(group) for group in saved]
         ctx.save_for_backward(q, k, v, out, lse, *kv, *[t for group in saved for t in group])
         ctx.num_kv = len(kv)
@@ -165,29 +198,28 @@ class RunningMerge(torch.autograd.Function):
         grads = [(dk, dv), *((d[0], d[1]) for d in dkv)]
         if dout is None:  # only the LSE was used
             dout = torch.zeros_like(out)
-        saved = _regroup(flat, ctx.saved_sizes)  # one (lse, *kernel_saved) per (call, b), in forward order
-        for call in ctx.calls:
+        saved = _regroup(flat, ctx.saved_sizes)  # one (lse, *kernel_saved) per call, in forward order
+        for call, axis in zip(ctx.calls, ctx.axes):
             keys, values = sources[call.source]
             dkeys, dvalues = grads[call.source]
             rows = call.queries
-            for b in range(ctx.batch):
-                lse_b, *kernel_saved = next(saved)
-                alpha = torch.exp(lse_b - rows.view(lse, b))  # (h, S, K): this call's merge weight
-                # the merged out in place of the call's own: see the module docstring
-                dq_b, dk_b, dv_b = attention_backward(
-                    rows.view(dout, b) * alpha.unsqueeze(-1),
-                    rows.view(q, b),
-                    call.keys.view(keys, b),
-                    call.keys.view(values, b),
-                    rows.view(out, b),
-                    kernel_saved,
-                    call.causal,
-                    ctx.scale,
-                    dlse=None if dlse is None else rows.view(dlse, b) * alpha,
-                )
-                rows.view(dq, b).add_(dq_b)
-                call.keys.view(dkeys, b).add_(dk_b)
-                call.keys.view(dvalues, b).add_(dv_b)
+            lse_c, *kernel_saved = next(saved)
+            alpha = torch.exp(lse_c - fold(rows.view(lse), axis))  # this call's merge weight, folded like lse_c
+            # the merged out in place of the call's own: see the module docstring
+            dq_c, dk_c, dv_c = attention_backward(
+                fold(rows.view(dout), axis) * alpha.unsqueeze(-1),
+                fold(rows.view(q), axis),
+                fold(call.keys.view(keys), axis),
+                fold(call.keys.view(values), axis),
+                fold(rows.view(out), axis),
+                kernel_saved,
+                call.causal,
+                ctx.scale,
+                dlse=None if dlse is None else fold(rows.view(dlse), axis) * alpha,
+            )
+            rows.view(dq).add_(unfold(dq_c, axis, ctx.batch))
+            call.keys.view(dkeys).add_(unfold(dk_c, axis, ctx.batch))
+            call.keys.view(dvalues).add_(unfold(dv_c, axis, ctx.batch))
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *(d.to(x.dtype) for d, x in zip(dkv, kv))
 
 

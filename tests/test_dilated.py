@@ -139,11 +139,47 @@ def test_fast_path_does_not_copy_or_fall_back(monkeypatch):
     monkeypatch.setattr(fast, "attention_forward", spy)
     q, k, v = rand_qkv(1, 4, 64, 8)
     dilated_attention(q, k, v, [16, 32], [2, 4])
-    # branch (16, 2): 2 offset groups; branch (32, 4): 4 offset groups; one batch element
+    # branch (16, 2): 2 offset groups; branch (32, 4): 4 offset groups
     assert len(calls) == 6
     assert not any(contiguous for contiguous, _ in calls)  # strided views
     base, end = q.data_ptr(), q.data_ptr() + q.numel() * q.element_size()
     assert all(base <= ptr < end for _, ptr in calls)  # inside q's own storage: no copy
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "layer", "batch-strided"])
+def test_fast_path_folds_the_batch_into_one_call_per_piece(monkeypatch, layout):
+    """B = 3: one kernel call per piece (not per batch element), views of q where the strides allow,
+    and exact against the oracle, gradients included, whatever the memory layout."""
+    import longnet_ref.fast as fast
+
+    calls = []
+    real = fast.attention_forward
+
+    def spy(q, k, v, causal, scale):
+        calls.append(q)
+        return real(q, k, v, causal, scale)
+
+    monkeypatch.setattr(fast, "attention_forward", spy)
+    B, H, N, D = 3, 4, 64, 8
+    if layout == "contiguous":  # (B, H, N, D): B folds with the heads of a group (paper offsets, r | H)
+        q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
+    elif layout == "layer":  # the layer's (B, N, H, D).transpose(1, 2): B folds with the segments
+        q, k, v = (torch.randn(B, N, H, D, dtype=torch.float64).transpose(1, 2) for _ in range(3))
+    else:  # every other batch element of a larger tensor: no fold is a view, the rows are copied
+        q, k, v = (torch.randn(2 * B, N, H, D, dtype=torch.float64).transpose(1, 2)[::2] for _ in range(3))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    ws, rs = [16, 32], [2, 4]
+    out, lse = dilated_attention(q, k, v, ws, rs, causal=True, return_lse=True)
+    assert len(calls) == 6  # 2 + 4 offset groups, whatever B
+    if layout != "batch-strided":
+        base, end = q.data_ptr(), q.data_ptr() + q.numel() * q.element_size()
+        assert all(base <= x.data_ptr() < end and not x.is_contiguous() for x in calls)  # views, no copy
+    grads = torch.autograd.grad((out.square().sum() + lse.sum()), (q, k, v))
+    ref_out, ref_lse = oracle_attention(q, k, v, ws, rs, causal=True)
+    _assert_equal_to_oracle(out, lse, ref_out, ref_lse)
+    ref_grads = torch.autograd.grad((ref_out.square().sum() + ref_lse.sum()), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
 def test_oracle_rows_equal_oracle_rows():

@@ -111,7 +111,7 @@ def test_fast_pieces_are_the_keep_rule(rule, causal):
         positions = torch.arange(N).view(1, 1, N).expand(1, H, N)  # (B, H, N)
         met = torch.zeros(H, N, N, dtype=torch.long)
         for piece in branch_pieces(N, H, w, r, rule):
-            rows = piece.view(positions, 0)  # (h, S, K) positions
+            rows = piece.view(positions)[0]  # (h, S, K) positions of batch element 0
             for h, head_rows in zip(range(H)[piece.heads], rows):
                 for block in head_rows:  # one segment: a kernel call attends all of it (causal: k <= q)
                     for i in block.tolist():
