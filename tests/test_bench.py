@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from longnet_ref import geometric_mixture
 from longnet_ref.bench.__main__ import RATIO, W0, attention_flops, main
@@ -37,13 +38,22 @@ def test_geometric_mixture_and_flops():
 @pytest.mark.parametrize(
     "argv, message",
     [(["--repeats", "1"], "--repeats must be at least 3"), (["--max-log2", "30"], "--max-log2"),
-     (["--sections", "glue,speed"], "--sections")],
+     (["--sections", "glue,speed"], "--sections"), (["--device", "tpu"], "--device"),
+     (["--device", "cuda", "--sections", "glue,parallel"], "--device cuda cannot run the parallel section")],
 )  # fmt: skip
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error for a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda was asked for, but torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_sweep_csv_round_trip_and_table(tmp_path, monkeypatch):

@@ -13,6 +13,9 @@ Reported as ratios measured in one run (the machine is shared and noisy):
 - sequence parallelism: simulated P = 8 against one process at N = 2^18 (target <= +10 %).
 
 `--quick` (CI) runs two small N in one process: timings are printed, outputs checked, no target.
+`--device cuda` runs the same configurations on the GPU (inputs made on the CPU from the same seed,
+then moved; torch.cuda.synchronize() before and after every timed step; the oracle check stays
+float64 on the CPU); its sweep writes figures/bench_cuda*, never the CPU figures.
 
 The mixture is the paper's geometric one with w0 = 2048, a = 2 (Sec. 2.4): w_i = 2048 * 2^i,
 r_i = 2^i up to the first w >= N (`patterns.geometric_mixture`; one dense segment when N <= 2048).
@@ -71,12 +74,25 @@ def run_path(cfg, q, k, v):
     return dilated_attention(q, k, v, cfg["ws"], cfg["rs"], causal=cfg["causal"], implementation=impl)
 
 
+def _device(cfg):
+    return torch.device(cfg.get("device", "cpu"))  # configurations without "device" run on the CPU
+
+
+def _synchronize(device):
+    """Wait for the GPU's queued work, so that a timer measures it (CPU work is done when the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _prepare(cfg):
     """Inputs and one timed step (forward, or forward+backward) for a configuration."""
     B, H, N, D = cfg["B"], cfg["H"], cfg["N"], cfg["D"]
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, generator=generator).requires_grad_(cfg["backward"]) for _ in range(3))
-    grad = torch.randn(B, H, N, D, generator=generator) if cfg["backward"] else None
+    device = _device(cfg)
+    generator = torch.Generator().manual_seed(0)  # on the CPU: the same inputs on every device
+    q, k, v = (
+        torch.randn(B, H, N, D, generator=generator).to(device).requires_grad_(cfg["backward"]) for _ in range(3)
+    )
+    grad = torch.randn(B, H, N, D, generator=generator).to(device) if cfg["backward"] else None
 
     def step():
         with torch.no_grad() if grad is None else torch.enable_grad():
@@ -95,8 +111,8 @@ def _check(cfg, inputs, out):
     N = cfg["N"]
     rows = sorted({0, N - 1, *torch.randint(0, N, (6,), generator=torch.Generator().manual_seed(1)).tolist()})
     ws, rs = ([N], [1]) if cfg["path"] == "dense" else (cfg["ws"], cfg["rs"])
-    ref, _lse = oracle_rows(*(x.detach().double() for x in inputs), rows, ws, rs, causal=cfg["causal"])
-    return (out.detach().double()[:, :, rows] - ref).abs().max().item()
+    ref, _lse = oracle_rows(*(x.detach().cpu().double() for x in inputs), rows, ws, rs, causal=cfg["causal"])
+    return (out.detach().cpu().double()[:, :, rows] - ref).abs().max().item()
 
 
 def measure(cfgs):
@@ -105,6 +121,7 @@ def measure(cfgs):
     Interleaving makes the machine's drift (other jobs, clock changes) hit every configuration
     of one call alike, so their ratios are fair even where absolute times are not.
     """
+    device = _device(cfgs[0])
     prepared = [_prepare(cfg) for cfg in cfgs]
     outs = [step() for _, step in prepared]  # warm-up; also the outputs checked below
     errors = [_check(cfg, inputs, out) for cfg, (inputs, _), out in zip(cfgs, prepared, outs)]
@@ -112,10 +129,12 @@ def measure(cfgs):
     times, matmul = [[] for _ in cfgs], []
     for _ in range(cfgs[0]["repeats"]):
         for i, (_, step) in enumerate(prepared):
+            _synchronize(device)
             start = time.perf_counter()
             step()
+            _synchronize(device)
             times[i].append(time.perf_counter() - start)
-        matmul.append(matmul_gflops(repeats=1))
+        matmul.append(matmul_gflops(repeats=1, device=device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results = []
     for cfg, cfg_times, error in zip(cfgs, times, errors):
@@ -126,14 +145,17 @@ def measure(cfgs):
     return results
 
 
-def matmul_gflops(repeats=5, n=2048):
-    """The machine's ceiling in this run: fp32 matmul throughput (median of `repeats`)."""
-    lhs, rhs = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(repeats=5, n=2048, device="cpu"):
+    """The machine's ceiling in this run: fp32 matmul throughput on `device` (median of `repeats`)."""
+    device = torch.device(device)
+    lhs, rhs = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     lhs @ rhs
     times = []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         lhs @ rhs
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -243,8 +265,9 @@ def describe(result):
     mode = ("fwd+bwd" if result["backward"] else "fwd") + (" causal" if result["causal"] else "")
     path = f"P={result['world_size']}" if result["path"] == "parallel" else result["path"]
     mark = "~" if result.get("extrapolated") else " "
+    digits = 6 if result.get("device", "cpu") != "cpu" else 3  # a GPU's small calls take well under 1 ms
     return (f"{path:>8} N=2^{int(math.log2(result['N'])):<2} H={result['H']} {mode:<14} "
-            f"{mark}{result['seconds']:9.3f} s {result['gflops']:7.1f} GFLOP/s  "
+            f"{mark}{result['seconds']:9.{digits}f} s {result['gflops']:7.1f} GFLOP/s  "
             f"err {result['max_error']:.1e}  peak {result['peak_rss_mb']:7.0f} MB")  # fmt: skip
 
 
@@ -277,11 +300,16 @@ def main(argv=None):
     parser.add_argument("--readable-max-n", type=int, default=2**13)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per configuration")
     parser.add_argument("--replot", action="store_true", help="redraw figures/bench.png and its table from bench.csv")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the timed paths run (the oracle check: CPU)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    # the sweep's table, kept up to date as it runs; a partial range must not overwrite the full one
+    # the sweep's table, kept up to date as it runs; a partial range must not overwrite the full one,
+    # and a GPU sweep must not overwrite the CPU's
     full = (args.min_log2, args.max_log2) == (10, 20)
-    args.csv = None if args.quick else "bench" if full else f"bench_2^{args.min_log2}-2^{args.max_log2}"
+    stem = "bench" if args.device == "cpu" else f"bench_{args.device}"
+    args.csv = None if args.quick else stem if full else f"{stem}_2^{args.min_log2}-2^{args.max_log2}"
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))  # a list of configurations
         return 0
@@ -295,6 +323,13 @@ def main(argv=None):
     sections = set(args.sections.split(","))
     if not sections <= {"glue", "scaling", "parallel", "sweep"}:
         parser.error(f"--sections must be a comma list of glue, scaling, parallel, sweep; got {args.sections!r}")
+    if args.device == "cuda" and "parallel" in sections and not args.quick:
+        parser.error(
+            "--device cuda cannot run the parallel section (its simulated backward runs on cpu tensors only); "
+            "pick --sections from glue, scaling, sweep"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
 
     failures = []
 
@@ -303,12 +338,21 @@ def main(argv=None):
         if result["max_error"] > tolerance(result):  # NaN (extrapolated) compares False
             failures.append(result)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
+    if args.device == "cpu":
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
+    else:
+        print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {torch.cuda.get_device_name()}, fp32")
+
+    def on_device(run):  # every configuration run where --device says (a CPU run's configurations are unchanged)
+        if args.device == "cpu":
+            return run
+        return lambda cfgs: run([dict(cfg, device=args.device) for cfg in cfgs])
+
     if args.quick:
         args.min_log2, args.max_log2, args.readable_max_n = 10, 11, 2**10
-        run_sweep(args, measure, log)  # in this process: timings indicative only
+        run_sweep(args, on_device(measure), log)  # in this process: timings indicative only
     else:
-        run = lambda cfg: in_subprocess(cfg, args.timeout)  # noqa: E731
+        run = on_device(lambda cfg: in_subprocess(cfg, args.timeout))
         results = []
         if "glue" in sections:
             results += run_glue(args, run, log)

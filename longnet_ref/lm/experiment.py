@@ -47,8 +47,9 @@ TEST_BYTES = 16 * 4096  # the same 64 KiB of validation code at every test lengt
 
 # Recall: learning to fetch a value across thousands of positions from scratch sits on a long
 # plateau, so every model is trained in stages (sequence-length warm-up), each stage starting
-# from the previous one's weights: at 128 every kind attends everything and the retrieval forms;
-# at 1024 and 4096 the kinds differ. Local is the mixture's first branch alone.
+# from the previous one's weights: at 128 every kind's pattern covers every causal pair (whether
+# the retrieval forms there is what the stage's recall shows); at 1024 and 4096 the kinds differ.
+# Local is the mixture's first branch alone.
 RECALL_COMMON = dict(task="recall", embed_dim=128, num_heads=4, num_layers=2, num_pairs=8, queries_per_pair=4)
 RECALL_STAGES = (
     dict(seq_len=128, batch_size=16, steps=800, lr=3e-3, warmup=50, eval_every=400, eval_size=32),
