@@ -6,7 +6,8 @@ it anyway; we call them through their ATen ops:
 
 - CPU:  `_scaled_dot_product_flash_attention_for_cpu` (float64, float32, bfloat16, float16);
 - CUDA: `_scaled_dot_product_efficient_attention` (float32, float16, bfloat16). Written with
-  care but not run here: the project's machines have no GPU.
+  care but not yet run on a GPU (`bash .ci/gpu` checks it where there is one). Its recent builds
+  take only aligned head dims, so narrower or odd ones are zero-padded (`head_dim_multiple`).
 
 Both kernels take any strides except on the last dim, which is what lets the fast path pass
 strided views of q, k, v without copying them.
@@ -28,26 +29,54 @@ from __future__ import annotations
 import torch
 
 
+def head_dim_multiple(x) -> int:
+    """The head dims the kernel accepts are multiples of this: 1 on the CPU (any D). CUDA's
+    memory-efficient kernels are built only for aligned head dims on recent GPUs (sm80+: multiples
+    of 4 in float32, 8 in half precision), so narrower or odd ones are zero-padded up to it."""
+    if x.device.type != "cuda":
+        return 1
+    return 4 if x.dtype == torch.float32 else 8
+
+
+def _padded_width(width, multiple):
+    return -(-width // multiple) * multiple  # the next multiple of `multiple`, >= width
+
+
+def _widen(x, width, column=None):
+    """(B, H, N, D) -> (B, H, N, width): zero columns after D, and `column` (B, H, N) at D if given.
+
+    Zero columns in q, k, v, out and dout change no dot product, and the scale is passed to the
+    kernels explicitly, so attention and gradients are unchanged (tests/test_kernels.py)."""
+    D = x.shape[-1]
+    if width == D:
+        return x
+    wide = torch.nn.functional.pad(x, (0, width - D))  # a new tensor: the in-place write below is safe
+    if column is not None:
+        wide[..., D] = column.to(x.dtype)
+    return wide
+
+
 def attention_forward(q, k, v, causal: bool, scale: float):
     """Fused attention of 4-D (B, H, N, D) tensors: returns `(out, lse, saved)`.
 
     `lse` is (B, H, N) (float32 for half inputs); `saved` is what `attention_backward` needs.
     """
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the fast path supports cpu and cuda tensors, got device {q.device}")
+    if q.device.type == "cuda" and q.dtype == torch.float64:
+        raise ValueError("the fast path has no float64 CUDA kernel; use implementation='readable' for float64 on CUDA")
+    D = q.shape[-1]
+    width = _padded_width(D, head_dim_multiple(q))
+    q, k, v = (_widen(x, width) for x in (q, k, v))
     if q.device.type == "cuda":
-        if q.dtype == torch.float64:
-            raise ValueError(
-                "the fast path has no float64 CUDA kernel; use implementation='readable' for float64 on CUDA"
-            )
         out, lse_raw, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale
         )
         # Some versions pad the LSE's last dim to a multiple of 32: keep the raw one for
         # the backward, hand out the first N entries.
-        return out, lse_raw[..., : q.shape[2]], (lse_raw, seed, offset)
-    if q.device.type != "cpu":
-        raise ValueError(f"the fast path supports cpu and cuda tensors, got device {q.device}")
+        return out[..., :D], lse_raw[..., : q.shape[2]], (lse_raw, seed, offset)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return out, lse, (lse,)
+    return out[..., :D], lse, (lse,)
 
 
 def _kernel_backward(dout, q, k, v, out, saved, causal: bool, scale: float):
@@ -72,27 +101,24 @@ def attention_backward(dout, q, k, v, out, saved, causal: bool, scale: float, dl
     """
     dout = dout.to(q.dtype).contiguous()
     out = out.to(q.dtype).contiguous()
-    if dlse is None:
+    D = q.shape[-1]
+    # One extra column carries the LSE gradient through the kernel (module docstring); the kernel's
+    # head-dim alignment may add zero columns after it (`head_dim_multiple`).
+    width = _padded_width(D + (dlse is not None), head_dim_multiple(q))
+    if width == D:
         return _kernel_backward(dout, q, k, v, out, saved, causal, scale)
-
-    # One extra column carries the LSE gradient through the kernel (module docstring).
-    def widen(x, column):  # (B, H, N, D) -> (B, H, N, D + 1)
-        return torch.cat([x, column.to(x.dtype)], dim=-1)
-
-    def zeros(x):  # (B, H, N, 1), N of x: keys may be more or fewer than queries
-        return x.new_zeros(*x.shape[:-1], 1)
-
+    ones = None if dlse is None else torch.ones_like(dlse)
     dq, dk, dv = _kernel_backward(
-        widen(dout, torch.ones_like(zeros(q))),
-        widen(q, zeros(q)),
-        widen(k, zeros(k)),
-        widen(v, zeros(v)),
-        widen(out, -dlse.unsqueeze(-1)),
+        _widen(dout, width, ones),  # dO' = [dO, 1, 0...]
+        _widen(q, width),  # q' = [q, 0, 0...]; k', v' alike
+        _widen(k, width),
+        _widen(v, width),
+        _widen(out, width, None if dlse is None else -dlse),  # out' = [O, -dlse, 0...]
         saved,
         causal,
         scale,
     )
-    return dq[..., :-1], dk[..., :-1], dv[..., :-1]
+    return dq[..., :D], dk[..., :D], dv[..., :D]
 
 
 class FusedAttention(torch.autograd.Function):
