@@ -92,3 +92,20 @@ def test_the_readme_shows_the_table_the_sweep_wrote():
     readme = (root / "README.md").read_text()
     between = readme.split("<!-- bench:sweep -->\n", 1)[1].split("<!-- /bench:sweep -->", 1)[0]
     assert between == (root / "figures" / "bench_table.md").read_text()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backward", [False, True])
+def test_kernel_floor_computes_each_branch_against_the_oracle(causal, backward):
+    """The floor's contiguous SDPA calls compute every branch's kept rows (checked against the oracle)."""
+    from longnet_ref.bench.__main__ import floor_rows, measure
+
+    base = dict(N=256, B=1, H=4, D=8, ws=[64, 128, 256], rs=[1, 2, 4], causal=causal, backward=backward, repeats=1)
+    fast, floor = measure([dict(base, path="fast"), dict(base, path="floor")])
+    assert floor["max_error"] < 1e-5 and fast["max_error"] < 1e-5
+    assert floor["ideal_flop_ratio"] == fast["ideal_flop_ratio"]
+    x = torch.arange(2 * 8, dtype=torch.float32).view(1, 2, 8, 1)  # (B, H, N, D): value = position + 8 h
+    rows = floor_rows(x, 4, 2)  # (B*S, H, K, D): head 0 keeps offset 0, head 1 offset 1
+    assert rows[..., 0].tolist() == [[[0, 2], [9, 11]], [[4, 6], [13, 15]]]
+    with pytest.raises(ValueError, match="N % w == 0 and w % r == 0"):
+        floor_rows(x, 3, 1)
