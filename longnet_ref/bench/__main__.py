@@ -7,7 +7,8 @@ Every timed path is checked in the same run against the oracle on sampled query 
 (`oracle_rows`, float64), so no speed-up can come from computing something else.
 
 Reported as ratios measured in one run (the machine is shared and noisy):
-- glue: fast time / (ideal FLOP ratio x dense time) at N = 16384 (target <= 1.15);
+- glue at N = 4096 and 16384, causal and not: fast time / (ideal FLOP ratio x dense time), and
+  fast time / the kernel floor (one SDPA call per branch on contiguous rows; target <= 1.05);
 - ceiling: the fast path's GFLOP/s / the same run's matmul GFLOP/s (target >= 0.7);
 - scaling: t(2^20) / t(2^14) for forward+backward (target <= 64 x 1.25);
 - sequence parallelism: simulated P = 8 against one process at N = 2^18 (target <= +10 %).
