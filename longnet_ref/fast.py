@@ -166,7 +166,7 @@ class RunningMerge(torch.autograd.Function):
         sources = [(k, v), *((x[0], x[1]) for x in kv)]
         out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)  # running merged output
         lse = torch.full((B, H, N), -math.inf, dtype=acc, device=q.device)  # running merged LSE
-        saved, axes = [], []
+        saved = []
         for call in calls:
             keys, values = sources[call.source]
             axis = fold_axes(call.queries.view(q))
@@ -179,9 +179,8 @@ class RunningMerge(torch.autograd.Function):
             )
             _merge_into(call.queries.view(out), call.queries.view(lse), unfold(out_c, axis, B), unfold(lse_c, axis, B))
             saved.append((lse_c, *kernel_saved))
-            axes.append(axis)
         out = out.to(q.dtype)
-        ctx.calls, ctx.axes, ctx.scale, ctx.batch = calls, axes, scale, B
+        ctx.calls, ctx.scale, ctx.batch = calls, scale, B
         ctx.saved_sizes = [len(group) for group in saved]
         ctx.save_for_backward(q, k, v, out, lse, *kv, *[t for group in saved for t in group])
         ctx.num_kv = len(kv)
@@ -199,10 +198,11 @@ class RunningMerge(torch.autograd.Function):
         if dout is None:  # only the LSE was used
             dout = torch.zeros_like(out)
         saved = _regroup(flat, ctx.saved_sizes)  # one (lse, *kernel_saved) per call, in forward order
-        for call, axis in zip(ctx.calls, ctx.axes):
+        for call in ctx.calls:
             keys, values = sources[call.source]
             dkeys, dvalues = grads[call.source]
             rows = call.queries
+            axis = fold_axes(rows.view(q))  # the forward's fold: it depends on q's strides alone
             lse_c, *kernel_saved = next(saved)
             alpha = torch.exp(lse_c - fold(rows.view(lse), axis))  # this call's merge weight, folded like lse_c
             # the merged out in place of the call's own: see the module docstring
@@ -238,7 +238,7 @@ def _merge_into(out_rows, lse_rows, out_new, lse_new):
     exp(lse_new)), computed from log-sum-exps so nothing overflows. Rows seen first have
     exp(lse_old) = exp(-inf) = 0 and simply take out_new.
     """
-    new_lse = torch.logaddexp(lse_rows, lse_new)  # (h, S, K)
+    new_lse = torch.logaddexp(lse_rows, lse_new)  # (B, h, S, K)
     out_rows.mul_(torch.exp(lse_rows - new_lse).unsqueeze(-1))
     out_rows.add_(out_new * torch.exp(lse_new - new_lse).unsqueeze(-1))
     lse_rows.copy_(new_lse)
