@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from longnet_ref import geometric_mixture
-from longnet_ref.bench.__main__ import RATIO, W0, attention_flops, main
+from longnet_ref.bench.__main__ import RATIO, W0, main
+from longnet_ref.bench.measure import attention_flops
 
 
 def test_quick_benchmark_runs_and_checks_outputs():
@@ -58,7 +59,7 @@ def test_device_cuda_without_cuda_is_a_usage_error(capsys):
 
 def test_sweep_csv_round_trip_and_table(tmp_path, monkeypatch):
     import longnet_ref.analysis.viz as viz
-    from longnet_ref.bench.__main__ import measure
+    from longnet_ref.bench.measure import measure
     from longnet_ref.bench.report import read_csv, sweep_table, write_csv
 
     monkeypatch.setattr(viz, "figures_dir", lambda: tmp_path)
@@ -98,7 +99,8 @@ def test_the_readme_shows_the_table_the_sweep_wrote():
 @pytest.mark.parametrize("backward", [False, True])
 def test_kernel_floor_computes_each_branch_against_the_oracle(causal, backward):
     """The floor's contiguous SDPA calls compute every branch's kept rows (checked against the oracle)."""
-    from longnet_ref.bench.__main__ import floor_rows, measure
+    from longnet_ref.bench.floor import floor_rows
+    from longnet_ref.bench.measure import measure
 
     base = dict(N=256, B=1, H=4, D=8, ws=[64, 128, 256], rs=[1, 2, 4], causal=causal, backward=backward, repeats=1)
     fast, floor = measure([dict(base, path="fast"), dict(base, path="floor")])

@@ -312,7 +312,7 @@ def test_simulated_sequence_parallel_backward_on_cuda_is_refused():
 
 def test_the_benchmark_measures_on_cuda():
     """`python -m longnet_ref.bench --device cuda`'s measurement: outputs on the GPU, checked on the CPU."""
-    from longnet_ref.bench.__main__ import measure, tolerance
+    from longnet_ref.bench.measure import measure, tolerance
 
     base = dict(N=2**11, B=1, H=2, D=16, ws=[2048], rs=[1], causal=True, backward=True, repeats=3, device="cuda")
     for result in measure([dict(base, path="dense"), dict(base, path="fast")]):

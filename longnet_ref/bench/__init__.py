@@ -1,1 +1,2 @@
-"""`python -m longnet_ref.bench`: measured cost of dilated attention (`__main__`) and its reports (`report`)."""
+"""`python -m longnet_ref.bench`: measured cost of dilated attention (`__main__` the sections, `measure`,
+`floor` the kernel floor) and its reports (`report`)."""

@@ -23,203 +23,25 @@ r_i = 2^i up to the first w >= N (`patterns.geometric_mixture`; one dense segmen
 FLOP count (`analysis.complexity`, from Eqs. 16-17 of arXiv 2307.02486): a branch costs
 4 B H D N w / r^2 (QK^T and PV), dense 4 B H D N^2; causal halves both; the backward is counted
 as 2.5 x the forward (5 matmuls against 2).
+
+Here: the sections and the command line. `measure.py` times and checks configurations, `floor.py`
+is the kernel floor, `report.py` writes the sweep's CSV, table and plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
-from ..analysis.complexity import dense_flops, mixture_flops
-from ..mixture import dilated_attention
-from ..oracle import oracle_rows
-from ..patterns import geometric_mixture, head_offset, keeps
+from ..patterns import geometric_mixture
+from .measure import attention_flops, describe, ideal_flop_ratio, measure, tolerance
 from .report import read_csv, scaling_line, write_csv, write_outputs
 
-BACKWARD_FLOP_FACTOR = 2.5
 W0, RATIO = 2048, 2  # every timed mixture: geometric_mixture(W0, RATIO, seq_len=N)
-
-
-def attention_flops(cfg):
-    """Forward (+ backward) FLOPs of one configuration, from the cost model (`analysis.complexity`)."""
-    shape = dict(batch=cfg["B"], heads=cfg["H"], head_dim=cfg["D"], causal=cfg["causal"])
-    if cfg["path"] == "dense":
-        flops = dense_flops(cfg["N"], **shape)
-    else:
-        flops = sum(mixture_flops(cfg["N"], cfg["ws"], cfg["rs"], **shape))
-    return flops * (1 + BACKWARD_FLOP_FACTOR) if cfg["backward"] else flops
-
-
-def ideal_flop_ratio(cfg):
-    """FLOPs of the configuration over dense attention's on the same input (causal-aware)."""
-    return attention_flops(cfg) / attention_flops(dict(cfg, path="dense"))
-
-
-def run_path(cfg, q, k, v):
-    if cfg["path"] == "dense":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=cfg["causal"])
-    if cfg["path"] == "parallel":  # simulated sequence parallelism: P ranks as threads of this process
-        from ..parallel import simulate_sequence_parallel
-
-        return simulate_sequence_parallel(q, k, v, cfg["world_size"], cfg["ws"], cfg["rs"], causal=cfg["causal"])[0]
-    impl = "readable" if cfg["path"] == "readable" else "fast"
-    return dilated_attention(q, k, v, cfg["ws"], cfg["rs"], causal=cfg["causal"], implementation=impl)
-
-
-def _device(cfg):
-    return torch.device(cfg.get("device", "cpu"))  # configurations without "device" run on the CPU
-
-
-def _synchronize(device):
-    """Wait for the GPU's queued work, so that a timer measures it (CPU work is done when the call returns)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def floor_rows(x, segment_length, dilation_rate):
-    """A branch's kept rows, gathered contiguously: (B, H, N, D) -> (B*S, H, K, D) (paper offsets).
-
-    The kernel floor: what one SDPA call per branch costs when its rows already lie side by side,
-    with no views, no merge and no scatter. Needs N % w == 0 and w % r == 0 (the bench's mixtures).
-    """
-    B, H, N, D = x.shape
-    w, r = min(segment_length, N), dilation_rate
-    if N % w or w % r:
-        raise ValueError(f"the kernel floor needs N % w == 0 and w % r == 0, got N={N}, w={w}, r={r}")
-    segments = x.view(B, H, N // w, w, D)  # (B, H, S, W, D)
-    rows = torch.stack([segments[:, h, :, head_offset(h, H, r) :: r] for h in range(H)], dim=2)  # (B, S, H, K, D)
-    return rows.reshape(B * (N // w), H, w // r, D).contiguous()
-
-
-def _prepare_floor(cfg, q, k, v, generator):
-    """The kernel floor's inputs (one contiguous (B*S, H, K, D) triple per branch, gathered before timing)."""
-    branches = [
-        tuple(floor_rows(x.detach(), w, r).requires_grad_(cfg["backward"]) for x in (q, k, v))
-        for w, r in zip(cfg["ws"], cfg["rs"])
-    ]
-    grads = (
-        [torch.randn(b[0].shape, generator=generator).to(b[0].device) for b in branches] if cfg["backward"] else None
-    )
-
-    def step():
-        outs = []
-        with torch.no_grad() if grads is None else torch.enable_grad():
-            for i, (qb, kb, vb) in enumerate(branches):
-                outs.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=cfg["causal"]))
-                if grads is not None:
-                    outs[-1].backward(grads[i])
-                    for x in (qb, kb, vb):
-                        x.grad = None
-        return outs
-
-    return step
-
-
-def _prepare(cfg):
-    """Inputs and one timed step (forward, or forward+backward) for a configuration."""
-    B, H, N, D = cfg["B"], cfg["H"], cfg["N"], cfg["D"]
-    device = _device(cfg)
-    generator = torch.Generator().manual_seed(0)  # on the CPU: the same inputs on every device
-    q, k, v = (
-        torch.randn(B, H, N, D, generator=generator).to(device).requires_grad_(cfg["backward"]) for _ in range(3)
-    )
-    if cfg["path"] == "floor":
-        return (q, k, v), _prepare_floor(cfg, q, k, v, generator)
-    grad = torch.randn(B, H, N, D, generator=generator).to(device) if cfg["backward"] else None
-
-    def step():
-        with torch.no_grad() if grad is None else torch.enable_grad():
-            out = run_path(cfg, q, k, v)
-            if grad is not None:
-                out.backward(grad)
-                for x in (q, k, v):
-                    x.grad = None
-        return out
-
-    return (q, k, v), step
-
-
-def _check(cfg, inputs, out):
-    """Max abs error of sampled query rows against the float64 oracle (dense = one branch w = N, r = 1).
-
-    The kernel floor computes each branch alone: its rows are checked against the oracle of that branch.
-    """
-    N = cfg["N"]
-    rows = sorted({0, N - 1, *torch.randint(0, N, (6,), generator=torch.Generator().manual_seed(1)).tolist()})
-    if cfg["path"] == "floor":
-        return _check_floor(cfg, inputs, out, rows)
-    ws, rs = ([N], [1]) if cfg["path"] == "dense" else (cfg["ws"], cfg["rs"])
-    ref, _lse = oracle_rows(*(x.detach().cpu().double() for x in inputs), rows, ws, rs, causal=cfg["causal"])
-    return (out.detach().cpu().double()[:, :, rows] - ref).abs().max().item()
-
-
-def _check_floor(cfg, inputs, outs, rows):
-    B, H, N, D = inputs[0].shape
-    error = 0.0
-    for (w, r), out in zip(zip(cfg["ws"], cfg["rs"]), outs):
-        w = min(w, N)
-        ref, _lse = oracle_rows(*(x.detach().cpu().double() for x in inputs), rows, [w], [r], causal=cfg["causal"])
-        out = out.detach().cpu().double().view(B, N // w, H, w // r, D)  # (B, S, H, K, D)
-        for i, pos in enumerate(rows):
-            for h in range(H):
-                if keeps(pos, pos, w, r, head_offset(h, H, r)):  # the row is in this branch for head h
-                    row = out[:, pos // w, h, (pos % w) // r]  # (B, D)
-                    error = max(error, (row - ref[:, h, i]).abs().max().item())
-    return error
-
-
-def measure(cfgs):
-    """Time configurations round-robin in this process, with a matmul between rounds; check each output.
-
-    Interleaving makes the machine's drift (other jobs, clock changes) hit every configuration
-    of one call alike, so their ratios are fair even where absolute times are not.
-    """
-    device = _device(cfgs[0])
-    prepared = [_prepare(cfg) for cfg in cfgs]
-    outs = [step() for _, step in prepared]  # warm-up; also the outputs checked below
-    errors = [_check(cfg, inputs, out) for cfg, (inputs, _), out in zip(cfgs, prepared, outs)]
-    del outs
-    times, matmul = [[] for _ in cfgs], []
-    for _ in range(cfgs[0]["repeats"]):
-        for i, (_, step) in enumerate(prepared):
-            _synchronize(device)
-            start = time.perf_counter()
-            step()
-            _synchronize(device)
-            times[i].append(time.perf_counter() - start)
-        matmul.append(matmul_gflops(repeats=1, device=device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    results = []
-    for cfg, cfg_times, error in zip(cfgs, times, errors):
-        median = statistics.median(cfg_times)
-        results.append(dict(cfg, seconds=median, times=cfg_times, gflops=attention_flops(cfg) / median / 1e9,
-                            max_error=error, peak_rss_mb=peak, matmul_gflops=statistics.median(matmul),
-                            ideal_flop_ratio=ideal_flop_ratio(cfg), threads=torch.get_num_threads()))  # fmt: skip
-    return results
-
-
-def matmul_gflops(repeats=5, n=2048, device="cpu"):
-    """The machine's ceiling in this run: fp32 matmul throughput on `device` (median of `repeats`)."""
-    device = torch.device(device)
-    lhs, rhs = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    lhs @ rhs
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        lhs @ rhs
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def in_subprocess(cfgs, timeout):
@@ -229,11 +51,6 @@ def in_subprocess(cfgs, timeout):
     if done.returncode != 0:
         raise RuntimeError(f"benchmark worker failed for {cfgs}:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def tolerance(cfg):
-    # fp32 against a float64 oracle: the error grows slowly with the number of keys summed.
-    return 1e-4 if cfg["N"] <= 2**16 else 3e-4
 
 
 def run_sweep(args, run, log):
@@ -329,16 +146,6 @@ def run_parallel(args, run, log):
               f"{single['seconds']:.3f} s: {100 * overhead:+.1f} %  (target <= +10 %)")  # fmt: skip
         rows += [single, parallel]
     return rows
-
-
-def describe(result):
-    mode = ("fwd+bwd" if result["backward"] else "fwd") + (" causal" if result["causal"] else "")
-    path = f"P={result['world_size']}" if result["path"] == "parallel" else result["path"]
-    mark = "~" if result.get("extrapolated") else " "
-    digits = 6 if result.get("device", "cpu") != "cpu" else 3  # a GPU's small calls take well under 1 ms
-    return (f"{path:>8} N=2^{int(math.log2(result['N'])):<2} H={result['H']} {mode:<14} "
-            f"{mark}{result['seconds']:9.{digits}f} s {result['gflops']:7.1f} GFLOP/s  "
-            f"err {result['max_error']:.1e}  peak {result['peak_rss_mb']:7.0f} MB")  # fmt: skip
 
 
 def report_sweep(name):
