@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from longnet_ref.lm.checkpoint import load_checkpoint
+from longnet_ref.lm.config import PRESETS, TrainConfig
 from longnet_ref.lm.data import random_windows
 from longnet_ref.lm.model import LongNetLM
-from longnet_ref.lm.train import PRESETS, TrainConfig, build_parser, main, train
+from longnet_ref.lm.train import build_parser, main, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,1 +1,2 @@
-"""The small language model on the layer: model, data, train, checkpoint, generate, evaluate, experiment, report."""
+"""The small language model on the layer: model, data, config, train, checkpoint, generate, evaluate, experiment,
+report."""

@@ -30,10 +30,11 @@ import torch
 
 from ..analysis.results import paste_into_readme
 from .checkpoint import load_checkpoint
+from .config import TrainConfig
 from .data import load_corpus
 from .evaluate import bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
 from .report import report_recall, report_table2
-from .train import TrainConfig, train
+from .train import train
 
 TABLE2_COMMON = dict(embed_dim=128, num_heads=4, num_layers=4, steps=500, lr=2e-3, eval_every=125, warmup=50)
 TABLE2_RUNS = {

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from ..analysis.complexity import mixture_flops
 from ..analysis.results import write_table
 from ..analysis.viz import save_fig
-from .train import TrainConfig
+from .config import TrainConfig
 
 TIME_HEADER = ["train time wall / CPU", "tokens per CPU s"]
 
