@@ -1,4 +1,5 @@
 import os
+import pathlib
 
 import pytest
 import torch
@@ -38,3 +39,13 @@ def tiny_lm(attention="dilated", ws=(4, 8, 16), rs=(1, 2, 4), seed=0):
 
     torch.manual_seed(seed)
     return LongNetLM(attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), **TINY_LM).double()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """A small byte corpus (real Python source, this package's own) so tests skip reading the library."""
+    import longnet_ref
+
+    text = b"".join(p.read_bytes() for p in sorted(pathlib.Path(longnet_ref.__file__).parent.glob("*.py")))
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    return {"train": data[: len(data) * 9 // 10], "val": data[len(data) * 9 // 10 :]}

@@ -11,22 +11,11 @@ import torch
 from longnet_ref.lm.checkpoint import load_checkpoint
 from longnet_ref.lm.config import PRESETS, TrainConfig
 from longnet_ref.lm.data import random_windows
+from longnet_ref.lm.evaluate import recall_buckets
 from longnet_ref.lm.model import LongNetLM
 from longnet_ref.lm.train import build_parser, main, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    """A small byte corpus (real Python source, this package's own) so tests skip reading the library."""
-    import longnet_ref
-
-    text = b"".join(
-        p.read_bytes() for p in sorted(__import__("pathlib").Path(longnet_ref.__file__).parent.glob("*.py"))
-    )
-    data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    return {"train": data[: len(data) * 9 // 10], "val": data[len(data) * 9 // 10 :]}
 
 
 def tiny(**overrides):
@@ -197,10 +186,11 @@ def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus
     )
     monkeypatch.setattr(ex, "TEST_LENGTHS", (16, 64))
     monkeypatch.setattr(ex, "TEST_BYTES", 256)
-    monkeypatch.setattr(ex, "RECALL_COMMON", dict(task="recall", embed_dim=16, num_heads=4, num_layers=1, num_pairs=2))
-    stage = dict(batch_size=2, steps=2, eval_every=2, eval_size=2, queries_per_pair=2)
+    monkeypatch.setattr(ex, "RECALL_COMMON", dict(task="recall", embed_dim=16, num_heads=4, num_layers=1))
+    stage = dict(batch_size=2, steps=2, num_pairs=2, queries_per_pair=2)
     monkeypatch.setattr(ex, "RECALL_STAGES", (dict(stage, seq_len=32), dict(stage, seq_len=128)))
-    monkeypatch.setattr(ex, "RECALL_TEST_SEQUENCES", 4)
+    monkeypatch.setattr(ex, "RECALL_LENGTH", 128)
+    monkeypatch.setattr(ex, "RECALL_TEST_SEQUENCES", 2)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- 07:table2 -->\nold table\n<!-- /07:table2 -->\nend\n")
     runs = tmp_path / "runs"
@@ -216,8 +206,16 @@ def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus
     assert rows[0][-2:] == ["bpb @ 16", "bpb @ 64"] and len(rows) == 3
     assert readme.read_text() == f"intro\n<!-- 07:table2 -->\n{table}<!-- /07:table2 -->\nend\n"
     accuracy = json.loads((runs / "recall-dilated" / "test.json").read_text())["accuracy"]
+    assert list(accuracy) == [f"d={a}-{b}" for a, b in recall_buckets(128)]
+    recall_rows = list(csv.reader(open(figures / "07_recall.csv")))
+    assert recall_rows[0] == ["attention", "train CPU s", *accuracy]
+    assert [row[0] for row in recall_rows[1:]] == ["dense", "local", "dilated"]
+    assert recall_rows[3][2:] == [f"{value:.2f}" for value in accuracy.values()]
     recall_table = (figures / "07_recall.md").read_text()
-    assert all(f"d={d}" in recall_table for d in accuracy) and "32x2 + 128x2" in recall_table
+    assert "32x2 + 128x2" in recall_table and "(2,1) (4,2) (8,4) (16,4) (32,4)" not in recall_table
+    assert "(8,1) (16,2) (32,4) (64,4) (128,4) at 128" in recall_table
+    stage1 = json.loads((runs / "recall-dilated" / "stage1-32" / "metrics.json").read_text())
+    assert stage1["train_config"]["segment_lengths"] == [2, 4, 8, 16, 32]  # scaled to the stage's length
     stage2 = json.loads((runs / "recall-dilated" / "stage2-128" / "metrics.json").read_text())
     assert stage2["init_from"].endswith("stage1-32/checkpoint.pt")  # the second stage started from the first
     assert (figures / "07_table2.png").is_file() and (figures / "07_recall.png").is_file()
@@ -260,13 +258,31 @@ def test_bits_per_byte_is_the_mean_cross_entropy_in_bits():
     assert bits_per_byte(model, data, 16, 128) == pytest.approx(bpb, abs=1e-12)
 
 
-def test_recall_accuracy_groups_the_four_residues_of_each_base_distance():
-    from longnet_ref.lm.evaluate import recall_accuracy, recall_distances, recall_eval_set
+def test_recall_buckets_are_consecutive_and_end_at_seven_eighths_of_n():
+    from longnet_ref.lm.evaluate import bucket_name, recall_buckets
 
+    buckets = recall_buckets(4096)
+    assert buckets == [(1, 16), (17, 256), (257, 512), (513, 1024), (1025, 2048), (2049, 3584)]
+    assert [bucket_name(b) for b in buckets][:2] == ["d=1-16", "d=17-256"]
+    for n in (8, 100, 128, 256, 1000, 16384):
+        ends = recall_buckets(n)
+        assert ends[0][0] == 1 and ends[-1][1] == int(n * 7 / 8)
+        assert all(b[0] == a[1] + 1 and b[0] <= b[1] for a, b in zip(ends, ends[1:]))
+    with pytest.raises(ValueError, match="seq_len"):
+        recall_buckets(4)
+
+
+def test_recall_accuracy_counts_each_query_in_its_bucket_and_every_residue_is_tested():
+    from longnet_ref.lm.evaluate import recall_accuracy, recall_buckets, recall_eval_set
+
+    buckets = recall_buckets(256)
     x, y, dist = eval_set = recall_eval_set(256, 6, num_pairs=4, queries_per_pair=4)
-    bases = recall_distances(256)
-    assert set(dist[y != -100].tolist()) <= {b + i for b in bases for i in range(4)}
-    assert {d % 4 for d in dist[y != -100].tolist()} == {0, 1, 2, 3}  # not only multiples of r = 4
+    asked = dist[y != -100]
+    # each bucket holds the same number of sequences, and its queries' distances lie in it
+    for k, (a, b) in enumerate(buckets):
+        rows = dist[6 * k : 6 * (k + 1)][y[6 * k : 6 * (k + 1)] != -100]
+        assert ((rows >= a) & (rows <= b)).all()
+    assert {d % 4 for d in asked[asked > 16].tolist()} == {0, 1, 2, 3}  # not only multiples of r = 4
 
     class Oracle(torch.nn.Module):  # answers right exactly when the distance is a multiple of 4
         def forward(self, xb):
@@ -275,14 +291,13 @@ def test_recall_accuracy_groups_the_four_residues_of_each_base_distance():
             right = (yb != -100) & (db % 4 == 0)
             return torch.nn.functional.one_hot(torch.where(right, yb, ord("z")), 256).float()
 
-    accuracy, _ = recall_accuracy(Oracle(), eval_set, batch_size=2, buckets=bases)
-    assert set(accuracy) == set(bases)
-    counts = {
-        b: [(d % 4 == 0) for d in dist[y != -100].tolist() if max(c for c in bases if c <= d) == b] for b in bases
-    }
-    assert accuracy == {b: sum(c) / len(c) for b, c in counts.items()}
+    accuracy, _ = recall_accuracy(Oracle(), eval_set, batch_size=2, buckets=buckets)
+    assert list(accuracy) == [f"d={a}-{b}" for a, b in buckets]
+    for a, b in buckets:
+        in_bucket = asked[(asked >= a) & (asked <= b)]
+        assert accuracy[f"d={a}-{b}"] == (in_bucket % 4 == 0).double().mean().item()
     exact, _ = recall_accuracy(Oracle(), eval_set, batch_size=2)
-    assert all(a == (1.0 if d % 4 == 0 else 0.0) for d, a in exact.items())
+    assert all(value == (1.0 if int(name.split("-")[1]) % 4 == 0 else 0.0) for name, value in exact.items())
 
 
 @pytest.mark.parametrize("section", ["table2", "recall"])
@@ -295,3 +310,63 @@ def test_the_readme_shows_the_tables_the_experiment_wrote(section):
     assert between == table
     rows = list(csv.reader(open(root / "figures" / f"07_{section}.csv")))
     assert len(rows) == table.count("\n") - 1 and all(cell in table for cell in rows[1])
+
+
+def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, corpus):
+    train(tiny(steps=2, eval_every=2), tmp_path, progress=False, corpus=corpus)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"--out '.*' already holds a run \(checkpoint.pt, metrics.json\): pass"):
+        train(tiny(steps=2, eval_every=2, seed=1), tmp_path, progress=False, corpus=corpus)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # nothing was touched
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--steps", "2", "--out", str(tmp_path), "--no-progress"])
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    train(tiny(steps=4, eval_every=2), tmp_path, resume=tmp_path / "checkpoint.pt", progress=False, corpus=corpus)
+    _, metrics = train(tiny(steps=2, eval_every=2, seed=1), tmp_path, progress=False, corpus=corpus, overwrite=True)
+    assert metrics["train_config"]["seed"] == 1 and len(metrics["train"]) == 2
+    with pytest.raises(TypeError, match="overwrite must be a bool, got 'yes'"):
+        train(tiny(), tmp_path / "new", progress=False, corpus=corpus, overwrite="yes")
+
+
+def test_an_out_that_cannot_be_written_fails_before_training(tmp_path, corpus, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"--out '.*a-file' is a file, not a folder"):
+        train(tiny(), blocker, progress=False, corpus=corpus)
+    with pytest.raises(ValueError, match=r"--out '.*a-file/run' is not writable: "):
+        train(tiny(), blocker / "run", progress=False, corpus=corpus)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "tiny", "--out", str(blocker / "run"), "--no-progress"])
+    assert exit_.value.code == 2 and "is not writable" in capsys.readouterr().err
+
+
+def test_report_leaves_figures_and_readme_alone_until_every_run_of_a_table_finished(tmp_path, monkeypatch, capsys):
+    import longnet_ref.analysis.viz as viz
+    import longnet_ref.lm.experiment as ex
+
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    monkeypatch.setattr(viz, "figures_dir", lambda: figures)
+    readme = tmp_path / "README.md"
+    text = "<!-- 07:table2 -->\nthe committed table\n<!-- /07:table2 -->\n<!-- 07:recall -->\nr\n<!-- /07:recall -->\n"
+    readme.write_text(text)
+    runs = tmp_path / "runs"
+    (runs / "dense-256").mkdir(parents=True)
+    (runs / "dense-256" / "test.json").write_text('{"bpb": {}}')  # 1 of the 4 Table 2 runs finished
+    ex.report(runs, readme=readme)
+    out = capsys.readouterr().out
+    assert "table2: 1 of 4 runs finished" in out and "recall: 0 of 3 runs finished" in out
+    assert readme.read_text() == text and list(figures.iterdir()) == []
+
+
+def test_paste_into_readme_writes_only_into_this_checkout_or_where_told(tmp_path, monkeypatch):
+    import longnet_ref.analysis.viz as viz
+    from longnet_ref.analysis.results import paste_into_readme
+
+    stray = tmp_path / "README.md"  # a README with the markers in the working directory
+    stray.write_text("<!-- m -->\nold\n<!-- /m -->\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(viz, "checkout_root", lambda: None)  # an installed copy
+    assert paste_into_readme("m", "new\n") is False and stray.read_text() == "<!-- m -->\nold\n<!-- /m -->\n"
+    assert paste_into_readme("m", "new\n", readme=stray) is True  # told where: written
+    assert stray.read_text() == "<!-- m -->\nnew\n<!-- /m -->\n"

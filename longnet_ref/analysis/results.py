@@ -8,8 +8,10 @@ A result in the README is a file a committed command wrote, never a copy typed b
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
+from ..files import write_atomic
 from . import viz
 
 
@@ -19,18 +21,29 @@ def write_table(name, header, rows, folder=None, with_csv=True, footer=""):
     `folder` replaces figures/."""
     folder = Path(folder) if folder else viz.figures_dir()
     if with_csv:
-        with open(folder / f"{name}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([header, *rows])
+        write_atomic(folder / f"{name}.csv", text.getvalue())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n" + footer
-    (folder / f"{name}.md").write_text(markdown)
+    write_atomic(folder / f"{name}.md", markdown)
     return markdown
 
 
 def paste_into_readme(marker, markdown, readme=None):
-    """Replace the text between <!-- marker --> and <!-- /marker --> in the README, if both are there."""
-    readme = Path(readme) if readme else viz.figures_dir().parent / "README.md"
+    """Replace the text between <!-- marker --> and <!-- /marker --> in the README, if both are there.
+
+    readme None: the README of the checkout this package runs from, and none at all for an
+    installed copy (never a README that happens to be in the working directory). Returns
+    whether it wrote.
+    """
+    if readme is None:
+        repo = viz.checkout_root()
+        if repo is None:
+            return False
+        readme = repo / "README.md"
+    readme = Path(readme)
     begin, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
     if not readme.is_file():
         return False
@@ -38,5 +51,5 @@ def paste_into_readme(marker, markdown, readme=None):
     if begin not in text or end not in text:
         return False
     head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + markdown + end + rest.split(end, 1)[1])
+    write_atomic(readme, head + begin + markdown + end + rest.split(end, 1)[1])
     return True

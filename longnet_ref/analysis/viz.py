@@ -27,6 +27,7 @@ import torch
 from matplotlib.colors import ListedColormap, to_rgb
 
 from ..checks import as_positive_int, check_branches, check_head_offsets
+from ..files import write_atomic
 from ..patterns import attention_pattern, pattern_rows
 
 # One colour per branch, as in the paper's figures (matplotlib's tab10).
@@ -37,10 +38,18 @@ MAX_PATTERN_WORK = 2**28  # H * N^2 entries of c a picture may compute (about 10
 STRIPE_ENTRIES = 2**23  # H * rows * N entries held at once
 
 
+def checkout_root() -> Path | None:
+    """The git checkout this package runs from (it holds pyproject.toml and figures/); None for an installed copy."""
+    repo = Path(__file__).resolve().parents[2]  # longnet_ref/analysis/viz.py -> the checkout
+    if (repo / "pyproject.toml").is_file() and (repo / "figures").is_dir() and (repo / "longnet_ref").is_dir():
+        return repo
+    return None
+
+
 def figures_dir() -> Path:
     """The repository's figures/ folder; ./figures when the package is installed outside a checkout (Colab)."""
-    repo = Path(__file__).resolve().parents[2]  # longnet_ref/analysis/viz.py -> the checkout
-    if (repo / "pyproject.toml").is_file() and (repo / "figures").is_dir():
+    repo = checkout_root()
+    if repo is not None:
         return repo / "figures"
     here = Path.cwd() / "figures"
     here.mkdir(exist_ok=True)
@@ -56,8 +65,9 @@ def save_fig(fig, name: str, *, dpi: int = 120, folder=None) -> Path:
         raise ValueError(f"name must be a plain file name without folders, got {name!r}")
     path = (figures_dir() if folder is None else Path(folder)) / (name if name.endswith(".png") else f"{name}.png")
     # metadata without a Software/date stamp keeps the bytes stable across runs and versions
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return write_atomic(path, buffer.getvalue())
 
 
 def png_bytes(fig, *, dpi: int = 80, tight: bool = True) -> bytes:

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..checks import as_positive_int
 from .data import IGNORE, eval_windows, recall_batch
 
 
@@ -50,36 +51,58 @@ def bits_per_byte(model, data, seq_len, num_bytes, *, batch_size=8, device="cpu"
     return (mean, per_position) if by_position else mean
 
 
-def recall_distances(seq_len):
-    """Base distances the recall evaluation reports: 1/128 of the length up to 7/8 of it."""
-    fractions = (1 / 128, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
-    return sorted({min(seq_len - 5, max(1, round(seq_len * f))) for f in fractions})
+# Fractions of N that end the distance buckets: at N = 4096 the buckets are 1-16, 17-256,
+# 257-512, 513-1024, 1025-2048 and 2049-3584. The last ends at 7/8 N (N - 512 at 4096) so the
+# needle of the longest query still has a choice of places; 1/16 N is the local window of the
+# experiment's models (256 at 4096), so local attention's reach ends at a bucket edge.
+BUCKET_ENDS = (1 / 256, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 7 / 8)
 
 
-def recall_eval_set(seq_len, num_sequences, distances=None, *, num_pairs=4, queries_per_pair=8, seed=1234):
-    """A fixed evaluation set of the recall task: each needle asked at `queries_per_pair` of the distances.
+def recall_buckets(seq_len):
+    """Distance buckets [(a, b), ...] the recall evaluation reports: consecutive, from 1 to 7/8 of seq_len."""
+    N = as_positive_int("seq_len", seq_len)
+    if N < 8:
+        raise ValueError(f"seq_len must be at least 8 for the recall buckets, got {N}")
+    ends = sorted({max(1, int(N * f)) for f in BUCKET_ENDS})
+    return [(a, b) for a, b in zip([1] + [end + 1 for end in ends[:-1]], ends)]
 
-    By default the distances are base, base+1, base+2, base+3 for every base distance of
-    `recall_distances`: all four residues mod 4. A dilated branch with rate r lets a query see
-    the key d positions back in one hop only when r divides d (both must have the head's
-    residue), so distances that are all multiples of 4 would flatter dilated attention;
-    `recall_accuracy(..., buckets=recall_distances(N))` reports the mean over the four.
+
+def bucket_name(bucket):
+    """ "d=a-b", the name of a bucket's column in the tables (and its key in test.json)."""
+    a, b = bucket
+    return f"d={a}-{b}"
+
+
+def recall_eval_set(seq_len, sequences_per_bucket, buckets=None, *, num_pairs=4, queries_per_pair=8, seed=1234):
+    """A fixed evaluation set of the recall task: x, y, dist (M, N) with M = sequences_per_bucket x buckets.
+
+    For each bucket (a, b) (default `recall_buckets(seq_len)`), `sequences_per_bucket`
+    sequences whose queries all lie at distances drawn uniformly from a ... b, so every bucket
+    has the same number of queries and every residue mod r appears in it. A dilated branch
+    with rate r reaches d positions back in one hop only when r divides d; a test at
+    multiples of r would flatter dilated attention, a uniform draw does not.
     """
-    if distances is None:
-        distances = sorted({base + i for base in recall_distances(seq_len) for i in range(4)})
-    distances = list(distances)
+    N = as_positive_int("seq_len", seq_len)
+    buckets = recall_buckets(N) if buckets is None else list(buckets)
     generator = torch.Generator().manual_seed(seed)
-    per_pair = min(queries_per_pair, len(set(distances)))
-    return recall_batch(
-        num_sequences, seq_len, generator, num_pairs=num_pairs, queries_per_pair=per_pair, distances=distances
-    )
+    parts = []
+    for a, b in buckets:
+        distances = list(range(a, b + 1))
+        per_pair = min(queries_per_pair, len(distances))
+        parts.append(
+            recall_batch(
+                sequences_per_bucket, N, generator, num_pairs=num_pairs, queries_per_pair=per_pair, distances=distances
+            )
+        )
+    return tuple(torch.cat(tensors) for tensors in zip(*parts))  # x, y, dist: (M, N) each
 
 
 @torch.no_grad()
 def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu", buckets=None):
-    """{distance: fraction of queries answered correctly (argmax)} and the mean loss on answers.
+    """{"d=a-b": fraction of its queries answered correctly (argmax)} and the mean loss on answers.
 
-    buckets: sorted base distances; a query at distance d then counts for the largest base <= d.
+    buckets: [(a, b), ...]; a query at distance d counts in the bucket with a <= d <= b (queries
+    in no bucket are not counted). None: one entry per distance, named "d=d-d".
     """
     was_training = model.training
     model.eval()
@@ -93,10 +116,10 @@ def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu", buckets=None
         loss_sum += F.cross_entropy(logits[scored].float(), yb[scored], reduction="sum").item()
         hit = logits[scored].argmax(-1) == yb[scored]
         for d, right in zip(db[scored].tolist(), hit.tolist()):
-            if buckets is not None:
-                d = max(bucket for bucket in buckets if bucket <= d)
-            correct[d] = correct.get(d, 0) + int(right)
-            count[d] = count.get(d, 0) + 1
+            bucket = (d, d) if buckets is None else next(((a, b) for a, b in buckets if a <= d <= b), None)
+            if bucket is not None:
+                correct[bucket] = correct.get(bucket, 0) + int(right)
+                count[bucket] = count.get(bucket, 0) + 1
     model.train(was_training)
-    accuracy = {d: correct[d] / count[d] for d in sorted(count)}
+    accuracy = {bucket_name(bucket): correct[bucket] / count[bucket] for bucket in sorted(count)}
     return accuracy, loss_sum / max(1, sum(count.values()))

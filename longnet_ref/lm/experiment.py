@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from ..analysis.results import paste_into_readme
-from .checkpoint import load_checkpoint
+from ..files import write_atomic
+from .checkpoint import load_checkpoint, read_checkpoint
 from .config import TrainConfig
 from .data import load_corpus
-from .evaluate import bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
+from .evaluate import bits_per_byte, recall_accuracy, recall_buckets, recall_eval_set
 from .report import report_recall, report_table2
 from .train import train
 
@@ -46,25 +49,42 @@ TABLE2_RUNS = {
 TEST_LENGTHS = (256, 512, 1024, 2048, 4096)
 TEST_BYTES = 16 * 4096  # the same 64 KiB of validation code at every test length
 
-# Recall: learning to fetch a value across thousands of positions from scratch sits on a long
-# plateau, so every model is trained in stages (sequence-length warm-up), each stage starting
-# from the previous one's weights: at 128 every kind's pattern covers every causal pair (whether
-# the retrieval forms there is what the stage's recall shows); at 1024 and 4096 the kinds differ.
-# Local is the mixture's first branch alone.
-RECALL_COMMON = dict(task="recall", embed_dim=128, num_heads=4, num_layers=2, num_pairs=8, queries_per_pair=4)
+# Recall: dense, local and dilated models trained on the recall task and tested at RECALL_LENGTH.
+# A dilated head sees a far needle in one hop only when r divides the distance; otherwise layer 1
+# must first copy the needle into its neighbours (a key of the query's residue) and layer 2
+# fetch it by key: a two-hop circuit. From scratch at 4096 the gradient towards either hop is
+# spread over thousands of keys (a long plateau at chance), so every model is trained in stages,
+# each starting from the previous one's weights:
+# 1. a warm-up at 128 bytes with the final branches, which at 128 cover every causal pair
+#    (w_0 = 256 >= 128): every kind learns one-hop retrieval by key;
+# 2. stages at 256 ... RECALL_LENGTH with the branches scaled to the stage's length N (w = N/16
+#    ... N, the same rates), so the sparse branches are needed from 256 bytes on and the two-hop
+#    circuit is learned where steps are cheap; the last stage is the final mixture itself.
+# Local is the mixture's first branch alone, scaled the same way.
+RECALL_LENGTH = 4096
+RECALL_RATES = (1, 2, 4, 4, 4)  # r <= H: the heads' offsets cover every residue (notebook 03)
+RECALL_COMMON = dict(task="recall", embed_dim=128, num_heads=4, num_layers=2)
 RECALL_STAGES = (
-    dict(seq_len=128, batch_size=16, steps=800, lr=3e-3, warmup=50, eval_every=400, eval_size=32),
-    dict(seq_len=1024, batch_size=8, steps=200, lr=1e-3, warmup=20, eval_every=100, eval_size=16),
-    dict(seq_len=4096, batch_size=4, steps=150, lr=1e-3, warmup=10, eval_every=75, eval_size=8),
+    dict(seq_len=128, batch_size=16, steps=1200, lr=3e-3, warmup=50, num_pairs=4, queries_per_pair=8),
+    dict(seq_len=256, batch_size=8, steps=6000, lr=2e-3, warmup=20, num_pairs=8, queries_per_pair=8),
+    dict(seq_len=1024, batch_size=4, steps=300, lr=1e-3, warmup=20, num_pairs=16, queries_per_pair=8),
+    dict(seq_len=RECALL_LENGTH, batch_size=2, steps=500, lr=1e-3, warmup=10, num_pairs=16, queries_per_pair=16),
 )
-RECALL_RUNS = {
-    "recall-dense": dict(attention="dense"),
-    "recall-local": dict(attention="local", segment_lengths=[256], dilation_rates=[1]),
-    "recall-dilated": dict(
-        attention="dilated", segment_lengths=[256, 512, 1024, 2048, 4096], dilation_rates=[1, 2, 4, 4, 4]
-    ),  # r <= H = 4, so the heads' offsets cover every residue (notebook 03)
-}
-RECALL_TEST_SEQUENCES = 64
+RECALL_STAGE_EVAL = dict(eval_size=2)  # sequences per distance bucket at each stage's own evaluations
+RECALL_RUNS = ("recall-dense", "recall-local", "recall-dilated")
+RECALL_TEST_SEQUENCES = 16  # per distance bucket, 8 needles x 4 queries each: 512 queries per bucket
+
+
+def recall_branches(name, seq_len):
+    """The attention of a recall model at a stage of length seq_len: TrainConfig fields (see the comment above)."""
+    kind = name.removeprefix("recall-")
+    if kind == "dense":
+        return dict(attention="dense")
+    scale = RECALL_LENGTH if seq_len < RECALL_LENGTH // 16 else seq_len  # the warm-up: the final branches
+    segments = [scale >> i for i in reversed(range(len(RECALL_RATES)))]  # N/16, N/8, N/4, N/2, N
+    if kind == "local":
+        return dict(attention="local", segment_lengths=segments[:1], dilation_rates=[1])
+    return dict(attention="dilated", segment_lengths=segments, dilation_rates=list(RECALL_RATES))
 
 
 def run_config(common, run, threads):
@@ -78,7 +98,7 @@ def train_run(name, config, runs, corpus=None, progress=True, init_from=None):
     """Train runs/<name> unless it has finished; resume it if a checkpoint exists."""
     out = Path(runs) / name
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["step"] >= config.steps:
+    if checkpoint.is_file() and read_checkpoint(checkpoint, flag="the")["step"] >= config.steps:
         return load_checkpoint(checkpoint)[0]
     resume = checkpoint if checkpoint.is_file() else None
     start = time.perf_counter()
@@ -102,37 +122,91 @@ def table2(runs, threads=1, progress=True):
         by_context = {2**i: per_position[2**i : 2 ** (i + 1)].mean().item() for i in range(longest.bit_length() - 1)}
         print(f"{name}: bits per byte {bpb} ({time.perf_counter() - start:.0f} s)")
         result = {"bpb": bpb, "bpb_by_context": by_context}
-        (Path(runs) / name / "test.json").write_text(json.dumps(result, indent=1))
+        write_atomic(Path(runs) / name / "test.json", json.dumps(result, indent=1))
 
 
-def recall(runs, threads=1, progress=True):
-    N = RECALL_STAGES[-1]["seq_len"]
-    eval_set = recall_eval_set(N, RECALL_TEST_SEQUENCES, num_pairs=8, queries_per_pair=4)
-    for name, run in RECALL_RUNS.items():
-        previous = None
-        for i, stage in enumerate(RECALL_STAGES):
-            stage_name = f"{name}/stage{i + 1}-{stage['seq_len']}"
-            model = train_run(
-                stage_name, run_config(dict(RECALL_COMMON, **stage), run, threads), runs, None, progress, previous
-            )
-            previous = Path(runs) / stage_name / "checkpoint.pt"
-        accuracy, loss = recall_accuracy(model, eval_set, buckets=recall_distances(N))
-        print(f"{name}: accuracy by distance {accuracy}, loss {loss:.3f}")
-        (Path(runs) / name / "test.json").write_text(json.dumps({"accuracy": accuracy, "loss": loss}, indent=1))
+def recall_stage_configs(name, threads=1):
+    """The TrainConfig of each training stage of one recall model."""
+    common = dict(RECALL_COMMON, **RECALL_STAGE_EVAL)
+    return [
+        run_config(
+            dict(common, eval_every=max(1, stage["steps"] // 4), **stage),
+            recall_branches(name, stage["seq_len"]),
+            threads,
+        )
+        for stage in RECALL_STAGES
+    ]
+
+
+def recall_model(name, runs, threads=1, progress=True):
+    """Train one recall model stage by stage (each from the previous one's weights), then test it at RECALL_LENGTH."""
+    previous = None
+    for i, config in enumerate(recall_stage_configs(name, threads)):
+        stage_name = f"{name}/stage{i + 1}-{config.seq_len}"
+        model = train_run(stage_name, config, runs, None, progress, previous)
+        previous = Path(runs) / stage_name / "checkpoint.pt"
+    eval_set = recall_eval_set(RECALL_LENGTH, RECALL_TEST_SEQUENCES, num_pairs=8, queries_per_pair=4)
+    accuracy, loss = recall_accuracy(model, eval_set, buckets=recall_buckets(RECALL_LENGTH))
+    by_residue = residue_accuracy(
+        model, eval_set, far=recall_branches("recall-local", RECALL_LENGTH)["segment_lengths"][0]
+    )
+    print(f"{name}: accuracy by distance {accuracy}, beyond the local window by d mod 4 {by_residue}, loss {loss:.3f}")
+    result = {"accuracy": accuracy, "accuracy_by_residue": by_residue, "loss": loss}
+    write_atomic(Path(runs) / name / "test.json", json.dumps(result, indent=1))
+    return name
+
+
+def residue_accuracy(model, eval_set, far, modulus=4):
+    """{d mod `modulus`: accuracy} over the queries farther than `far`: where a dilated model's two hops show.
+
+    With r = 4, distances that 4 divides are one hop away through the sparse branches; the
+    others need layer 1 to have copied the needle into the neighbour of the query's residue.
+    """
+    per_distance, _ = recall_accuracy(model, eval_set)  # {"d=d-d": accuracy}; one or few queries each
+    hits, counts = [0.0] * modulus, [0] * modulus
+    for bucket, value in per_distance.items():
+        d = int(bucket.split("-")[1])
+        if d > far:
+            hits[d % modulus] += value
+            counts[d % modulus] += 1
+    return {str(j): hits[j] / counts[j] for j in range(modulus) if counts[j]}
+
+
+def recall(runs, threads=1, progress=True, jobs=1):
+    """Train and test the recall models, `jobs` at a time (each in its own process with `threads` threads)."""
+    if jobs == 1:
+        for name in RECALL_RUNS:
+            recall_model(name, runs, threads, progress)
+        return
+    # dense first: it is the longest, so the other worker trains local and dilated meanwhile
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        for done in [pool.submit(recall_model, name, runs, threads, False) for name in RECALL_RUNS]:
+            done.result()
 
 
 def report(runs, readme=None):
-    """The `report` command: report.py's tables and figures of the runs defined here, pasted into the README."""
-    local_window = RECALL_RUNS["recall-local"]["segment_lengths"][0]
+    """The `report` command: report.py's tables and figures of the runs defined here, pasted into the README.
+
+    A section is reported only when every one of its runs has finished (test.json written):
+    until then its figures, tables and README section stay as they are.
+    """
+    local_window = recall_branches("recall-local", RECALL_LENGTH)["segment_lengths"][0]
     sections = (
-        ("table2", lambda: report_table2(runs, TABLE2_RUNS, TEST_LENGTHS)),
-        ("recall", lambda: report_recall(runs, RECALL_RUNS, local_window, RECALL_STAGES[-1]["seq_len"])),
+        ("table2", list(TABLE2_RUNS), lambda: report_table2(runs, TABLE2_RUNS, TEST_LENGTHS)),
+        ("recall", list(RECALL_RUNS), lambda: report_recall(runs, RECALL_RUNS, local_window, RECALL_LENGTH)),
     )
-    for section, make in sections:
+    for section, names, make in sections:
+        missing = [name for name in names if not (Path(runs) / name / "test.json").is_file()]
+        if missing:
+            print(f"{section}: {len(names) - len(missing)} of {len(names)} runs finished (not {missing}); not reported")
+            continue
         markdown = make()
-        if markdown is not None:
-            print(markdown)
-            paste_into_readme(f"07:{section}", markdown, readme)
+        print(markdown)
+        if not paste_into_readme(f"07:{section}", markdown, readme):
+            print(f"{section}: no README of a checkout with the 07:{section} markers; figures/ written only")
 
 
 def main(argv=None):
@@ -140,15 +214,20 @@ def main(argv=None):
     parser.add_argument("what", choices=("table2", "recall", "report", "all"))
     parser.add_argument("--runs", required=True, help="folder for the runs (checkpoints, metrics, test results)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (1: kind to a shared machine)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="recall models trained at once, one process each (2 on a 2-core machine)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be a positive integer, got {args.jobs}")
     torch.set_num_threads(args.threads)
     if args.what in ("table2", "all"):
         table2(args.runs, args.threads, not args.no_progress)
     if args.what in ("recall", "all"):
-        recall(args.runs, args.threads, not args.no_progress)
+        recall(args.runs, args.threads, not args.no_progress, args.jobs)
     report(args.runs)
 
 

@@ -9,6 +9,7 @@ training curves and times from metrics.json, the test results from test.json.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -127,19 +128,28 @@ def recall_branches(config):
     return "dense" if config.attention == "dense" else " ".join(f"({w},{r})" for w, r in zip(ws, rs))
 
 
-def plot_recall(results, distances, local_window, seq_len):
-    """figures/07_recall.png: recall accuracy against distance, one line per model."""
+def bucket_range(name):
+    """ "d=a-b" -> (a, b)."""
+    a, b = name.removeprefix("d=").split("-")
+    return int(a), int(b)
+
+
+def plot_recall(results, buckets, local_window, seq_len):
+    """figures/07_recall.png: recall accuracy in each distance bucket, one line per model."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    middles = [math.sqrt(a * b) for a, b in map(bucket_range, buckets)]  # log-scale middle of a ... b
     for result in results.values():
         config = TrainConfig(**result["stages"][-1]["train_config"])
-        accuracy = {int(d): value for d, value in result["test"]["accuracy"].items()}
+        accuracy = result["test"]["accuracy"]
         label = f"{config.attention}: {recall_branches(config)}"
-        ax.plot(distances, [accuracy[d] for d in distances], "o-", label=label)
+        ax.plot(middles, [accuracy[bucket] for bucket in buckets], "o-", label=label)
     ax.axhline(1 / 8, color="gray", ls=":", label="chance (1/8)")
+    ax.axhline(0.9, color="gray", ls="-", lw=0.5, label="target 0.90")
     ax.axvline(local_window, color="gray", ls="--", lw=0.8, label=f"local window ({local_window})")
-    ax.set(
-        xscale="log", xlabel="distance from the needle (d ... d+3, bytes)", ylabel="recall accuracy", ylim=(-0.03, 1.03)
-    )
+    ax.set_xscale("log")
+    ax.set_xticks(middles, [bucket.removeprefix("d=") for bucket in buckets], fontsize=7)
+    ax.minorticks_off()
+    ax.set(xlabel="distance from the needle (bucket, bytes)", ylabel="recall accuracy", ylim=(-0.03, 1.03))
     ax.set_title(f"Key-value recall, tested at N = {seq_len}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -148,20 +158,25 @@ def plot_recall(results, distances, local_window, seq_len):
 
 
 def report_recall(runs, names, local_window, seq_len):
-    """figures/07_recall.md, .csv and .png from the finished runs among `names` (tested at length `seq_len`)."""
+    """figures/07_recall.md, .csv and .png from the finished runs among `names` (tested at length `seq_len`).
+
+    One row per model: attention, train CPU s (all stages), accuracy in each bucket "d=a-b". The
+    footer gives each model's branches at seq_len, its stages and dilated over dense CPU time.
+    """
     results = load_results(runs, names)
     if not results:
         return None
-    distances = sorted({int(d) for result in results.values() for d in result["test"]["accuracy"]})
-    header = ["model", "branches (w, r)", "stages (length x steps)", *TIME_HEADER]
-    header += [f"d={d}-{d + 3}" for d in distances]  # each bucket: the four residues mod 4
-    rows = []
-    for name, result in results.items():
+    buckets = sorted({bucket for result in results.values() for bucket in result["test"]["accuracy"]}, key=bucket_range)
+    header = ["attention", "train CPU s", *buckets]
+    rows, notes, cpu = [], [], {}
+    for result in results.values():
         config = TrainConfig(**result["stages"][-1]["train_config"])
-        stage_configs = [metrics["train_config"] for metrics in result["stages"]]
-        stages = " + ".join(f"{stage['seq_len']}x{stage['steps']}" for stage in stage_configs)
-        accuracy = {int(d): value for d, value in result["test"]["accuracy"].items()}
-        cells = [name, recall_branches(config), stages, *time_cells(result["stages"])]
-        rows.append(cells + [f"{accuracy[d]:.2f}" for d in distances])
-    plot_recall(results, distances, local_window, seq_len)
-    return write_table("07_recall", header, rows)
+        _, cpu[config.attention], _ = training_summary(result["stages"])
+        accuracy = result["test"]["accuracy"]
+        rows.append([config.attention, f"{cpu[config.attention]:.0f}"] + [f"{accuracy[b]:.2f}" for b in buckets])
+        stages = " + ".join(f"{m['train_config']['seq_len']}x{m['train_config']['steps']}" for m in result["stages"])
+        notes.append(f"- {config.attention}: {recall_branches(config)} at {seq_len}; stages (length x steps) {stages}")
+    if "dense" in cpu and "dilated" in cpu:
+        notes.append(f"- dilated / dense train CPU seconds: {cpu['dilated'] / cpu['dense']:.2f}")
+    plot_recall(results, buckets, local_window, seq_len)
+    return write_table("07_recall", header, rows, footer="\n" + "\n".join(notes) + "\n")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,10 +31,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..files import write_atomic
 from .checkpoint import read_checkpoint, restore_run, rng_states, save_checkpoint
 from .config import PRESETS, RESUME_FIELDS, TASKS, TrainConfig
 from .data import load_corpus, random_windows, recall_batch
-from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_distances, recall_eval_set
+from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_buckets, recall_eval_set
 from .model import ATTENTION_KINDS, LongNetLM
 
 
@@ -55,11 +57,34 @@ def learning_rate(config, step):
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def check_run(config, *, resume=None, init_from=None, pause_at=None):
+def check_out(out, *, resume=None, overwrite=False):
+    """`out` can take this run: it holds no other run (unless resumed or `overwrite`), and it is writable."""
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    held = [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
+    if held and resume is None and not overwrite:
+        raise ValueError(
+            f"--out {str(out)!r} already holds a run ({', '.join(held)}): pass --resume "
+            f"{str(out / 'checkpoint.pt')!r} to continue it, or --overwrite to replace it"
+        )
+    try:  # found now, not at the first save an hour later
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {str(out)!r} is not writable: {error.strerror or error}") from error
+    return out
+
+
+def check_run(config, out=None, *, resume=None, init_from=None, pause_at=None, overwrite=False):
     """The checks of a run beyond its config's own (`TrainConfig` checks every field); errors name the flag.
 
     Reads the checkpoints it is given and returns `(device, resume checkpoint, init_from
-    checkpoint)`, each None when not asked for. `main` relies on these checks alone.
+    checkpoint)`, each None when not asked for; checks `out` with `check_out` when given.
+    `main` relies on these checks alone.
     """
     if pause_at is not None and (isinstance(pause_at, bool) or not isinstance(pause_at, int) or pause_at < 1):
         raise ValueError(f"--pause-at must be a positive step, got {pause_at!r}")
@@ -73,6 +98,8 @@ def check_run(config, *, resume=None, init_from=None, pause_at=None):
     if resume is not None:
         checkpoint = read_checkpoint(resume)
         check_agrees(config, checkpoint["train_config"], RESUME_FIELDS, "the")
+    if out is not None:
+        check_out(out, resume=resume, overwrite=overwrite)
     return device, checkpoint, source
 
 
@@ -116,11 +143,11 @@ def build_model(config, device):
     return model, optimizer
 
 
-def start_run(config, out, *, resume=None, init_from=None, pause_at=None, corpus=None) -> Run:
+def start_run(config, out, *, resume=None, init_from=None, pause_at=None, corpus=None, overwrite=False) -> Run:
     """Check the run (`check_run`), then set it up in `out`: fresh, from `init_from`'s weights, or resumed."""
-    device, checkpoint, source = check_run(config, resume=resume, init_from=init_from, pause_at=pause_at)
+    checks = dict(resume=resume, init_from=init_from, pause_at=pause_at, overwrite=overwrite)
+    device, checkpoint, source = check_run(config, out, **checks)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if config.threads:
         # On a shared CPU one thread per run can be many times faster than two threads
         # fighting other processes (OpenMP workers spin while they wait for each other).
@@ -201,7 +228,7 @@ def evaluate(run):
         num_bytes = config.eval_size * config.seq_len
         bpb = bits_per_byte(run.model, run.corpus["val"], config.seq_len, num_bytes, device=run.device)
         return {"step": step, "val_bpb": bpb}
-    buckets = recall_distances(config.seq_len)
+    buckets = recall_buckets(config.seq_len)
     accuracy, loss = recall_accuracy(run.model, run.eval_set, device=run.device, buckets=buckets)
     return {"step": step, "recall_loss": loss, "recall_accuracy": accuracy}
 
@@ -219,7 +246,7 @@ def save(run):
         model_config=run.model.config.to_dict(),
         metrics=run.metrics,
     )
-    (run.out / "metrics.json").write_text(json.dumps(run.metrics, indent=1))
+    write_atomic(run.out / "metrics.json", json.dumps(run.metrics, indent=1))
 
 
 def run_loop(run, progress=True):
@@ -248,7 +275,9 @@ def run_loop(run, progress=True):
     return run.model, metrics
 
 
-def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=None, progress=True, corpus=None):
+def train(
+    config: TrainConfig, out, *, resume=None, init_from=None, pause_at=None, progress=True, corpus=None, overwrite=False
+):
     """Train (or resume) a run into the folder `out`; returns (model, metrics dict).
 
     `resume`: continue the run of this checkpoint exactly (same model, data and seed fields).
@@ -256,9 +285,12 @@ def train(config: TrainConfig, out, *, resume=None, init_from=None, pause_at=Non
     kind and the sequence length may differ), with a fresh optimiser: a second stage of
     training, e.g. a short-sequence warm-up followed by long sequences.
     `pause_at`: stop after this step with a checkpoint. `corpus` (from `data.load_corpus`)
-    may be passed to skip reading the library again.
+    may be passed to skip reading the library again. A folder `out` that already holds a run
+    is refused unless `resume` continues it or `overwrite=True` replaces it.
     """
-    run = start_run(config, out, resume=resume, init_from=init_from, pause_at=pause_at, corpus=corpus)
+    run = start_run(
+        config, out, resume=resume, init_from=init_from, pause_at=pause_at, corpus=corpus, overwrite=overwrite
+    )
     return run_loop(run, progress)
 
 
@@ -273,6 +305,9 @@ def build_parser():
     parser.add_argument("--resume", help="continue from this checkpoint.pt")
     parser.add_argument("--init-from", help="start from the weights of this checkpoint.pt (fresh optimiser)")
     parser.add_argument("--pause-at", type=int, help="stop after this step with a checkpoint")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run that --out already holds (refused without it)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ints = ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "num_pairs", "queries_per_pair")
     for name in ints + ("warmup", "eval_every", "eval_size", "seed", "threads"):
@@ -297,7 +332,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:  # every check of the flags is TrainConfig's or check_run's (in start_run), made before any work
         config = config_from_args(args)
-        run = start_run(config, args.out, resume=args.resume, init_from=args.init_from, pause_at=args.pause_at)
+        run = start_run(
+            config,
+            args.out,
+            resume=args.resume,
+            init_from=args.init_from,
+            pause_at=args.pause_at,
+            overwrite=args.overwrite,
+        )
     except ValueError as error:
         parser.error(str(error))  # usage + message, exit status 2
     _, metrics = run_loop(run, progress=not args.no_progress)
