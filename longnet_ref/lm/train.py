@@ -21,9 +21,13 @@ about 15 minutes), "tiny" (seconds; tests and CI). Explicit flags override the p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -249,29 +253,72 @@ def save(run):
     write_atomic(run.out / "metrics.json", json.dumps(run.metrics, indent=1))
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after finishing its step and saving: resume it with --resume."""
+
+    def __init__(self, signum, step, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: saved {checkpoint}; continue with --resume {checkpoint}")
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary(requested):
+    """While inside, SIGINT and SIGTERM only note their number in `requested`: the loop stops between steps.
+
+    A checkpoint is only ever a state between two steps, so the resumed run is exact: the step
+    that was running when the signal came is finished, saved, and not drawn again. A second
+    signal interrupts at once (the handlers are back to the previous ones); the last checkpoint
+    then still resumes exactly, from its own step. Outside the main thread (a worker of a
+    process pool's thread, say) signals cannot be caught, and nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(signum, frame):
+        requested.append(signum)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    for signum in previous:
+        signal.signal(signum, note)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run_loop(run, progress=True):
-    """Train until the run's stop: evaluate and save every `eval_every` steps and at the last; save when paused."""
+    """Train until the run's stop: evaluate and save every `eval_every` steps and at the last; save when paused.
+
+    SIGINT (Ctrl-C) or SIGTERM stops it after the current step with a checkpoint (`Interrupted`);
+    SIGKILL cannot be caught, and the last periodic checkpoint resumes exactly.
+    """
     config, metrics = run.config, run.metrics
     run.model.train()
     desc = f"{config.attention} N={config.seq_len}"
     bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc=desc)
+    requested = []
     try:
-        while run.step < run.stop:
-            record = train_step(run)
-            metrics["train"].append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if run.step % config.eval_every == 0 or run.step == config.steps:
-                metrics["eval"].append(evaluate(run))
-                bar.write(f"step {run.step}: " + json.dumps(metrics["eval"][-1]))
+        with stop_at_step_boundary(requested):
+            while run.step < run.stop and not requested:
+                record = train_step(run)
+                metrics["train"].append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if run.step % config.eval_every == 0 or run.step == config.steps:
+                    metrics["eval"].append(evaluate(run))
+                    bar.write(f"step {run.step}: " + json.dumps(metrics["eval"][-1]))
+                    save(run)
+            if run.step % config.eval_every and run.step != config.steps:  # paused or stopped between evaluations
                 save(run)
-        if run.step % config.eval_every and run.step != config.steps:  # paused between evaluations
-            save(run)
-    except KeyboardInterrupt:
-        save(run)  # keep what was done; resume with --resume out/checkpoint.pt
-        raise
     finally:
         bar.close()
+    if requested:
+        raise Interrupted(requested[0], run.step, run.out / "checkpoint.pt")
     return run.model, metrics
 
 
@@ -342,7 +389,11 @@ def main(argv=None):
         )
     except ValueError as error:
         parser.error(str(error))  # usage + message, exit status 2
-    _, metrics = run_loop(run, progress=not args.no_progress)
+    try:
+        _, metrics = run_loop(run, progress=not args.no_progress)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     last = metrics["eval"][-1] if metrics["eval"] else {}
     print(json.dumps({"out": args.out, "steps": len(metrics["train"]), **last}))
     return metrics
