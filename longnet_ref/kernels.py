@@ -10,7 +10,9 @@ it anyway; we call them through their ATen ops:
   take only aligned head dims, so narrower or odd ones are zero-padded (`head_dim_multiple`).
 
 Both kernels take any strides except on the last dim, which is what lets the fast path pass
-strided views of q, k, v without copying them.
+strided views of q, k, v without copying them. They read the last dim as if its stride were 1
+whatever it is (channels-first features `(B, H, D, N).transpose(-1, -2)` came out wrong by up
+to 3.4, silently), so `_unit_last_stride` copies exactly the inputs whose last stride is not 1.
 
 The backward. Write x_ij for the scaled scores, prob_ij = softmax_j(x_ij) for the attention
 probabilities, and `Delta_i = dO_i . O_i`. The kernels' backward computes
@@ -56,6 +58,11 @@ def _widen(x, width, column=None):
     return wide
 
 
+def _unit_last_stride(x):
+    """x itself when its last dim has stride 1 (what the kernels assume), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def attention_forward(q, k, v, causal: bool, scale: float):
     """Fused attention of 4-D (B, H, N, D) tensors: returns `(out, lse, saved)`.
 
@@ -67,7 +74,7 @@ def attention_forward(q, k, v, causal: bool, scale: float):
         raise ValueError("the fast path has no float64 CUDA kernel; use implementation='readable' for float64 on CUDA")
     D = q.shape[-1]
     width = _padded_width(D, head_dim_multiple(q))
-    q, k, v = (_widen(x, width) for x in (q, k, v))
+    q, k, v = (_widen(_unit_last_stride(x), width) for x in (q, k, v))
     if q.device.type == "cuda":
         out, lse_raw, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale
@@ -101,6 +108,7 @@ def attention_backward(dout, q, k, v, out, saved, causal: bool, scale: float, dl
     """
     dout = dout.to(q.dtype).contiguous()
     out = out.to(q.dtype).contiguous()
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
     D = q.shape[-1]
     # One extra column carries the LSE gradient through the kernel (module docstring); the kernel's
     # head-dim alignment may add zero columns after it (`head_dim_multiple`).
