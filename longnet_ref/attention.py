@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .checks import check_qkv
+from .checks import check_flag, check_qkv
 
 
 def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
@@ -44,7 +44,7 @@ def dense_attention(q, k, v, *, causal=False, bias=None):
         out: (B, H, Nq, Dv); lse: (B, H, Nq), the log of each row's softmax denominator.
         A row with every key masked gets out 0 and lse -inf (never NaN).
     """
-    check_qkv(q, k, v, same_length=False, causal=causal)
+    check_qkv(q, k, v, same_length=False, causal=check_flag("causal", causal))
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
 

@@ -73,6 +73,17 @@ def check_implementation(implementation: str) -> str:
     return implementation
 
 
+def check_flag(name: str, value) -> bool:
+    """`value` if it is a bool; else a TypeError naming the parameter.
+
+    Strict on purpose: `causal="False"` is a truthy string (it would compute causal attention)
+    and None is no choice at all, so neither may stand in for False.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def check_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -28,7 +28,11 @@ Letters: the package legend (`longnet_ref/__init__.py`).
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .checks import check_flag, check_qkv
 
 
 def head_dim_multiple(x) -> int:
@@ -152,6 +156,9 @@ class FusedAttention(torch.autograd.Function):
 
 def fused_attention(q, k, v, *, causal: bool = False, scale: float | None = None):
     """Fused attention with its log-sum-exp: `(out (B, H, N, D), lse (B, H, N))`, differentiable in both."""
+    check_qkv(q, k, v, same_length=False, causal=check_flag("causal", causal))  # causal: Nq = Nk
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return FusedAttention.apply(q, k, v, causal, scale)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return FusedAttention.apply(q, k, v, causal, float(scale))

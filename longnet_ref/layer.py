@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import as_positive_int, check_branches, check_head_offsets, check_implementation
+from .checks import as_positive_int, check_branches, check_flag, check_head_offsets, check_implementation
 from .mixture import dilated_attention
 
 
@@ -65,7 +65,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.segment_lengths = [w for w, _ in branches]
         self.dilation_rates = [r for _, r in branches]
-        self.causal = bool(causal)
+        self.causal = check_flag("causal", causal)
         self.head_offsets = check_head_offsets(head_offsets)
         self.implementation = check_implementation(implementation)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_branch, check_branches, check_head_offsets, check_implementation, check_qkv
+from .checks import check_branch, check_branches, check_flag, check_head_offsets, check_implementation, check_qkv
 from .dilated import readable_branch
 from .fast import fast_branch, fast_dilated_attention
 
@@ -39,17 +39,33 @@ def merge_branches(outs, lses, *, detach_weights=False):
         out (B, H, N, D) and the merged lse = log sum_i exp(lse_i), (B, H, N). A row that no
         branch covers (all lse -inf) gets out 0 and lse -inf, never NaN.
     """
-    if not isinstance(outs, (list, tuple)) or not isinstance(lses, (list, tuple)):
-        raise ValueError("outs and lses must be lists of tensors")
+    check_flag("detach_weights", detach_weights)
+    for name, items in (("outs", outs), ("lses", lses)):
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(items).__name__}")
     if len(outs) == 0 or len(outs) != len(lses):
         raise ValueError(
             f"outs and lses must be non-empty lists of one length, got {len(outs)} outs and {len(lses)} lses"
         )
     for i, (out_i, lse_i) in enumerate(zip(outs, lses)):
-        if out_i.shape != outs[0].shape or out_i.dim() != 4:
+        for name, x in ((f"outs[{i}]", out_i), (f"lses[{i}]", lse_i)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if out_i.dim() != 4 or out_i.shape != outs[0].shape:
             raise ValueError(f"outs[{i}] has shape {tuple(out_i.shape)}, expected 4-D {tuple(outs[0].shape)}")
         if lse_i.shape != out_i.shape[:-1]:
             raise ValueError(f"lses[{i}] has shape {tuple(lse_i.shape)}, expected {tuple(out_i.shape[:-1])}")
+        if out_i.dtype != outs[0].dtype or lse_i.dtype != lses[0].dtype:
+            raise ValueError(
+                f"outs[{i}] / lses[{i}] have dtypes {out_i.dtype} / {lse_i.dtype}, but outs[0] / lses[0] have "
+                f"{outs[0].dtype} / {lses[0].dtype}: every branch must come in one dtype"
+            )
+        if out_i.device != outs[0].device or lse_i.device != outs[0].device:
+            raise ValueError(
+                f"outs[{i}] and lses[{i}] must be on {outs[0].device}, got {out_i.device} and {lse_i.device}"
+            )
 
     lse = torch.stack(list(lses))  # (n_branches, B, H, N)
     merged_lse = torch.logsumexp(lse, dim=0)  # (B, H, N); -inf where no branch covers the row
@@ -91,6 +107,7 @@ def dilated_branch(
         out (B, H, N, D) and lse (B, H, N). Rows the branch does not keep: out 0, lse -inf.
     """
     check_qkv(q, k, v)
+    check_flag("causal", causal)
     w, r = check_branch(segment_length, dilation_rate)
     check_head_offsets(head_offsets)
     branch, _ = _IMPLEMENTATIONS[check_implementation(implementation)]
@@ -127,6 +144,8 @@ def dilated_attention(
         out (B, H, N, D), or `(out, lse)` with `return_lse=True`.
     """
     check_qkv(q, k, v)
+    for name, flag in (("causal", causal), ("detach_weights", detach_weights), ("return_lse", return_lse)):
+        check_flag(name, flag)
     branches = check_branches(segment_lengths, dilation_rates)
     check_head_offsets(head_offsets)
     branch, mixture = _IMPLEMENTATIONS[check_implementation(implementation)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .attention import dense_attention
-from .checks import check_qkv
+from .checks import check_flag, check_qkv
 from .patterns import attention_pattern, pattern_rows
 
 
@@ -29,6 +29,7 @@ def oracle_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, 
     branch covers get out 0 and lse -inf.
     """
     check_qkv(q, k, v)
+    check_flag("causal", causal)
     B, H, N, D = q.shape
     counts = attention_pattern(N, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
     bias = torch.log(counts.to(device=q.device, dtype=q.dtype))  # (H, N, N); log 0 = -inf masks
@@ -41,6 +42,7 @@ def oracle_rows(q, k, v, rows, segment_lengths, dilation_rates, *, causal=False,
     Costs O(H Q N): exact checks of a few rows of sequences far too long for `oracle_attention`.
     """
     check_qkv(q, k, v)
+    check_flag("causal", causal)
     B, H, N, D = q.shape
     counts = pattern_rows(N, rows, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
     bias = torch.log(counts.to(device=q.device, dtype=q.dtype))  # (H, Q, N)

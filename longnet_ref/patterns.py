@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import as_positive_int, check_branches, check_head_offsets
+from .checks import as_positive_int, check_branches, check_flag, check_head_offsets
 
 
 def head_offset(head: int, num_heads: int, dilation_rate: int, rule: str = "paper") -> int:
@@ -69,6 +69,7 @@ def keeps(query, key, segment_length, dilation_rate, offset, *, causal=False):
     `parallel.plan.plan_branches`, `parallel.fused.distributed_calls`, `analysis.complexity`,
     `analysis.dependency_paths`).
     """
+    check_flag("causal", causal)
     w, r = segment_length, dilation_rate
     same_segment = (query // w) == (key // w)
     kept = ((query % w) % r == offset) & ((key % w) % r == offset) & same_segment
@@ -102,6 +103,7 @@ def pattern_rows(seq_len, queries, segment_lengths, dilation_rates, num_heads, *
     branches = check_branches(segment_lengths, dilation_rates)
     num_heads = as_positive_int("num_heads", num_heads)
     check_head_offsets(head_offsets)
+    check_flag("causal", causal)
     queries = torch.as_tensor(queries, dtype=torch.long)
     n = as_positive_int("seq_len", seq_len)
     if queries.dim() != 1 or (queries.numel() and (queries.min() < 0 or queries.max() >= n)):

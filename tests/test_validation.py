@@ -80,3 +80,92 @@ def test_bad_layer_arguments():
     layer = MultiheadDilatedAttention(8, 2, [4], [1])
     with pytest.raises(ValueError, match=r"x must be \(B, N, 8\), got shape \(1, 5, 6\)"):
         layer(torch.zeros(1, 5, 6))
+
+
+def flag_calls():
+    """Every public function (and the layer) with a bool flag: name -> call(flag name, value)."""
+    from longnet_ref import (
+        dense_attention,
+        fused_attention,
+        keeps,
+        merge_branches,
+        oracle_attention,
+        oracle_rows,
+        pattern_rows,
+    )
+    from longnet_ref.analysis import complexity, dependency_paths, viz
+    from longnet_ref.parallel import simulate_sequence_parallel
+
+    qkv = (q, k, v)
+    lse = torch.zeros(1, 2, 8)
+    return {
+        "dense_attention": lambda name, value: dense_attention(*qkv, **{name: value}),
+        "dilated_attention": lambda name, value: dilated_attention(*qkv, [4], [1], **{name: value}),
+        "dilated_attention readable": lambda name, value: dilated_attention(
+            *qkv, [4], [1], implementation="readable", **{name: value}
+        ),
+        "dilated_branch": lambda name, value: dilated_branch(*qkv, 4, 2, **{name: value}),
+        "fused_attention": lambda name, value: fused_attention(*qkv, **{name: value}),
+        "merge_branches": lambda name, value: merge_branches([q], [lse], **{name: value}),
+        "oracle_attention": lambda name, value: oracle_attention(*qkv, [4], [1], **{name: value}),
+        "oracle_rows": lambda name, value: oracle_rows(*qkv, [0, 3], [4], [1], **{name: value}),
+        "keeps": lambda name, value: keeps(3, 1, 4, 1, 0, **{name: value}),
+        "attention_pattern": lambda name, value: attention_pattern(8, [4], [1], 2, **{name: value}),
+        "pattern_rows": lambda name, value: pattern_rows(8, [1], [4], [1], 2, **{name: value}),
+        "MultiheadDilatedAttention": lambda name, value: MultiheadDilatedAttention(8, 2, [4], [1], **{name: value}),
+        "simulate_sequence_parallel": lambda name, value: simulate_sequence_parallel(
+            *qkv, 2, [4], [1], **{name: value}
+        ),
+        "branch_flops": lambda name, value: complexity.branch_flops(8, 4, 1, **{name: value}),
+        "dense_flops": lambda name, value: complexity.dense_flops(8, **{name: value}),
+        "attended_pairs": lambda name, value: complexity.attended_pairs(8, 4, 1, **{name: value}),
+        "path_length_stats": lambda name, value: dependency_paths.path_length_stats(8, [4], [1], **{name: value}),
+        "distances_from": lambda name, value: dependency_paths.distances_from(
+            8, [4], [1], sources=[0], **{name: value}
+        ),
+        "window_path_stats": lambda name, value: dependency_paths.window_path_stats(8, 2, **{name: value}),
+        "plot_heads": lambda name, value: viz.plot_heads(8, 4, 2, 2, **{name: value}),
+    }
+
+
+FLAGS = {
+    "dilated_attention": ("causal", "detach_weights", "return_lse"),
+    "dilated_attention readable": ("causal", "detach_weights", "return_lse"),
+    "merge_branches": ("detach_weights",),
+}
+
+
+@pytest.mark.parametrize("value", ["False", None, 0, 1, 1.0, torch.tensor(True)], ids=repr)
+@pytest.mark.parametrize("function", list(flag_calls()))
+def test_a_flag_that_is_not_a_bool_is_a_type_error_naming_it(function, value):
+    call = flag_calls()[function]
+    for name in FLAGS.get(function, ("causal",)):
+        with pytest.raises(
+            TypeError, match=rf"{name} must be True or False, got {__import__('re').escape(repr(value))}"
+        ):
+            call(name, value)
+        call(name, False)  # the same call with a bool is fine
+
+
+@pytest.mark.parametrize(
+    "outs, lses, error, match",
+    [
+        ([q, None], [torch.zeros(1, 2, 8)] * 2, TypeError, r"outs\[1\] must be a torch.Tensor, got NoneType"),
+        ([q], [0.5], TypeError, r"lses\[0\] must be a torch.Tensor, got float"),
+        (q, [torch.zeros(1, 2, 8)], TypeError, r"outs must be a list or tuple of tensors, got Tensor"),
+        (
+            [q.long()],
+            [torch.zeros(1, 2, 8)],
+            TypeError,
+            r"outs\[0\] must be a floating-point tensor, got dtype torch.int64",
+        ),
+        ([q, q.double()], [torch.zeros(1, 2, 8)] * 2, ValueError, r"outs\[1\] / lses\[1\] have dtypes torch.float64"),
+        ([q], [torch.zeros(1, 2, 7)], ValueError, r"lses\[0\] has shape \(1, 2, 7\), expected \(1, 2, 8\)"),
+        ([], [], ValueError, r"non-empty lists of one length, got 0 outs and 0 lses"),
+    ],
+)
+def test_bad_merge_inputs_name_the_element(outs, lses, error, match):
+    from longnet_ref import merge_branches
+
+    with pytest.raises(error, match=match):
+        merge_branches(outs, lses)

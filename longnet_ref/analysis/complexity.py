@@ -34,7 +34,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from ..checks import as_positive_int, check_branches, check_head_offsets
+from ..checks import as_positive_int, check_branches, check_flag, check_head_offsets
 from ..patterns import head_offset
 
 # The paper's language-model mixture (Sec. 4.1, the LongNet rows of Table 2): w_i and r_i.
@@ -45,6 +45,7 @@ TABLE2_DILATION_RATES = (1, 2, 4, 6, 12)
 def branch_flops(seq_len, segment_length, dilation_rate, *, batch=1, heads=1, head_dim=1, causal=False) -> float:
     """Eq. 16: 4 B H D N w / r^2 FLOPs of one branch, w clipped to N; causal halves it."""
     n = as_positive_int("seq_len", seq_len)
+    check_flag("causal", causal)
     w, r = check_branches([segment_length], [dilation_rate])[0]
     flops = 4 * batch * heads * head_dim * n * min(w, n) / r**2
     return flops / 2 if causal else flops
@@ -53,6 +54,7 @@ def branch_flops(seq_len, segment_length, dilation_rate, *, batch=1, heads=1, he
 def dense_flops(seq_len, *, batch=1, heads=1, head_dim=1, causal=False) -> float:
     """4 B H D N^2 FLOPs of dense attention; causal halves it."""
     n = as_positive_int("seq_len", seq_len)
+    check_flag("causal", causal)
     flops = 4 * batch * heads * head_dim * n * n
     return flops / 2 if causal else flops
 
@@ -88,6 +90,7 @@ def attended_pairs(seq_len, segment_length, dilation_rate, num_heads=1, *, causa
     `attention_pattern(N, [w], [r], H).sum()`.
     """
     n = as_positive_int("seq_len", seq_len)
+    check_flag("causal", causal)
     w, r = check_branches([segment_length], [dilation_rate])[0]
     num_heads = as_positive_int("num_heads", num_heads)
     check_head_offsets(head_offsets)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checks import as_positive_int, check_branches, check_head_offsets
+from ..checks import as_positive_int, check_branches, check_flag, check_head_offsets
 from ..patterns import head_offset
 
 DENSE_FRACTION = 0.25  # above this fraction of busy classes, a hop runs on strided views instead of gathers
@@ -241,6 +241,7 @@ def path_length_stats(
     start = time.perf_counter()
     n, branches, plans = _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets)
     words = as_positive_int("words", words)
+    check_flag("causal", causal)
     limit = n if max_layers is None else as_positive_int("max_layers", max_layers)
     counts = np.zeros(limit + 1, dtype=np.int64)
 
@@ -263,6 +264,7 @@ def distances_from(
     The same search as `path_length_stats`, keeping each distance instead of counting them.
     """
     n, _, plans = _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets)
+    check_flag("causal", causal)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1)  # (Nsrc,)
     if sources.size and (sources.min() < 0 or sources.max() >= n):
         raise ValueError(f"sources must be positions in [0, {n}), got {sources.tolist()}")
@@ -296,6 +298,7 @@ def window_path_stats(seq_len, window, *, causal=False) -> PathStats:
     """
     n = as_positive_int("seq_len", seq_len)
     w = as_positive_int("window", window)
+    check_flag("causal", causal)
     if w < 2:
         raise ValueError(f"window must be >= 2 (a window of 1 connects nothing), got {window!r}")
     start = time.perf_counter()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap, to_rgb
 
-from ..checks import as_positive_int, check_branches, check_head_offsets
+from ..checks import as_positive_int, check_branches, check_flag, check_head_offsets
 from ..files import write_atomic
 from ..patterns import attention_pattern, pattern_rows
 
@@ -191,6 +191,7 @@ def plot_heads(seq_len, segment_length, dilation_rate, num_heads, *, causal=Fals
     """One branch (w, r), one colour per head, then all heads together: the paper's Figure 3."""
     w, r = check_branches([segment_length], [dilation_rate])[0]
     num_heads = as_positive_int("num_heads", num_heads)
+    check_flag("causal", causal)
     density = pattern_blocks(seq_len, [w], [r], num_heads, causal=causal, head_offsets=head_offsets).numpy()
     colors = [BRANCH_COLORS[h % len(BRANCH_COLORS)] for h in range(num_heads)]
     fig, axes = _axes(num_heads + 1)

@@ -49,6 +49,7 @@ import math
 
 import torch
 
+from ..checks import check_flag, check_head_offsets, check_qkv
 from ..fast import _lse_dtype
 from ..kernels import fused_attention
 from ..mixture import dilated_branch, merge_branches
@@ -56,7 +57,7 @@ from ..patterns import head_groups
 from .comm import JoinBackward, all_gather, as_communicator
 from .consensus import check_world
 from .fused import fused_rank_attention
-from .plan import kept_run
+from .plan import BranchPlan, kept_run
 
 
 def sequence_parallel_attention(
@@ -129,7 +130,19 @@ def sequence_parallel_attention(
 
 
 def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper"):
-    """One branch whose segment spans `plan.ranks`: this rank's `(out, lse)`, (B, H, l, D) and (B, H, l)."""
+    """One branch whose segment spans `plan.ranks`: this rank's `(out, lse)`, (B, H, l, D) and (B, H, l).
+
+    `plan` is one of `plan_branches`'s for this rank. The checks here are this rank's own and come
+    before any collective (`sequence_parallel_attention` checks every rank's input on every rank).
+    """
+    check_qkv(q, k, v)
+    check_flag("causal", causal)
+    check_head_offsets(head_offsets)
+    if not isinstance(plan, BranchPlan):
+        raise TypeError(f"plan must be a BranchPlan from plan_branches, got {type(plan).__name__}")
+    comm = as_communicator(comm)
+    if comm.rank not in plan.ranks:
+        raise ValueError(f"this rank ({comm.rank}) is not in the plan's ranks {list(plan.ranks)}")
     B, H, l, D = q.shape
     r, ranks = plan.dilation_rate, plan.ranks
     g, me = len(ranks), ranks.index(comm.rank)

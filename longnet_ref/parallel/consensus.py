@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_branches, check_head_offsets, check_implementation, check_qkv
+from ..checks import check_branches, check_flag, check_head_offsets, check_implementation, check_qkv
 from .plan import plan_branches
 
 # The fields of the record every rank must agree on, and how an error names them.
@@ -44,8 +44,9 @@ def own_record(q, k, v, segment_lengths, dilation_rates, causal, head_offsets, i
         branches = check_branches(segment_lengths, dilation_rates)
         check_head_offsets(head_offsets)
         check_implementation(implementation)
-    except ValueError as problem:
-        return {"error": str(problem)}
+        check_flag("causal", causal)
+    except (ValueError, TypeError) as problem:  # recorded, and raised on every rank alike (check_records)
+        return {"error": str(problem), "error_type": type(problem).__name__}
     return {
         "error": None,
         "shape": tuple(q.shape),
@@ -63,9 +64,11 @@ def own_record(q, k, v, segment_lengths, dilation_rates, causal, head_offsets, i
 
 def check_records(records):
     """Step 3a, the same on every rank: no rank failed its own check, and every rank passed the same."""
-    errors = [f"rank {p}: {record['error']}" for p, record in enumerate(records) if record["error"] is not None]
-    if errors:
-        raise ValueError("invalid input on " + "; ".join(errors))
+    failed = [(p, record) for p, record in enumerate(records) if record["error"] is not None]
+    if failed:
+        message = "invalid input on " + "; ".join(f"rank {p}: {record['error']}" for p, record in failed)
+        # a TypeError only when every failing rank's is one (a non-bool causal, say)
+        raise (TypeError if all(r["error_type"] == "TypeError" for _, r in failed) else ValueError)(message)
     for key, what in AGREED:
         values = [record[key] for record in records]
         if any(value != values[0] for value in values):

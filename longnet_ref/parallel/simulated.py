@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from ..checks import as_positive_int, check_implementation, check_qkv
+from ..checks import as_positive_int, check_flag, check_implementation, check_qkv
 from .algorithm import sequence_parallel_attention
 from .comm import CommStats, Communicator
 
@@ -244,6 +244,7 @@ def simulate_sequence_parallel(
         the backward runs).
     """
     check_qkv(q, k, v)
+    check_flag("causal", causal)
     P = as_positive_int("world_size", world_size)
     if q.shape[2] % P:
         raise ValueError(f"the sequence length N = {q.shape[2]} is not divisible by world_size {P}")
