@@ -31,6 +31,11 @@ def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
     return j <= i
 
 
+def softmax_scale(head_dim):
+    """1/sqrt(D), the scale of the scores; 1 for D = 0, where every score is an empty sum, 0, at any scale."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
 def dense_attention(q, k, v, *, causal=False, bias=None):
     """Softmax attention of every query over every key; returns `(out, lse)`.
 
@@ -49,7 +54,7 @@ def dense_attention(q, k, v, *, causal=False, bias=None):
     Nk = k.shape[2]
 
     # Scores, scaled by 1/sqrt(D) so their variance does not grow with the head dim.
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, Nq, Nk)
+    scores = (q @ k.transpose(-2, -1)) * softmax_scale(D)  # (B, H, Nq, Nk)
     if bias is not None:
         scores = scores + bias
     if causal:
@@ -57,7 +62,8 @@ def dense_attention(q, k, v, *, causal=False, bias=None):
 
     # Softmax by hand, with the row maximum subtracted so exp never overflows. A row where
     # every score is -inf has max -inf; we use 0 there so that exp gives 0 instead of NaN.
-    row_max = scores.amax(dim=-1, keepdim=True)  # (B, H, Nq, 1)
+    # (No keys at all, Nk = 0, is the same case: every row is empty.)
+    row_max = scores.amax(dim=-1, keepdim=True) if Nk else scores.new_full((B, H, Nq, 1), -math.inf)  # (B, H, Nq, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)  # (B, H, Nq, Nk), unnormalised
     denom = weights.sum(dim=-1, keepdim=True)  # (B, H, Nq, 1)

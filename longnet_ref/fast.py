@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import softmax_scale
 from .kernels import attention_backward, attention_forward, fused_attention
 from .patterns import head_groups
 
@@ -161,7 +162,7 @@ class RunningMerge(torch.autograd.Function):
     def forward(ctx, calls, q, k, v, *kv):
         ctx.set_materialize_grads(False)
         B, H, N, D = q.shape
-        scale = 1.0 / math.sqrt(D)
+        scale = softmax_scale(D)
         acc = _lse_dtype(q)
         sources = [(k, v), *((x[0], x[1]) for x in kv)]
         out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)  # running merged output

@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from .attention import dense_attention, softmax_scale
 from .checks import check_flag, check_qkv
 
 
@@ -67,6 +68,12 @@ def _unit_last_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def no_rows_or_keys(q, k):
+    """B, H or Nq is 0 (no query row) or Nk is 0 (no key): shapes the kernels must not see."""
+    B, H, Nq, _ = q.shape
+    return B * H * Nq == 0 or k.shape[2] == 0
+
+
 def attention_forward(q, k, v, causal: bool, scale: float):
     """Fused attention of 4-D (B, H, N, D) tensors: returns `(out, lse, saved)`.
 
@@ -77,6 +84,12 @@ def attention_forward(q, k, v, causal: bool, scale: float):
     if q.device.type == "cuda" and q.dtype == torch.float64:
         raise ValueError("the fast path has no float64 CUDA kernel; use implementation='readable' for float64 on CUDA")
     D = q.shape[-1]
+    if no_rows_or_keys(q, k):
+        # No query or no key: the CPU kernel divides by zero (SIGFPE) on such shapes. A row with
+        # no key gets out 0 and lse -inf, as everywhere in the package; nothing to save.
+        B, H, Nq, _ = q.shape
+        lse_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        return q.new_zeros(B, H, Nq, v.shape[-1]), q.new_full((B, H, Nq), -float("inf"), dtype=lse_dtype), ()
     width = _padded_width(D, head_dim_multiple(q))
     q, k, v = (_widen(_unit_last_stride(x), width) for x in (q, k, v))
     if q.device.type == "cuda":
@@ -110,6 +123,8 @@ def attention_backward(dout, q, k, v, out, saved, causal: bool, scale: float, dl
     docstring): normally the attention's own output. The mixture's backward passes the
     merged output instead, which folds the merge weights' gradient in for free.
     """
+    if no_rows_or_keys(q, k):  # the forward's empty case: no gradient flows anywhere
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dout = dout.to(q.dtype).contiguous()
     out = out.to(q.dtype).contiguous()
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
@@ -157,8 +172,10 @@ class FusedAttention(torch.autograd.Function):
 def fused_attention(q, k, v, *, causal: bool = False, scale: float | None = None):
     """Fused attention with its log-sum-exp: `(out (B, H, N, D), lse (B, H, N))`, differentiable in both."""
     check_qkv(q, k, v, same_length=False, causal=check_flag("causal", causal))  # causal: Nq = Nk
+    if q.shape[-1] == 0:  # D = 0: every score is 0; no kernel takes an empty head, the definition does
+        return dense_attention(q, k, v, causal=causal)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = softmax_scale(q.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return FusedAttention.apply(q, k, v, causal, float(scale))

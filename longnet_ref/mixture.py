@@ -87,6 +87,25 @@ _IMPLEMENTATIONS = {
 }
 
 
+def pick_implementation(q, implementation):
+    """The implementation to run: the one asked for, or "readable" for D = 0 (no kernel takes an empty head)."""
+    implementation = check_implementation(implementation)
+    return "readable" if q.shape[-1] == 0 else implementation
+
+
+def nothing_to_attend(q):
+    """B, H or N is 0: the result is empty, as scaled_dot_product_attention's."""
+    B, H, N, _ = q.shape
+    return B == 0 or H == 0 or N == 0
+
+
+def empty_result(q, k, v):
+    """(out, lse) for `nothing_to_attend` inputs: (B, H, N, D) and (B, H, N), no elements, in q, k, v's graph."""
+    out = q * 0 + (k.sum() + v.sum()) * 0  # (B, H, N, D), empty; q, k and v get (empty) gradients
+    lse = (q.sum(-1) * 0).to(torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
+    return out, lse
+
+
 def dilated_branch(
     q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper", implementation="fast"
 ):
@@ -110,7 +129,9 @@ def dilated_branch(
     check_flag("causal", causal)
     w, r = check_branch(segment_length, dilation_rate)
     check_head_offsets(head_offsets)
-    branch, _ = _IMPLEMENTATIONS[check_implementation(implementation)]
+    branch, _ = _IMPLEMENTATIONS[pick_implementation(q, implementation)]
+    if nothing_to_attend(q):
+        return empty_result(q, k, v)
     return branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets)
 
 
@@ -148,8 +169,10 @@ def dilated_attention(
         check_flag(name, flag)
     branches = check_branches(segment_lengths, dilation_rates)
     check_head_offsets(head_offsets)
-    branch, mixture = _IMPLEMENTATIONS[check_implementation(implementation)]
-    if mixture is not None and not detach_weights:
+    branch, mixture = _IMPLEMENTATIONS[pick_implementation(q, implementation)]
+    if nothing_to_attend(q):
+        out, lse = empty_result(q, k, v)
+    elif mixture is not None and not detach_weights:
         out, lse = mixture(q, k, v, branches, causal=causal, head_offsets=head_offsets)
     else:
         # detach_weights changes the backward only; with implementation="fast" the per-branch

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .attention import dense_attention
-from .checks import check_flag, check_qkv
+from .checks import check_branches, check_flag, check_head_offsets, check_qkv
 from .patterns import attention_pattern, pattern_rows
 
 
@@ -31,6 +31,10 @@ def oracle_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, 
     check_qkv(q, k, v)
     check_flag("causal", causal)
     B, H, N, D = q.shape
+    check_branches(segment_lengths, dilation_rates)
+    check_head_offsets(head_offsets)
+    if N == 0 or H == 0:  # nothing to attend: empty out and lse, as scaled_dot_product_attention
+        return dense_attention(q, k, v)
     counts = attention_pattern(N, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
     bias = torch.log(counts.to(device=q.device, dtype=q.dtype))  # (H, N, N); log 0 = -inf masks
     return dense_attention(q, k, v, bias=bias[None])  # bias broadcast over the batch

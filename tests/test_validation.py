@@ -169,3 +169,52 @@ def test_bad_merge_inputs_name_the_element(outs, lses, error, match):
 
     with pytest.raises(error, match=match):
         merge_branches(outs, lses)
+
+
+EMPTY_SHAPES = [(0, 2, 8, 4), (1, 0, 8, 4), (1, 2, 0, 4), (1, 2, 8, 0), (0, 0, 0, 0)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_inputs_give_empty_outputs_as_sdpa_does(shape, implementation, causal):
+    from longnet_ref import oracle_attention
+
+    q, k, v = (torch.zeros(shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out, lse = dilated_attention(q, k, v, [4, 8], [1, 2], causal=causal, implementation=implementation, return_lse=True)
+    assert out.shape == sdpa.shape and lse.shape == shape[:3]
+    ref, ref_lse = oracle_attention(q, k, v, [4, 8], [1, 2], causal=causal)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-14)  # the merge's logsumexp vs log of summed counts
+    if shape[3] == 0 and shape[2] > 0:  # D = 0: every score is 0, so lse is the log of each row's key count
+        from longnet_ref import attention_pattern
+
+        counts = attention_pattern(shape[2], [4, 8], [1, 2], shape[1], causal=causal).sum(-1)  # (H, N)
+        torch.testing.assert_close(lse[0], torch.log(counts.double()), rtol=0, atol=1e-14)
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert all(x.grad.shape == shape for x in (q, k, v))
+    branch_out, branch_lse = dilated_branch(q, k, v, 4, 2, causal=causal, implementation=implementation)
+    assert branch_out.shape == shape and branch_lse.shape == shape[:3]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_empty_inputs_to_dense_and_fused_attention(shape):
+    from longnet_ref import dense_attention, fused_attention
+
+    q = torch.zeros(shape, dtype=torch.float64)
+    for function in (dense_attention, fused_attention):
+        out, lse = function(q, q, q)
+        assert out.shape == shape and lse.shape == shape[:3]
+        if shape[3] == 0 and shape[2] > 0:
+            assert torch.allclose(lse, torch.full(shape[:3], float(shape[2]), dtype=torch.float64).log())
+    no_keys = torch.zeros(1, 2, 0, 4)
+    for function in (dense_attention, fused_attention):  # queries but no keys: out 0, lse -inf
+        out, lse = function(torch.ones(1, 2, 3, 4), no_keys, no_keys)
+        assert torch.equal(out, torch.zeros(1, 2, 3, 4)) and torch.equal(lse, torch.full((1, 2, 3), float("-inf")))
+
+
+def test_the_layer_takes_an_empty_sequence():
+    layer = MultiheadDilatedAttention(8, 2, [4, 8], [1, 2], causal=True)
+    assert layer(torch.zeros(3, 0, 8)).shape == (3, 0, 8)
+    assert layer(torch.zeros(0, 5, 8)).shape == (0, 5, 8)
