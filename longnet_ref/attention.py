@@ -31,6 +31,12 @@ def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
     return j <= i
 
 
+def lse_dtype(q):
+    """The dtype log-sum-exps are handed out in: float32 for half-precision q (as the fused kernels
+    return them), else q's own."""
+    return torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+
+
 def softmax_scale(head_dim):
     """1/sqrt(D), the scale of the scores; 1 for D = 0, where every score is an empty sum, 0, at any scale."""
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0

@@ -82,8 +82,14 @@ def scatter(rows, dilation_rate, offsets, seq_len, fill=0.0):
     return full.view(B, H, S * K * R, *extra), K * R  # caller trims each segment to W
 
 
+READABLE_ACCUMULATION = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
+
+
 def readable_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper"):
-    """One branch (validated inputs), step by step with dense attention: `(out, lse)`; see `mixture.dilated_branch`."""
+    """One branch (validated inputs), step by step with dense attention: `(out, lse)`; see `mixture.dilated_branch`.
+
+    out is in q's dtype; lse one precision up (`READABLE_ACCUMULATION`), for the merge.
+    """
     B, H, N, D = q.shape
     W = min(segment_length, N)  # w >= N: the whole sequence is one segment
     R = dilation_rate
@@ -98,12 +104,16 @@ def readable_branch(q, k, v, segment_length, dilation_rate, *, causal=False, hea
     # Attend (Eq. 5): every segment of every head is an independent attention over K rows,
     # so fold S into the head axis. Padding keys are masked with -inf; rows stay in position
     # order, so causal is the usual lower-triangular mask in K.
-    bias = torch.zeros(H, S, 1, K, dtype=q.dtype, device=q.device)
+    # Attend one precision up (half -> float32, float32 -> float64): the merge (Eq. 10) weighs
+    # branches by exp(lse_i - lse), and at large scores an lse rounded to q's dtype would make
+    # those weights, and the output, less exact than PyTorch's own attention in that dtype.
+    acc = READABLE_ACCUMULATION.get(q.dtype, q.dtype)
+    bias = torch.zeros(H, S, 1, K, dtype=acc, device=q.device)
     bias = bias.masked_fill(~kept[:, :, None, :], -math.inf).view(1, H * S, 1, K)
     out, lse = dense_attention(
-        qs.reshape(B, H * S, K, D), ks.reshape(B, H * S, K, D), vs.reshape(B, H * S, K, D), causal=causal, bias=bias
-    )  # out (B, H*S, K, D), lse (B, H*S, K)
-    out = out.view(B, H, S, K, D).masked_fill(~kept[..., None], 0.0)
+        *(x.reshape(B, H * S, K, D).to(acc) for x in (qs, ks, vs)), causal=causal, bias=bias
+    )  # out (B, H*S, K, D), lse (B, H*S, K): in acc
+    out = out.to(q.dtype).view(B, H, S, K, D).masked_fill(~kept[..., None], 0.0)
     lse = lse.view(B, H, S, K).masked_fill(~kept, -math.inf)
 
     # Scatter (Eqs. 6-8): kept rows back to their positions; rows this branch skips get

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import softmax_scale
+from .attention import lse_dtype, softmax_scale
 from .kernels import attention_backward, attention_forward, fused_attention
 from .patterns import head_groups
 
@@ -113,18 +113,13 @@ def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_of
     """One branch (validated inputs), differentiable in out and lse; see `mixture.dilated_branch`."""
     B, H, N, D = q.shape
     out = q.new_zeros(B, H, N, D)
-    lse = torch.full((B, H, N), -math.inf, dtype=_lse_dtype(q), device=q.device)
+    lse = torch.full((B, H, N), -math.inf, dtype=lse_dtype(q), device=q.device)
     for piece in branch_pieces(N, H, segment_length, dilation_rate, head_offsets):
         axis = fold_axes(piece.view(q))
         out_p, lse_p = fused_attention(*(fold(piece.view(x), axis) for x in (q, k, v)), causal=causal)
         piece.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 6-8 (autograd records the copy)
         piece.view(lse).copy_(unfold(lse_p, axis, B))
     return out, lse
-
-
-def _lse_dtype(q):
-    # The kernels return float32 log-sum-exps for half inputs; accumulate in that precision.
-    return torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
 
 
 @dataclass(frozen=True)
@@ -163,7 +158,7 @@ class RunningMerge(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         B, H, N, D = q.shape
         scale = softmax_scale(D)
-        acc = _lse_dtype(q)
+        acc = lse_dtype(q)
         sources = [(k, v), *((x[0], x[1]) for x in kv)]
         out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)  # running merged output
         lse = torch.full((B, H, N), -math.inf, dtype=acc, device=q.device)  # running merged LSE
@@ -191,7 +186,7 @@ class RunningMerge(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         kv, flat = rest[: ctx.num_kv], rest[ctx.num_kv :]
-        acc = _lse_dtype(q)
+        acc = lse_dtype(q)
         sources = [(k, v), *((x[0], x[1]) for x in kv)]
         dq, dk, dv = (torch.zeros_like(x, dtype=acc) for x in (q, k, v))
         dkv = [torch.zeros_like(x, dtype=acc) for x in kv]

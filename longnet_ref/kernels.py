@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .attention import dense_attention, softmax_scale
+from .attention import dense_attention, lse_dtype, softmax_scale
 from .checks import check_flag, check_qkv
 
 
@@ -88,8 +88,7 @@ def attention_forward(q, k, v, causal: bool, scale: float):
         # No query or no key: the CPU kernel divides by zero (SIGFPE) on such shapes. A row with
         # no key gets out 0 and lse -inf, as everywhere in the package; nothing to save.
         B, H, Nq, _ = q.shape
-        lse_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        return q.new_zeros(B, H, Nq, v.shape[-1]), q.new_full((B, H, Nq), -float("inf"), dtype=lse_dtype), ()
+        return q.new_zeros(B, H, Nq, v.shape[-1]), q.new_full((B, H, Nq), -float("inf"), dtype=lse_dtype(q)), ()
     width = _padded_width(D, head_dim_multiple(q))
     q, k, v = (_widen(_unit_last_stride(x), width) for x in (q, k, v))
     if q.device.type == "cuda":

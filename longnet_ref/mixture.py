@@ -21,8 +21,11 @@ Letters: the package legend (`longnet_ref/__init__.py`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .attention import lse_dtype
 from .checks import check_branch, check_branches, check_flag, check_head_offsets, check_implementation, check_qkv
 from .dilated import readable_branch
 from .fast import fast_branch, fast_dilated_attention
@@ -67,16 +70,25 @@ def merge_branches(outs, lses, *, detach_weights=False):
                 f"outs[{i}] and lses[{i}] must be on {outs[0].device}, got {out_i.device} and {lse_i.device}"
             )
 
-    lse = torch.stack(list(lses))  # (n_branches, B, H, N)
-    merged_lse = torch.logsumexp(lse, dim=0)  # (B, H, N); -inf where no branch covers the row
-    # alpha_i = exp(lse_i - merged_lse). Where every branch is -inf, -inf - -inf would be NaN:
-    # subtract 0 there instead, which gives alpha = 0 for every branch and out = 0.
-    safe = torch.where(torch.isfinite(merged_lse), merged_lse, torch.zeros_like(merged_lse))
-    alpha = torch.exp(lse - safe)  # (n_branches, B, H, N), sums to 1 over branches on covered rows
+    # The merge runs in at least float32: half-precision lses and weights would round the
+    # weights of branches whose lses differ by a few units in the last place.
+    acc = torch.promote_types(torch.promote_types(outs[0].dtype, lses[0].dtype), torch.float32)
+    lse = torch.stack(list(lses)).to(acc)  # (n_branches, B, H, N)
+    # Like dense_attention's softmax: subtract each row's largest lse (0 where every branch is
+    # -inf, so exp gives 0, not NaN) and guard the log, so that a row no branch covers gets out
+    # 0, lse -inf and gradient 0, never NaN (logsumexp's gradient there would be 0/0).
+    top = lse.detach().amax(dim=0)  # (B, H, N); a stabiliser only: the results do not depend on it
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(lse - top)  # (n_branches, B, H, N): exp(lse_i - top), 0 for -inf
+    total = weights.sum(dim=0)  # (B, H, N)
+    covered = total > 0
+    safe_total = torch.where(covered, total, torch.ones_like(total))
+    merged_lse = torch.where(covered, torch.log(safe_total) + top, -math.inf)  # (B, H, N)
+    alpha = weights / safe_total  # (n_branches, B, H, N): exp(lse_i - merged_lse), sums to 1 where covered
     if detach_weights:
         alpha = alpha.detach()
-    out = sum(alpha_i.unsqueeze(-1).to(out_i.dtype) * out_i for alpha_i, out_i in zip(alpha, outs))  # (B, H, N, D)
-    return out, merged_lse
+    out = sum(alpha_i.unsqueeze(-1) * out_i.to(acc) for alpha_i, out_i in zip(alpha, outs))  # (B, H, N, D)
+    return out.to(outs[0].dtype), merged_lse.to(lses[0].dtype)
 
 
 # The one place where the implementation is chosen: name -> (one branch, the mixture). Both
@@ -102,7 +114,7 @@ def nothing_to_attend(q):
 def empty_result(q, k, v):
     """(out, lse) for `nothing_to_attend` inputs: (B, H, N, D) and (B, H, N), no elements, in q, k, v's graph."""
     out = q * 0 + (k.sum() + v.sum()) * 0  # (B, H, N, D), empty; q, k and v get (empty) gradients
-    lse = (q.sum(-1) * 0).to(torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
+    lse = (q.sum(-1) * 0).to(lse_dtype(q))
     return out, lse
 
 
@@ -132,7 +144,8 @@ def dilated_branch(
     branch, _ = _IMPLEMENTATIONS[pick_implementation(q, implementation)]
     if nothing_to_attend(q):
         return empty_result(q, k, v)
-    return branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets)
+    out, lse = branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets)
+    return out, lse.to(lse_dtype(q))
 
 
 def dilated_attention(
@@ -181,4 +194,4 @@ def dilated_attention(
         out, lse = merge_branches(
             [out_i for out_i, _ in results], [lse_i for _, lse_i in results], detach_weights=detach_weights
         )
-    return (out, lse) if return_lse else out
+    return (out, lse.to(lse_dtype(q))) if return_lse else out

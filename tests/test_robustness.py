@@ -68,3 +68,45 @@ def test_bf16_fast_backward_is_finite():
     dilated_attention(q, k, v, WS, RS, causal=True).float().sum().backward()
     for x in (q, k, v):
         assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+
+
+def same_dtype_reference_error(q, k, v, ws, rs, causal):
+    """Errors against float64 of: SDPA with the oracle's log c mask in the inputs' dtype, and a function."""
+    import torch.nn.functional as F
+
+    from longnet_ref import attention_pattern, oracle_attention
+
+    exact, _ = oracle_attention(*(x.double() for x in (q, k, v)), ws, rs, causal=causal)
+    counts = attention_pattern(q.shape[2], ws, rs, q.shape[1], causal=causal)
+    mask = torch.log(counts.to(torch.float32)).to(q.dtype)[None]
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return (reference.double() - exact).abs().max().item(), lambda out: (out.double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 1e2, 1e3, 1e4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_readable_error_is_within_twice_a_same_dtype_reference(dtype, scale, causal):
+    """flash-attn's rule, forward: at most 2x the error of PyTorch's own attention in the same dtype."""
+    generator = torch.Generator().manual_seed(int(scale) + causal)
+    q, k, v = (torch.randn(1, 4, 96, 16, generator=generator) for _ in range(3))
+    q, k, v = ((q * scale / 4).to(dtype), k.to(dtype), v.to(dtype))
+    reference, error = same_dtype_reference_error(q, k, v, WS[:2] + [96], RS, causal)
+    out, lse = dilated_attention(q, k, v, WS[:2] + [96], RS, causal=causal, implementation="readable", return_lse=True)
+    assert torch.isfinite(out).all() and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert error(out) <= 2 * reference + 1e-6, (error(out), reference)
+
+
+def test_a_row_no_branch_covers_has_zero_gradient_not_nan():
+    from longnet_ref import merge_branches
+
+    outs = [torch.randn(1, 1, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    lses = [torch.tensor([[[0.5, -torch.inf, 1.0]]], dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    lses[1].data[0, 0, 2] = -torch.inf
+    out, lse = merge_branches(outs, lses)
+    assert torch.equal(out[0, 0, 1], torch.zeros(2)) and lse[0, 0, 1] == -torch.inf
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    for x in (*outs, *lses):
+        assert torch.isfinite(x.grad).all()
+    assert lses[0].grad[0, 0, 1] == 0 and lses[1].grad[0, 0, 1] == 0
+    assert lses[0].grad[0, 0, 2] == 1 and lses[1].grad[0, 0, 2] == 0  # the only branch there takes it all

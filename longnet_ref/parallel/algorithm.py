@@ -49,8 +49,8 @@ import math
 
 import torch
 
+from ..attention import lse_dtype
 from ..checks import check_flag, check_head_offsets, check_qkv
-from ..fast import _lse_dtype
 from ..kernels import fused_attention
 from ..mixture import dilated_branch, merge_branches
 from ..patterns import head_groups
@@ -163,7 +163,7 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
 
     # 3. Attend, one head group at a time, block by block.
     out = q.new_zeros(B, H, l, D)
-    lse = torch.full((B, H, l), -math.inf, dtype=_lse_dtype(q), device=q.device)
+    lse = torch.full((B, H, l), -math.inf, dtype=lse_dtype(q), device=q.device)
     for offset, heads in groups:
         first, count = kept_run(me * l, l, r, offset)
         if count == 0:  # r > l: this chunk may hold no row of this offset
