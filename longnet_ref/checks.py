@@ -91,6 +91,8 @@ def check_tensor(name: str, x) -> torch.Tensor:
         raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: it has a shape but no values to attend")
     return x
 
 

@@ -119,8 +119,14 @@ def test_zero_new_tokens_returns_the_prompt():
         (dict(prompt=torch.zeros(1, 0, dtype=torch.long)), "prompt"),
         (dict(max_new_tokens=-1), "max_new_tokens"),
         (dict(max_new_tokens=2.5), "max_new_tokens"),
-        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=-1.0), r"temperature must be a number >= 0 \(0: greedy\), got -1.0"),
+        (dict(temperature=float("nan")), r"temperature must be a number >= 0 \(0: greedy\), got nan"),
+        (dict(temperature=float("inf")), r"temperature must be finite, got inf"),
+        (dict(temperature="hot"), r"temperature must be a number >= 0 \(0: greedy\), got 'hot'"),
         (dict(top_k=0), "top_k"),
+        (dict(prompt=torch.tensor([[1, 256]])), r"prompt must be ids in \[0, 256\), got \[256\]"),
+        (dict(prompt=torch.tensor([[-1, 3]])), r"prompt must be ids in \[0, 256\), got \[-1\]"),
+        (dict(prompt=torch.ones(1, 2)), r"prompt must hold integer token ids, got dtype torch.float32"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -128,3 +134,32 @@ def test_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(tiny_lm("dense"), args.pop("prompt"), args.pop("max_new_tokens"), **args)
+
+
+def test_a_tiny_temperature_samples_greedily_instead_of_failing():
+    model = tiny_lm("dense")
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    greedy = generate(model, prompt, 4, temperature=0)
+    for temperature in (1e-40, 1e-300):
+        assert torch.equal(generate(model, prompt, 4, temperature=temperature, generator=torch.Generator()), greedy)
+
+
+@pytest.mark.parametrize(
+    "idx, match",
+    [
+        (torch.tensor([[0, 300]]), r"idx must be ids in \[0, 256\), got \[300\]"),
+        (torch.zeros(4, dtype=torch.long), r"idx must be a \(B, N\) tensor of token ids, got \(4,\)"),
+        (torch.zeros(1, 3, dtype=torch.bool), "idx must hold integer token ids, got dtype torch.bool"),
+    ],
+)
+def test_the_model_names_bad_tokens(idx, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_lm("dense")(idx)
+
+
+def test_the_model_checks_targets_but_ignores_minus_100():
+    model = tiny_lm("dense")
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    model(idx, torch.tensor([[1, -100, 2, -100]]))
+    with pytest.raises(ValueError, match=r"targets must be ids in \[0, 256\), got \[999\]"):
+        model(idx, torch.tensor([[1, 999, 2, 3]]))

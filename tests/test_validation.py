@@ -51,7 +51,7 @@ def test_bad_single_branch():
             r"v has dtype torch.float64 but q has dtype torch.float32",
         ),
         ((q.long(), k.long(), v.long()), r"q must be a floating-point tensor, got dtype torch.int64"),
-        ((q, k, torch.zeros(1, 2, 8, 4, device="meta")), r"v is on device meta but q is on device cpu"),
+        ((q, k, torch.zeros(1, 2, 8, 4, device="meta")), r"v is on the meta device: it has a shape but no values"),
     ],
 )
 def test_bad_tensors(args, match):
@@ -218,3 +218,9 @@ def test_the_layer_takes_an_empty_sequence():
     layer = MultiheadDilatedAttention(8, 2, [4, 8], [1, 2], causal=True)
     assert layer(torch.zeros(3, 0, 8)).shape == (3, 0, 8)
     assert layer(torch.zeros(0, 5, 8)).shape == (0, 5, 8)
+
+
+def test_meta_tensors_are_refused_by_name():
+    meta = torch.zeros(1, 2, 8, 4, device="meta")
+    with pytest.raises(ValueError, match="q is on the meta device: it has a shape but no values"):
+        dilated_attention(meta, meta, meta, [4], [1])

@@ -29,6 +29,7 @@ import torch
 from ..attention import dense_attention
 from ..mixture import dilated_attention, merge_branches
 from ..patterns import head_offset, keeps
+from .model import check_tokens
 
 
 class KVCache:
@@ -111,12 +112,15 @@ def generate(model, prompt, max_new_tokens, *, temperature=1.0, top_k=None, gene
     (B, T + max_new_tokens - 1, V) that produced every position after the first (the
     prompt's from the prefill forward, then one per decoding step).
     """
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
+    check_tokens("prompt", prompt, model.config.vocab_size)
+    if prompt.shape[1] == 0:
         raise ValueError(f"prompt must be (B, T) token ids with T >= 1, got shape {tuple(prompt.shape)}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
     was_training = model.training
@@ -142,7 +146,11 @@ def sample(logits, temperature, top_k, generator=None):
     """logits (B, V) -> next tokens (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # Subtract the row maximum, then divide in float64 (which holds any positive Python float):
+    # the largest logit becomes 0 / T = 0 and the others -large or -inf, so even temperature
+    # 1e-300 samples greedily instead of producing inf - inf = NaN.
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)

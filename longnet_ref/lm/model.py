@@ -146,6 +146,19 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
+def check_tokens(name, tokens, vocab_size, ignore=None):
+    """tokens: a (B, N) integer tensor of ids in [0, vocab_size) (or `ignore`); else a ValueError naming them."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{name} must be a (B, N) tensor of token ids, got {shape}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    ids = tokens if ignore is None else tokens[tokens != ignore]
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(f"{name} must be ids in [0, {vocab_size}), got {bad[:5].tolist()} among them")
+
+
 class LongNetLM(nn.Module):
     """Decoder-only byte-level LM with dilated (or dense, or local) attention."""
 
@@ -178,8 +191,11 @@ class LongNetLM(nn.Module):
         Targets equal to -100 are ignored (the recall task scores only its answers).
         `attend` is forwarded to every block; `generate.KVCache` uses it.
         """
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (B, N) token ids, got shape {tuple(idx.shape)}")
+        check_tokens("idx", idx, self.config.vocab_size)
+        if targets is not None:
+            check_tokens("targets", targets, self.config.vocab_size, ignore=-100)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
         x = self.embed(idx)  # (B, N, E)
         for i, block in enumerate(self.blocks):
             x = block(x, None if attend is None else lambda attn, hidden, i=i: attend(i, attn, hidden))
