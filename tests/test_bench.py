@@ -111,3 +111,37 @@ def test_kernel_floor_computes_each_branch_against_the_oracle(causal, backward):
     assert rows[..., 0].tolist() == [[[0, 2], [9, 11]], [[4, 6], [13, 15]]]
     with pytest.raises(ValueError, match="N % w == 0 and w % r == 0"):
         floor_rows(x, 3, 1)
+
+
+def test_an_interrupted_sweep_leaves_the_committed_csv_whole(tmp_path, monkeypatch):
+    import argparse
+
+    import longnet_ref.analysis.viz as viz
+    from longnet_ref.bench.__main__ import run_sweep
+
+    monkeypatch.setattr(viz, "figures_dir", lambda: tmp_path)
+    committed = "path,N\nfast,1024\n" * 50
+    (tmp_path / "bench.csv").write_text(committed)
+    args = argparse.Namespace(min_log2=10, max_log2=11, heads=2, repeats=3, readable_max_n=2**10,
+                              dense_limit=1e9, csv="bench")  # fmt: skip
+
+    def measured(cfgs):  # a stand-in for a measurement: one result per configuration
+        return [dict(cfgs[0], seconds=1.0, gflops=1.0, max_error=0.0, peak_rss_mb=1.0, ideal_flop_ratio=1.0)]
+
+    calls = []
+
+    def interrupted_after_three(cfgs):  # Ctrl-C during the fourth measurement
+        calls.append(cfgs)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return measured(cfgs)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(args, interrupted_after_three, lambda result: None)
+    assert (tmp_path / "bench.csv").read_text() == committed  # untouched
+    partial = (tmp_path / "bench.partial.csv").read_text().splitlines()
+    assert len(partial) == 1 + 3  # the header and what was measured, beside it
+
+    results = run_sweep(args, measured, lambda result: None)  # a complete sweep
+    assert not (tmp_path / "bench.partial.csv").exists()  # it replaced bench.csv
+    assert len((tmp_path / "bench.csv").read_text().splitlines()) == 1 + len(results)

@@ -39,7 +39,7 @@ import torch
 
 from ..patterns import geometric_mixture
 from .measure import attention_flops, describe, ideal_flop_ratio, measure, tolerance
-from .report import read_csv, scaling_line, write_csv, write_outputs
+from .report import finish_csv, read_csv, scaling_line, write_csv, write_outputs
 
 W0, RATIO = 2048, 2  # every timed mixture: geometric_mixture(W0, RATIO, seq_len=N)
 
@@ -80,7 +80,9 @@ def run_sweep(args, run, log):
                     results.append(result)
                     log(result)
                     if args.csv:
-                        write_csv(results, args.csv)
+                        write_csv(results, args.csv, partial=True)  # figures/<csv>.csv stays as it was
+    if args.csv:
+        finish_csv(args.csv)  # complete: the new results replace the old in one rename
     return results
 
 

@@ -1,7 +1,9 @@
 """What `python -m longnet_ref.bench` writes: the sweep's CSV, its table and its plot.
 
-`figures/bench.csv` holds one row per configuration (rewritten after every result, so an
-interrupted sweep keeps what it measured); `write_outputs` draws `figures/bench.png` from it and
+`figures/bench.csv` holds one row per configuration. A sweep writes `figures/bench.partial.csv`
+beside it after every result (an interrupted sweep keeps what it measured there) and replaces
+`bench.csv` with it only when the sweep is complete (`finish_csv`), so the committed results
+are never cut short; every write is atomic (`files.write_atomic`). `write_outputs` draws `figures/bench.png` from it and
 writes `figures/bench_table.md`, which it pastes into the README between its markers
 (`analysis.results`). `python -m longnet_ref.bench --replot` redoes both from the CSV.
 """
@@ -9,23 +11,35 @@ writes `figures/bench_table.md`, which it pastes into the README between its mar
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
+
+from ..files import write_atomic
 
 CSV_KEYS = ["path", "N", "B", "H", "D", "causal", "backward", "seconds", "gflops", "ideal_flop_ratio",
             "matmul_gflops", "max_error", "peak_rss_mb", "extrapolated", "threads"]  # fmt: skip
 
 
-def write_csv(results, name):
-    """figures/<name>.csv, one row per configuration (the sweep rewrites it after every result)."""
+def write_csv(results, name, *, partial=False):
+    """figures/<name>.csv (or <name>.partial.csv while a sweep runs), one row per configuration, atomically."""
     from ..analysis.viz import figures_dir  # here: the timing workers need no matplotlib
 
-    csv_path = figures_dir() / f"{name}.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
-        writer.writeheader()
-        for result in results:
-            writer.writerow(result)
-    return csv_path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_KEYS, extrasaction="ignore")
+    writer.writeheader()
+    for result in results:
+        writer.writerow(result)
+    return write_atomic(figures_dir() / f"{name}{'.partial' if partial else ''}.csv", text.getvalue())
+
+
+def finish_csv(name):
+    """A complete sweep: figures/<name>.partial.csv replaces figures/<name>.csv in one rename."""
+    from ..analysis.viz import figures_dir
+
+    folder = figures_dir()
+    os.replace(folder / f"{name}.partial.csv", folder / f"{name}.csv")
+    return folder / f"{name}.csv"
 
 
 def read_csv(name):
