@@ -110,3 +110,21 @@ def test_a_row_no_branch_covers_has_zero_gradient_not_nan():
         assert torch.isfinite(x.grad).all()
     assert lses[0].grad[0, 0, 1] == 0 and lses[1].grad[0, 0, 1] == 0
     assert lses[0].grad[0, 0, 2] == 1 and lses[1].grad[0, 0, 2] == 0  # the only branch there takes it all
+
+
+FAST_WITHIN_TWICE = {torch.float32: 1e2, torch.bfloat16: 1e4, torch.float16: 1e3}  # the README's Guarantees
+
+
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(dtype, scale) for dtype, top in FAST_WITHIN_TWICE.items() for scale in (1.0, 1e2, 1e3, 1e4) if scale <= top],
+    ids=str,
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_error_is_within_twice_a_same_dtype_reference_where_the_readme_says(dtype, scale, causal):
+    generator = torch.Generator().manual_seed(int(scale) + causal)
+    q, k, v = (torch.randn(1, 4, 96, 16, generator=generator) for _ in range(3))
+    q, k, v = ((q * scale / 4).to(dtype), k.to(dtype), v.to(dtype))
+    reference, error = same_dtype_reference_error(q, k, v, WS[:2] + [96], RS, causal)
+    out = dilated_attention(q, k, v, WS[:2] + [96], RS, causal=causal, implementation="fast")
+    assert error(out) <= 2 * reference + 1e-6, (error(out), reference)
