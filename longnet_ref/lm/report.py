@@ -141,13 +141,13 @@ def plot_recall(results, buckets, local_window, seq_len):
     for result in results.values():
         config = TrainConfig(**result["stages"][-1]["train_config"])
         accuracy = result["test"]["accuracy"]
-        label = f"{config.attention}: {recall_branches(config)}"
+        label = "dense" if config.attention == "dense" else f"{config.attention}: {recall_branches(config)}"
         ax.plot(middles, [accuracy[bucket] for bucket in buckets], "o-", label=label)
     ax.axhline(1 / 8, color="gray", ls=":", label="chance (1/8)")
     ax.axhline(0.9, color="gray", ls="-", lw=0.5, label="target 0.90")
     ax.axvline(local_window, color="gray", ls="--", lw=0.8, label=f"local window ({local_window})")
     ax.set_xscale("log")
-    ax.set_xticks(middles, [bucket.removeprefix("d=") for bucket in buckets], fontsize=7)
+    ax.set_xticks(middles, [bucket.removeprefix("d=") for bucket in buckets], fontsize=7, rotation=30, ha="right")
     ax.minorticks_off()
     ax.set(xlabel="distance from the needle (bucket, bytes)", ylabel="recall accuracy", ylim=(-0.03, 1.03))
     ax.set_title(f"Key-value recall, tested at N = {seq_len}")
@@ -175,7 +175,8 @@ def report_recall(runs, names, local_window, seq_len):
         accuracy = result["test"]["accuracy"]
         rows.append([config.attention, f"{cpu[config.attention]:.0f}"] + [f"{accuracy[b]:.2f}" for b in buckets])
         stages = " + ".join(f"{m['train_config']['seq_len']}x{m['train_config']['steps']}" for m in result["stages"])
-        notes.append(f"- {config.attention}: {recall_branches(config)} at {seq_len}; stages (length x steps) {stages}")
+        branches = "dense attention" if config.attention == "dense" else f"branches {recall_branches(config)}"
+        notes.append(f"- {config.attention}: {branches} at {seq_len}; stages (length x steps) {stages}")
     if "dense" in cpu and "dilated" in cpu:
         notes.append(f"- dilated / dense train CPU seconds: {cpu['dilated'] / cpu['dense']:.2f}")
     plot_recall(results, buckets, local_window, seq_len)
