@@ -135,3 +135,35 @@ def test_bad_val_fraction(library, val_fraction):
 def test_missing_root(tmp_path):
     with pytest.raises(ValueError, match="root"):
         stdlib_files(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda data: random_windows(data.float(), 16, 2), TypeError, r"data must be a 1-D torch.uint8 tensor"),
+        (lambda data: random_windows(list(data), 16, 2), TypeError, r"data must be .*, got list"),
+        (lambda data: eval_windows(data.view(10, -1), 16, 64), TypeError, r"got torch.uint8 tensor of shape \(10,"),
+        (lambda data: recall_batch(1, 64, distances="abc", num_pairs=2, queries_per_pair=2), TypeError,
+         r"distances must be None or a list of ints, got 'abc'"),
+    ],
+)  # fmt: skip
+def test_bad_data_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randint(0, 256, (1000,), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sequences_per_bucket=0), r"sequences_per_bucket must be a positive integer, got 0"),
+        (dict(buckets=[(5, 1)]), r"buckets\[0\] must be a pair \(a, b\) of ints with 1 <= a <= b <= seq_len - 2 = 254"),
+        (dict(buckets=[(1, 4), (1, 1000)]), r"buckets\[1\] must be a pair .*got \(1, 1000\)"),
+    ],
+)
+def test_bad_recall_eval_sets_are_named(kwargs, match):
+    from longnet_ref.lm.evaluate import recall_eval_set
+
+    args = dict(seq_len=256, sequences_per_bucket=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        recall_eval_set(**args)

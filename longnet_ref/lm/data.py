@@ -69,8 +69,21 @@ def load_corpus(root=None, val_fraction: float = 0.05) -> dict[str, torch.Tensor
     return corpus
 
 
+def check_bytes(data):
+    """data: a 1-D uint8 tensor of bytes (what `load_corpus` returns); else a TypeError naming it."""
+    if not isinstance(data, torch.Tensor) or data.dim() != 1 or data.dtype != torch.uint8:
+        what = (
+            f"{data.dtype} tensor of shape {tuple(data.shape)}"
+            if isinstance(data, torch.Tensor)
+            else type(data).__name__
+        )
+        raise TypeError(f"data must be a 1-D torch.uint8 tensor of bytes (load_corpus()), got {what}")
+    return data
+
+
 def random_windows(data, seq_len, batch_size, generator=None):
     """A training batch: random windows of the byte stream, inputs (B, N) and next-byte targets (B, N)."""
+    check_bytes(data)
     N, B = as_positive_int("seq_len", seq_len), as_positive_int("batch_size", batch_size)
     if data.numel() < N + 1:
         raise ValueError(f"seq_len {N} needs at least {N + 1} bytes of data, got {data.numel()}")
@@ -86,6 +99,7 @@ def eval_windows(data, seq_len, num_bytes):
     Cutting the same bytes into windows of different lengths makes bits per byte comparable
     across test lengths: only the context each byte gets changes, not the bytes scored.
     """
+    check_bytes(data)
     N, total = as_positive_int("seq_len", seq_len), as_positive_int("num_bytes", num_bytes)
     if total % N:
         raise ValueError(f"num_bytes {total} is not a multiple of seq_len {N}")
@@ -127,6 +141,12 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
             f"num_pairs {num_pairs} x queries_per_pair {per_pair} must fit in half of seq_len {N} "
             f"(and num_pairs <= {NUM_KEYS})"
         )
+    if distances is not None and (
+        isinstance(distances, (str, bytes))
+        or not hasattr(distances, "__iter__")
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in distances)
+    ):
+        raise TypeError(f"distances must be None or a list of ints, got {distances!r}")
     if distances is not None and (len(set(distances)) < per_pair or min(distances) < 1 or max(distances) > N - 2):
         raise ValueError(
             f"distances must hold at least queries_per_pair = {per_pair} different values in "

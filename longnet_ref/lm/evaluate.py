@@ -33,6 +33,7 @@ def bits_per_byte(model, data, seq_len, num_bytes, *, batch_size=8, device="cpu"
     average, which is how a longer test length can help (Table 2). `by_position=True` also
     returns the mean over windows at each position (N,): how the loss changes with context.
     """
+    batch_size = as_positive_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
     x, y = eval_windows(data, seq_len, num_bytes)  # (M, N) each
@@ -83,7 +84,18 @@ def recall_eval_set(seq_len, sequences_per_bucket, buckets=None, *, num_pairs=4,
     multiples of r would flatter dilated attention, a uniform draw does not.
     """
     N = as_positive_int("seq_len", seq_len)
+    as_positive_int("sequences_per_bucket", sequences_per_bucket)
     buckets = recall_buckets(N) if buckets is None else list(buckets)
+    for i, bucket in enumerate(buckets):
+        if not (
+            isinstance(bucket, (tuple, list))
+            and len(bucket) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in bucket)
+            and 1 <= bucket[0] <= bucket[1] <= N - 2
+        ):
+            raise ValueError(
+                f"buckets[{i}] must be a pair (a, b) of ints with 1 <= a <= b <= seq_len - 2 = {N - 2}, got {bucket!r}"
+            )
     generator = torch.Generator().manual_seed(seed)
     parts = []
     for a, b in buckets:
@@ -104,6 +116,7 @@ def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu", buckets=None
     buckets: [(a, b), ...]; a query at distance d counts in the bucket with a <= d <= b (queries
     in no bucket are not counted). None: one entry per distance, named "d=d-d".
     """
+    batch_size = as_positive_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
     x, y, dist = eval_set
