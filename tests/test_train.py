@@ -159,7 +159,7 @@ def test_missing_checkpoint_in_the_library_call(tmp_path):
 
 
 def test_the_library_call_makes_the_checks_main_relies_on(tmp_path):
-    """`train` and `main` share one set of checks (TrainConfig's and `check_run`'s), made before any work."""
+    """`train` and `main` share one set of checks (TrainConfig's and `preflight.check_run`'s), made before any work."""
     with pytest.raises(ValueError, match="--pause-at must be a positive step, got 0"):
         train(tiny(), tmp_path / "run", pause_at=0)
     with pytest.raises(ValueError, match="--init-from checkpoint .*missing.pt' does not exist"):

@@ -9,10 +9,11 @@ dropout, data), so the resumed loss curve is the uninterrupted one (a test check
 `--pause-at STEP` stops after STEP with a checkpoint, as a time limit would. What a checkpoint
 holds, and `load_checkpoint` to rebuild a model from one, are in checkpoint.py.
 
-A run, top to bottom: `check_run` (the checks beyond `config.TrainConfig`'s own), `start_run` (the
+A run, top to bottom: `preflight.check_run` (the checks beyond `config.TrainConfig`'s own), `start_run` (the
 folder, `build_model`, the data, the checkpoint restored), then `run_loop`: `train_step` on
 `draw_batch` until the stop, `evaluate` and `save` every `--eval-every` steps. `train` is the
-two calls; `main` is the same two calls with their errors shown as usage errors.
+two calls; `main` is the same two calls with their errors shown as usage errors. SIGINT and
+SIGTERM stop a run between steps with a checkpoint (interrupt.py).
 
 Presets: "cpu" (the default, about 10 minutes on an unloaded 2-core CPU), "gpu" (a Colab GPU,
 about 15 minutes), "tiny" (seconds; tests and CI). Explicit flags override the preset.
@@ -21,13 +22,9 @@ about 15 minutes), "tiny" (seconds; tests and CI). Explicit flags override the p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import signal
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,21 +33,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..files import write_atomic
-from .checkpoint import read_checkpoint, restore_run, rng_states, save_checkpoint
-from .config import PRESETS, RESUME_FIELDS, TASKS, TrainConfig
+from .checkpoint import restore_run, rng_states, save_checkpoint
+from .config import PRESETS, TASKS, TrainConfig
 from .data import load_corpus, random_windows, recall_batch
 from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_buckets, recall_eval_set
+from .interrupt import Interrupted, stop_at_step_boundary
 from .model import ATTENTION_KINDS, LongNetLM
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
+from .preflight import check_run
 
 
 def learning_rate(config, step):
@@ -59,60 +48,6 @@ def learning_rate(config, step):
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def check_out(out, *, resume=None, overwrite=False):
-    """`out` can take this run: it holds no other run (unless resumed or `overwrite`), and it is writable."""
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
-    held = [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
-    if held and resume is None and not overwrite:
-        raise ValueError(
-            f"--out {str(out)!r} already holds a run ({', '.join(held)}): pass --resume "
-            f"{str(out / 'checkpoint.pt')!r} to continue it, or --overwrite to replace it"
-        )
-    try:  # found now, not at the first save an hour later
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ValueError(f"--out {str(out)!r} is not writable: {error.strerror or error}") from error
-    return out
-
-
-def check_run(config, out=None, *, resume=None, init_from=None, pause_at=None, overwrite=False):
-    """The checks of a run beyond its config's own (`TrainConfig` checks every field); errors name the flag.
-
-    Reads the checkpoints it is given and returns `(device, resume checkpoint, init_from
-    checkpoint)`, each None when not asked for; checks `out` with `check_out` when given.
-    `main` relies on these checks alone.
-    """
-    if pause_at is not None and (isinstance(pause_at, bool) or not isinstance(pause_at, int) or pause_at < 1):
-        raise ValueError(f"--pause-at must be a positive step, got {pause_at!r}")
-    if resume is not None and init_from is not None:
-        raise ValueError("--resume and --init-from exclude each other: a resumed run already has its weights")
-    device = pick_device(config.device)
-    source = checkpoint = None
-    if init_from is not None:
-        source = read_checkpoint(init_from, flag="--init-from")
-        check_agrees(config, source["train_config"], ("embed_dim", "num_heads", "num_layers"), "the --init-from")
-    if resume is not None:
-        checkpoint = read_checkpoint(resume)
-        check_agrees(config, checkpoint["train_config"], RESUME_FIELDS, "the")
-    if out is not None:
-        check_out(out, resume=resume, overwrite=overwrite)
-    return device, checkpoint, source
-
-
-def check_agrees(config, saved, names, whose):
-    """A ValueError naming the first flag in `names` on which `config` and a checkpoint's config differ."""
-    for name in names:
-        if saved[name] != getattr(config, name):
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {getattr(config, name)!r} differs from {whose} checkpoint's {saved[name]!r}")
 
 
 @dataclass
@@ -251,44 +186,6 @@ def save(run):
         metrics=run.metrics,
     )
     write_atomic(run.out / "metrics.json", json.dumps(run.metrics, indent=1))
-
-
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT or SIGTERM after finishing its step and saving: resume it with --resume."""
-
-    def __init__(self, signum, step, checkpoint):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} at step {step}: saved {checkpoint}; continue with --resume {checkpoint}")
-
-
-@contextlib.contextmanager
-def stop_at_step_boundary(requested):
-    """While inside, SIGINT and SIGTERM only note their number in `requested`: the loop stops between steps.
-
-    A checkpoint is only ever a state between two steps, so the resumed run is exact: the step
-    that was running when the signal came is finished, saved, and not drawn again. A second
-    signal interrupts at once (the handlers are back to the previous ones); the last checkpoint
-    then still resumes exactly, from its own step. Outside the main thread (a worker of a
-    process pool's thread, say) signals cannot be caught, and nothing changes.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def note(signum, frame):
-        requested.append(signum)
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-    for signum in previous:
-        signal.signal(signum, note)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def run_loop(run, progress=True):
