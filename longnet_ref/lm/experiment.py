@@ -80,8 +80,10 @@ def recall_branches(name, seq_len):
     kind = name.removeprefix("recall-")
     if kind == "dense":
         return dict(attention="dense")
-    scale = RECALL_LENGTH if seq_len < RECALL_LENGTH // 16 else seq_len  # the warm-up: the final branches
-    segments = [scale >> i for i in reversed(range(len(RECALL_RATES)))]  # N/16, N/8, N/4, N/2, N
+    halvings = len(RECALL_RATES) - 1  # the first segment is N / 2^halvings = N/16
+    # shorter than the final first segment (the warm-up): the final branches, else scaled to seq_len
+    scale = RECALL_LENGTH if seq_len < RECALL_LENGTH >> halvings else seq_len
+    segments = [scale >> i for i in reversed(range(halvings + 1))]  # N/16, N/8, N/4, N/2, N
     if kind == "local":
         return dict(attention="local", segment_lengths=segments[:1], dilation_rates=[1])
     return dict(attention="dilated", segment_lengths=segments, dilation_rates=list(RECALL_RATES))
