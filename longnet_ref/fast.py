@@ -12,14 +12,16 @@ and one fused-kernel call reads it as a batch of B*h "sequences" of S "heads" of
 B*S of h: `fold`, whichever the strides allow as a view). Outputs go back through the same
 views (scatter, Eqs. 6-8).
 
-`dilated_attention` merges branches as they finish (Eq. 10) in a running output and
-log-sum-exp, so memory does not grow with the number of branches: `RunningMerge`, one
+`dilated_attention` merges branches as they finish (Eq. 10) in running sums, normalised once
+at the end (`RunningSums`), so memory does not grow with the number of branches: `RunningMerge`, one
 autograd node for a list of kernel `Call`s (query rows attend key rows). On one device every
 call reads its keys from the same rows of k as its queries; a sequence-parallel rank adds calls
 whose keys come from other ranks (`parallel/fused.py`). The backward uses the
 identity of `kernels.py`: a branch's kernel backward, given the merged output O in place of
 its own and `alpha_i dO` as gradient (alpha_i = exp(lse_i - LSE), the branch's merge weight),
-returns exactly the gradient that flows through the branch *and* its merge weight:
+returns exactly the gradient that flows through the branch *and* its merge weight
+(alpha_i is computed as `RunningSums` weighs, so the weights of a row sum to 1, and O is
+kept in float32 for half inputs; `kernels.attention_backward`):
 Delta = alpha_i dO.O = alpha_i dO.O_i - dlse_i, where dlse_i = alpha_i dO.(O_i - O) is the
 gradient of lse_i. No branch output needs to be kept for the backward. A gradient dLSE of
 the merged log-sum-exp reaches branch i as alpha_i dLSE and goes through the kernel's extra
@@ -160,8 +162,7 @@ class RunningMerge(torch.autograd.Function):
         scale = softmax_scale(D)
         acc = lse_dtype(q)
         sources = [(k, v), *((x[0], x[1]) for x in kv)]
-        out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)  # running merged output
-        lse = torch.full((B, H, N), -math.inf, dtype=acc, device=q.device)  # running merged LSE
+        merge = RunningSums(B, H, N, D, acc, q.device)
         saved = []
         for call in calls:
             keys, values = sources[call.source]
@@ -173,18 +174,20 @@ class RunningMerge(torch.autograd.Function):
                 call.causal,
                 scale,
             )
-            _merge_into(call.queries.view(out), call.queries.view(lse), unfold(out_c, axis, B), unfold(lse_c, axis, B))
+            merge.add(call.queries, unfold(out_c, axis, B), unfold(lse_c, axis, B))
             saved.append((lse_c, *kernel_saved))
-        out = out.to(q.dtype)
+        out_acc, lse = merge.result()  # out_acc in float32 for half inputs
         ctx.calls, ctx.scale, ctx.batch = calls, scale, B
         ctx.saved_sizes = [len(group) for group in saved]
-        ctx.save_for_backward(q, k, v, out, lse, *kv, *[t for group in saved for t in group])
+        # The backward's Delta = dO.O takes the merged O before its rounding to q's dtype: from
+        # the rounded one, bf16 gradients at logit scale 1e4 erred 1.2x past flash-attn's rule.
+        ctx.save_for_backward(q, k, v, out_acc, merge.top, merge.total, *kv, *[t for group in saved for t in group])
         ctx.num_kv = len(kv)
-        return out, lse
+        return out_acc.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *rest = ctx.saved_tensors
+        q, k, v, out, top, total, *rest = ctx.saved_tensors
         kv, flat = rest[: ctx.num_kv], rest[ctx.num_kv :]
         acc = lse_dtype(q)
         sources = [(k, v), *((x[0], x[1]) for x in kv)]
@@ -193,15 +196,14 @@ class RunningMerge(torch.autograd.Function):
         grads = [(dk, dv), *((d[0], d[1]) for d in dkv)]
         if dout is None:  # only the LSE was used
             dout = torch.zeros_like(out)
-        saved = _regroup(flat, ctx.saved_sizes)  # one (lse, *kernel_saved) per call, in forward order
+        saved = _regroup(flat, ctx.saved_sizes)  # one kernel_saved per call, in forward order
         for call in ctx.calls:
             keys, values = sources[call.source]
             dkeys, dvalues = grads[call.source]
             rows = call.queries
             axis = fold_axes(rows.view(q))  # the forward's fold: it depends on q's strides alone
             lse_c, *kernel_saved = next(saved)
-            alpha = torch.exp(lse_c - fold(rows.view(lse), axis))  # this call's merge weight, folded like lse_c
-            # the merged out in place of the call's own: see the module docstring
+            alpha = merge_weight(lse_c, fold(rows.view(top), axis), fold(rows.view(total), axis))
             dq_c, dk_c, dv_c = attention_backward(
                 fold(rows.view(dout), axis) * alpha.unsqueeze(-1),
                 fold(rows.view(q), axis),
@@ -227,17 +229,50 @@ def _regroup(flat, sizes):
         at += size
 
 
-def _merge_into(out_rows, lse_rows, out_new, lse_new):
-    """Eq. 10, one branch at a time: fold (out_new, lse_new) into the running (out_rows, lse_rows), in place.
+class RunningSums:
+    """Eq. 10 accumulated one call at a time, normalised once at the end.
 
-    With denominators exp(lse): out <- (exp(lse_old) out + exp(lse_new) out_new) / (exp(lse_old) +
-    exp(lse_new)), computed from log-sum-exps so nothing overflows. Rows seen first have
-    exp(lse_old) = exp(-inf) = 0 and simply take out_new.
+    For each row it keeps the largest lse seen so far, `top`, and in units of exp(top) the
+    running sums total = sum_i exp(lse_i - top) and acc = sum_i exp(lse_i - top) out_i (as
+    flash attention does with its scores). `result` divides acc by total, so the merge weights
+    alpha_i = exp(lse_i - top) / total sum to 1 up to one rounding. (Weighing by
+    exp(lse_i - LSE) with the merged LSE rounded to float32 does not: at lses near 4500 an ulp is
+    5e-4, and the weights summed to 1 +- 5e-4, an error 700x PyTorch's own at logit scale 1e4.)
     """
-    new_lse = torch.logaddexp(lse_rows, lse_new)  # (B, h, S, K)
-    out_rows.mul_(torch.exp(lse_rows - new_lse).unsqueeze(-1))
-    out_rows.add_(out_new * torch.exp(lse_new - new_lse).unsqueeze(-1))
-    lse_rows.copy_(new_lse)
+
+    def __init__(self, B, H, N, D, dtype, device):
+        self.acc = torch.zeros(B, H, N, D, dtype=dtype, device=device)  # sum_i exp(lse_i - top) out_i
+        self.total = torch.zeros(B, H, N, dtype=dtype, device=device)  # sum_i exp(lse_i - top)
+        self.top = torch.full((B, H, N), -math.inf, dtype=dtype, device=device)  # max_i lse_i
+
+    def add(self, rows, out_new, lse_new):
+        """Fold one call's (out_new (B, h, S, K, D), lse_new (B, h, S, K)) into the rows `rows` (a Piece)."""
+        acc, total, top = rows.view(self.acc), rows.view(self.total), rows.view(self.top)
+        new_top = torch.maximum(top, lse_new)
+        shift = _finite_or_zero(new_top)  # -inf - -inf would be NaN; a row nothing reached keeps 0s
+        old_scale = torch.exp(top - shift)  # rescales what was summed in units of the old top
+        weight = torch.exp(lse_new - shift)
+        acc.mul_(old_scale.unsqueeze(-1)).add_(out_new * weight.unsqueeze(-1))
+        total.mul_(old_scale).add_(weight)
+        top.copy_(new_top)
+
+    def result(self):
+        """(out, lse): acc / total and top + log(total); 0 and -inf on rows no call reached."""
+        covered = self.total > 0
+        safe_total = torch.where(covered, self.total, torch.ones_like(self.total))
+        out = self.acc / safe_total.unsqueeze(-1)
+        lse = torch.where(covered, _finite_or_zero(self.top) + torch.log(safe_total), -math.inf)
+        return out, lse
+
+
+def _finite_or_zero(x):
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def merge_weight(lse_c, top, total):
+    """A call's merge weight alpha = exp(lse_c - top) / total (`RunningSums`); 0 where lse_c = -inf."""
+    covered = total > 0
+    return torch.exp(lse_c - _finite_or_zero(top)) / torch.where(covered, total, torch.ones_like(total))
 
 
 def fast_dilated_attention(q, k, v, branches, *, causal=False, head_offsets="paper"):

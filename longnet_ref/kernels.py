@@ -120,12 +120,19 @@ def attention_backward(dout, q, k, v, out, saved, causal: bool, scale: float, dl
 
     `out` must be the tensor whose dot product with `dout` gives Delta (see the module
     docstring): normally the attention's own output. The mixture's backward passes the
-    merged output instead, which folds the merge weights' gradient in for free.
+    merged output instead, which folds the merge weights' gradient in for free, and passes it
+    in float32 for half inputs. The kernel takes out in q's dtype, so the part of Delta that
+    rounding would lose, dO.(out - rounded out), travels in the LSE column (as -dlse does).
     """
     if no_rows_or_keys(q, k):  # the forward's empty case: no gradient flows anywhere
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dout = dout.to(q.dtype).contiguous()
-    out = out.to(q.dtype).contiguous()
+    if out.dtype != q.dtype:
+        rounded = out.to(q.dtype)
+        lost = (dout.to(out.dtype) * (out - rounded.to(out.dtype))).sum(-1)  # (B, H, N): dO.(out - rounded)
+        dlse = -lost if dlse is None else dlse.to(out.dtype) - lost  # the kernel's Delta - dlse gains `lost`
+        out = rounded
+    out = out.contiguous()
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
     D = q.shape[-1]
     # One extra column carries the LSE gradient through the kernel (module docstring); the kernel's

@@ -70,36 +70,88 @@ def test_bf16_fast_backward_is_finite():
         assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
 
 
-def scaled_inputs(dtype, scale, causal):
-    """q, k, v (1, 4, 96, 16) in `dtype`, the scores about `scale` in size; seeded per case."""
+# flash-attn's rule for lower precision: the error against float64 is at most twice that of
+# PyTorch's own attention in the same dtype (SDPA with the oracle's log c mask), forward and
+# backward. Plus one term: the error of the exact result rounded to the dtype, which no
+# implementation in that dtype can beat. Without it the rule is a coin toss wherever the
+# reference happens to return exactly representable values (a one-hot softmax returns v_j
+# itself): measured, the readable path, which attends in float32 and rounds once, then "fails"
+# at 2.6x. The maxima are taken over 64 x 4 x 96 rows: over one sequence's 384 rows, which rows
+# hold a near tie decides the ratio (0.2x to 12x at logit scale 1e4 between seeds).
+SHAPE = (64, 4, 96, 16)
+PRECISION_WS = WS[:2] + [96]  # the last branch covers the whole sequence
+
+
+def scaled_inputs(dtype, scale, causal, shape=SHAPE):
+    """q, k, v and an output gradient g, `shape`, in `dtype`; the scores about `scale` in size; seeded per case."""
     generator = torch.Generator().manual_seed(int(scale) + causal)
-    q, k, v = (torch.randn(1, 4, 96, 16, generator=generator) for _ in range(3))
-    return (q * scale / 4).to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v, g = (torch.randn(*shape, generator=generator) for _ in range(4))
+    return (q * scale / 4).to(dtype), k.to(dtype), v.to(dtype), g.to(dtype)
 
 
-def same_dtype_reference_error(q, k, v, ws, rs, causal):
-    """Errors against float64 of: SDPA with the oracle's log c mask in the inputs' dtype, and a function."""
+def out_and_grads(attention, q, k, v, g):
+    """[out, dq, dk, dv] of `attention(q, k, v)` with output gradient g."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = attention(q, k, v)
+    out.backward(g.to(out.dtype))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def oracle_mask(dtype, causal):
+    """The oracle's bias log c (H, N, N) in `dtype`: -inf where no branch pairs the rows."""
+    from longnet_ref import attention_pattern
+
+    counts = attention_pattern(SHAPE[2], PRECISION_WS, RS, SHAPE[1], causal=causal)
+    return torch.log(counts.to(torch.float32)).to(dtype)
+
+
+def precision_allowances(q, k, v, g, causal):
+    """The exact [out, dq, dk, dv] in float64, and for each the allowed error: twice the
+    same-dtype reference's plus the rounding of the exact value to the dtype."""
     import torch.nn.functional as F
 
-    from longnet_ref import attention_pattern, oracle_attention
+    from longnet_ref import oracle_attention
 
-    exact, _ = oracle_attention(*(x.double() for x in (q, k, v)), ws, rs, causal=causal)
-    counts = attention_pattern(q.shape[2], ws, rs, q.shape[1], causal=causal)
-    mask = torch.log(counts.to(torch.float32)).to(q.dtype)[None]
-    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return (reference.double() - exact).abs().max().item(), lambda out: (out.double() - exact).abs().max().item()
+    def oracle(*x):
+        return oracle_attention(*x, PRECISION_WS, RS, causal=causal)[0]
+
+    exact = out_and_grads(oracle, *(x.double() for x in (q, k, v, g)))
+    mask = oracle_mask(q.dtype, causal)[None]
+    reference = out_and_grads(lambda *x: F.scaled_dot_product_attention(*x, attn_mask=mask), q, k, v, g)
+    allowed = [
+        2 * (r.double() - e).abs().max().item() + (e.to(q.dtype).double() - e).abs().max().item()
+        for r, e in zip(reference, exact)
+    ]
+    return exact, allowed
 
 
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scale", [1.0, 1e2, 1e3, 1e4])
 @pytest.mark.parametrize("causal", [False, True])
-def test_readable_error_is_within_twice_a_same_dtype_reference(dtype, scale, causal):
-    """flash-attn's rule, forward: at most 2x the error of PyTorch's own attention in the same dtype."""
-    q, k, v = scaled_inputs(dtype, scale, causal)
-    reference, error = same_dtype_reference_error(q, k, v, WS[:2] + [96], RS, causal)
-    out, lse = dilated_attention(q, k, v, WS[:2] + [96], RS, causal=causal, implementation="readable", return_lse=True)
-    assert torch.isfinite(out).all() and lse.dtype == torch.float32  # fp32, or half inputs' lse in fp32
-    assert error(out) <= 2 * reference + 1e-6, (error(out), reference)
+def test_error_is_within_twice_a_same_dtype_reference(implementation, dtype, scale, causal):
+    """flash-attn's rule (above), for the output and the gradients of q, k and v."""
+    q, k, v, g = scaled_inputs(dtype, scale, causal)
+    exact, allowed = precision_allowances(q, k, v, g, causal)
+
+    def attention(*x):
+        return dilated_attention(*x, PRECISION_WS, RS, causal=causal, implementation=implementation)
+
+    results = out_and_grads(attention, q, k, v, g)
+    for name, result, e, bound in zip(("out", "dq", "dk", "dv"), results, exact, allowed):
+        assert result.dtype == dtype and torch.isfinite(result).all(), name
+        error = (result.double() - e).abs().max().item()
+        assert error <= bound, (name, error, bound)
+
+
+def test_lses_are_float32_for_half_inputs():
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v, _ = scaled_inputs(dtype, 1.0, True, shape=(1, 4, 96, 16))
+        for implementation in ("fast", "readable"):
+            _, lse = dilated_attention(
+                q, k, v, PRECISION_WS, RS, causal=True, implementation=implementation, return_lse=True
+            )
+            assert lse.dtype == torch.float32, implementation
 
 
 def test_a_row_no_branch_covers_has_zero_gradient_not_nan():
@@ -115,19 +167,3 @@ def test_a_row_no_branch_covers_has_zero_gradient_not_nan():
         assert torch.isfinite(x.grad).all()
     assert lses[0].grad[0, 0, 1] == 0 and lses[1].grad[0, 0, 1] == 0
     assert lses[0].grad[0, 0, 2] == 1 and lses[1].grad[0, 0, 2] == 0  # the only branch there takes it all
-
-
-FAST_WITHIN_TWICE = {torch.float32: 1e2, torch.bfloat16: 1e4, torch.float16: 1e3}  # the README's Guarantees
-
-
-@pytest.mark.parametrize(
-    "dtype, scale",
-    [(dtype, scale) for dtype, top in FAST_WITHIN_TWICE.items() for scale in (1.0, 1e2, 1e3, 1e4) if scale <= top],
-    ids=str,
-)
-@pytest.mark.parametrize("causal", [False, True])
-def test_fast_error_is_within_twice_a_same_dtype_reference_where_the_readme_says(dtype, scale, causal):
-    q, k, v = scaled_inputs(dtype, scale, causal)
-    reference, error = same_dtype_reference_error(q, k, v, WS[:2] + [96], RS, causal)
-    out = dilated_attention(q, k, v, WS[:2] + [96], RS, causal=causal, implementation="fast")
-    assert error(out) <= 2 * reference + 1e-6, (error(out), reference)
