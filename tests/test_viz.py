@@ -147,3 +147,36 @@ def test_path_law_rows_are_the_path_statistics():
         ws, rs = geometric_mixture(4, 2, seq_len=n)
         causal = paths.path_length_stats(n, ws, rs, 1, causal=True)
         assert longest == paths.path_length_stats(n, ws, rs, 1).max and lost == causal.unreachable / causal.pairs
+
+
+def test_an_installed_copy_writes_figures_and_tables_only_where_it_is_told(tmp_path, monkeypatch, capsys):
+    from longnet_ref.analysis import figures as figures_cli
+    from longnet_ref.analysis.results import write_table
+    from longnet_ref.bench.__main__ import main as bench_main
+    from longnet_ref.lm.experiment import main as experiment_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(viz, "checkout_root", lambda: None)  # an installed copy
+    monkeypatch.delenv(viz.FIGURES_ENV, raising=False)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    assert viz.figures_dir() is None and viz.save_fig(fig, "shown_only") is None  # a notebook's picture: shown only
+    with pytest.raises(ValueError, match=f"the table t: .* set {viz.FIGURES_ENV}=DIR"):
+        write_table("t", ["a"], [[1]])
+    for main, argv in (
+        (bench_main, ["--replot"]),
+        (bench_main, ["--sections", "sweep"]),
+        (figures_cli.main, ["patterns_branches"]),
+        (experiment_main, ["report", "--runs", str(tmp_path / "runs")]),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and viz.FIGURES_ENV in capsys.readouterr().err, argv
+    assert list(tmp_path.iterdir()) == []  # nothing written in the working directory
+
+    told = tmp_path / "told"
+    monkeypatch.setenv(viz.FIGURES_ENV, str(told))
+    assert viz.save_fig(fig, "kept") == told / "kept.png" and (told / "kept.png").read_bytes()[:4] == b"\x89PNG"
+    write_table("t", ["a"], [[1]])
+    assert sorted(p.name for p in told.iterdir()) == ["kept.png", "t.csv", "t.md"]
+    plt.close(fig)

@@ -40,7 +40,7 @@ from .complexity import (  # noqa: E402
     mixture_flops,
 )
 from .dependency_paths import eq19_layers, eq20_max_path, path_length_stats, window_path_stats  # noqa: E402
-from .viz import BRANCH_COLORS, plot_branches, plot_heads, plot_multiplicity, save_fig  # noqa: E402
+from .viz import BRANCH_COLORS, plot_branches, plot_heads, plot_multiplicity, required_figures_dir, save_fig  # noqa: E402
 
 # Mixtures whose dependency paths are plotted: (w0, a, heads, label).
 PATH_MIXTURES = (
@@ -208,6 +208,11 @@ def main(argv=None) -> int:
         parser.error(f"unknown figure names {unknown}; choose from {sorted(figures)}")
     if args.out is not None and not args.out.is_dir():
         parser.error(f"--out {args.out} is not a folder")
+    if args.out is None:
+        try:  # an installed copy writes only where it is told
+            required_figures_dir("the figures")
+        except ValueError as error:
+            parser.error(f"{error}, or pass --out DIR")
     for name in args.names or figures:
         start = time.perf_counter()
         fig = figures[name]()

@@ -18,8 +18,8 @@ from . import viz
 def write_table(name, header, rows, folder=None, with_csv=True, footer=""):
     """figures/<name>.md (the table, then `footer`) and, with_csv, figures/<name>.csv; returns the markdown.
 
-    `folder` replaces figures/."""
-    folder = Path(folder) if folder else viz.figures_dir()
+    `folder` replaces figures/; an installed copy without one must be told where (`viz.figures_dir`)."""
+    folder = Path(folder) if folder else viz.required_figures_dir(f"the table {name}")
     if with_csv:
         text = io.StringIO(newline="")
         csv.writer(text).writerows([header, *rows])

@@ -11,7 +11,8 @@ pattern (`patterns.pattern_rows`, the rows of `attention_pattern`), so memory st
 O(H * stripe * N); `MAX_PATTERN_WORK` caps H * N^2, the time it takes.
 
 `save_fig(fig, name)` writes a PNG into the repository's figures/ folder whatever the working
-directory (nbval runs a notebook from its own folder; scripts run from anywhere).
+directory (nbval runs a notebook from its own folder; scripts run from anywhere); an installed
+copy writes only where it is told (`figures_dir`).
 
 Shape legend (adds to the package's): blk tokens per pixel side, nb = ceil(N / blk) pixels per side.
 """
@@ -19,6 +20,7 @@ Shape legend (adds to the package's): blk tokens per pixel side, nb = ceil(N / b
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -46,24 +48,48 @@ def checkout_root() -> Path | None:
     return None
 
 
-def figures_dir() -> Path:
-    """The repository's figures/ folder; ./figures when the package is installed outside a checkout (Colab)."""
+FIGURES_ENV = "LONGNET_REF_FIGURES"  # where an installed copy may write figures and tables
+
+
+def figures_dir() -> Path | None:
+    """Where figures and tables go: the checkout's figures/ folder, else the folder named by the
+    environment variable LONGNET_REF_FIGURES, else None. An installed copy (Colab, a wheel)
+    writes results only where it is told, never into whatever folder it was started from."""
     repo = checkout_root()
     if repo is not None:
         return repo / "figures"
-    here = Path.cwd() / "figures"
-    here.mkdir(exist_ok=True)
-    return here
+    told = os.environ.get(FIGURES_ENV)
+    if told:
+        folder = Path(told)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return None
 
 
-def save_fig(fig, name: str, *, dpi: int = 120, folder=None) -> Path:
+def required_figures_dir(what: str) -> Path:
+    """`figures_dir()`, or a ValueError saying how to name one, for commands whose output is files."""
+    folder = figures_dir()
+    if folder is None:
+        raise ValueError(
+            f"{what}: this copy of longnet_ref is installed, not a checkout, and writes files only where it "
+            f"is told; set {FIGURES_ENV}=DIR (e.g. {FIGURES_ENV}=./figures) to write them there"
+        )
+    return folder
+
+
+def save_fig(fig, name: str, *, dpi: int = 120, folder=None) -> Path | None:
     """Save `fig` as figures/<name>.png (PNG: nbval compares SVG text, not PNG) and return the path.
 
-    `folder` replaces figures/ (tests and `figures --out` write elsewhere).
+    `folder` replaces figures/ (tests and `figures --out` write elsewhere). Without `folder`, an
+    installed copy with no LONGNET_REF_FIGURES writes nothing and returns None (`figures_dir`):
+    a notebook's picture is then only shown.
     """
     if not name or "/" in name or "\\" in name:
         raise ValueError(f"name must be a plain file name without folders, got {name!r}")
-    path = (figures_dir() if folder is None else Path(folder)) / (name if name.endswith(".png") else f"{name}.png")
+    folder = figures_dir() if folder is None else Path(folder)
+    if folder is None:
+        return None
+    path = folder / (name if name.endswith(".png") else f"{name}.png")
     # metadata without a Software/date stamp keeps the bytes stable across runs and versions
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})

@@ -192,6 +192,13 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))  # a list of configurations
         return 0
+    if args.replot or ("sweep" in args.sections.split(",") and not args.quick):
+        from ..analysis.viz import required_figures_dir  # here: the timing workers need no matplotlib
+
+        try:  # before any timing: an installed copy writes the sweep's files only where it is told
+            required_figures_dir("the bench sweep's CSV, table and plot")
+        except ValueError as error:
+            parser.error(str(error))
     if args.replot:
         report_sweep("bench")
         return 0

@@ -23,28 +23,29 @@ CSV_KEYS = ["path", "N", "B", "H", "D", "causal", "backward", "seconds", "gflops
 
 def write_csv(results, name, *, partial=False):
     """figures/<name>.csv (or <name>.partial.csv while a sweep runs), one row per configuration, atomically."""
-    from ..analysis.viz import figures_dir  # here: the timing workers need no matplotlib
+    from ..analysis.viz import required_figures_dir  # here: the timing workers need no matplotlib
 
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=CSV_KEYS, extrasaction="ignore")
     writer.writeheader()
     for result in results:
         writer.writerow(result)
-    return write_atomic(figures_dir() / f"{name}{'.partial' if partial else ''}.csv", text.getvalue())
+    folder = required_figures_dir("the bench's CSV")
+    return write_atomic(folder / f"{name}{'.partial' if partial else ''}.csv", text.getvalue())
 
 
 def finish_csv(name):
     """A complete sweep: figures/<name>.partial.csv replaces figures/<name>.csv in one rename."""
-    from ..analysis.viz import figures_dir
+    from ..analysis.viz import required_figures_dir
 
-    folder = figures_dir()
+    folder = required_figures_dir("the bench's CSV")
     os.replace(folder / f"{name}.partial.csv", folder / f"{name}.csv")
     return folder / f"{name}.csv"
 
 
 def read_csv(name):
     """The rows `write_csv` wrote, with their types back."""
-    from ..analysis.viz import figures_dir
+    from ..analysis.viz import required_figures_dir
 
     def typed(key, value):
         if key in ("causal", "backward", "extrapolated"):
@@ -55,7 +56,7 @@ def read_csv(name):
             return None
         return int(value) if key in ("N", "B", "H", "D", "threads") else float(value)
 
-    with open(figures_dir() / f"{name}.csv", newline="") as f:
+    with open(required_figures_dir("the bench's CSV") / f"{name}.csv", newline="") as f:
         return [{key: typed(key, value) for key, value in row.items()} for row in csv.DictReader(f)]
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.results import paste_into_readme
+from ..analysis.viz import required_figures_dir
 from ..files import write_atomic
 from .checkpoint import load_checkpoint, read_checkpoint
 from .config import TrainConfig
@@ -225,6 +226,10 @@ def main(argv=None):
         parser.error(f"--threads must be a positive integer, got {args.threads}")
     if args.jobs < 1:
         parser.error(f"--jobs must be a positive integer, got {args.jobs}")
+    try:  # before any training: the report's tables and figures go to the checkout or where told
+        required_figures_dir("the experiment's tables and figures")
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     if args.what in ("table2", "all"):
         table2(args.runs, args.threads, not args.no_progress)
