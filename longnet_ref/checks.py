@@ -121,3 +121,21 @@ def check_qkv(q, k, v, *, same_length: bool = True, causal: bool = False) -> Non
             "q (B, H, Nq, D), k (B, H, Nk, D) and v (B, H, Nk, Dv) do not fit together: "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+
+
+def check_key_padding_mask(key_padding_mask, k) -> torch.Tensor | None:
+    """None, or a (B, Nk) bool tensor on k's device: True marks a key to ignore (nn.MultiheadAttention's rule)."""
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be None or a bool tensor, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = ignore this key), got dtype {key_padding_mask.dtype}"
+        )
+    B, Nk = k.shape[0], k.shape[2]
+    if tuple(key_padding_mask.shape) != (B, Nk):
+        raise ValueError(f"key_padding_mask must have shape (B, N) = ({B}, {Nk}), got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != k.device:
+        raise ValueError(f"key_padding_mask is on device {key_padding_mask.device} but k is on device {k.device}")
+    return key_padding_mask

@@ -85,10 +85,13 @@ def scatter(rows, dilation_rate, offsets, seq_len, fill=0.0):
 READABLE_ACCUMULATION = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
 
 
-def readable_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper"):
+def readable_branch(
+    q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper", key_padding_mask=None
+):
     """One branch (validated inputs), step by step with dense attention: `(out, lse)`; see `mixture.dilated_branch`.
 
     out is in q's dtype; lse one precision up (`READABLE_ACCUMULATION`), for the merge.
+    key_padding_mask: None or (B, N) bool, True for the keys to ignore.
     """
     B, H, N, D = q.shape
     W = min(segment_length, N)  # w >= N: the whole sequence is one segment
@@ -110,6 +113,12 @@ def readable_branch(q, k, v, segment_length, dilation_rate, *, causal=False, hea
     acc = READABLE_ACCUMULATION.get(q.dtype, q.dtype)
     bias = torch.zeros(H, S, 1, K, dtype=acc, device=q.device)
     bias = bias.masked_fill(~kept[:, :, None, :], -math.inf).view(1, H * S, 1, K)
+    if key_padding_mask is not None:
+        # Padding keys are removed the same way: their flags go through the same segment and
+        # sparsify as the keys (a flag per row: D = 1), then mask with -inf.
+        flags = key_padding_mask[:, None, :, None].expand(B, H, N, 1).to(acc)  # (B, H, N, 1)
+        padded = sparsify(segment(flags, W), R, offsets) > 0  # (B, H, S, K, 1)
+        bias = bias + torch.zeros_like(padded, dtype=acc).masked_fill(padded, -math.inf).view(B, H * S, 1, K)
     out, lse = dense_attention(
         *(x.reshape(B, H * S, K, D).to(acc) for x in (qs, ks, vs)), causal=causal, bias=bias
     )  # out (B, H*S, K, D), lse (B, H*S, K): in acc

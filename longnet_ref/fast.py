@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import lse_dtype, softmax_scale
-from .kernels import attention_backward, attention_forward, fused_attention
+from .kernels import FusedAttention, attention_backward, attention_forward
 from .patterns import head_groups
 
 
@@ -111,14 +111,27 @@ def branch_pieces(seq_len, num_heads, segment_length, dilation_rate, head_offset
     ]
 
 
-def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper"):
+def piece_key_mask(piece, key_padding_mask, num_heads, axis):
+    """The piece's keys' padding flags, folded like its keys: (B, N) -> (B*h, S, K) or (B*S, h, K); None stays None."""
+    if key_padding_mask is None:
+        return None
+    per_head = key_padding_mask[:, None, :].expand(-1, num_heads, -1)  # (B, H, N), a view
+    return fold(piece.view(per_head), axis)  # (B, h, S, K) folded (a small copy: B*N/R flags)
+
+
+def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper", key_padding_mask=None):
     """One branch (validated inputs), differentiable in out and lse; see `mixture.dilated_branch`."""
     B, H, N, D = q.shape
     out = q.new_zeros(B, H, N, D)
     lse = torch.full((B, H, N), -math.inf, dtype=lse_dtype(q), device=q.device)
     for piece in branch_pieces(N, H, segment_length, dilation_rate, head_offsets):
         axis = fold_axes(piece.view(q))
-        out_p, lse_p = fused_attention(*(fold(piece.view(x), axis) for x in (q, k, v)), causal=causal)
+        out_p, lse_p = FusedAttention.apply(
+            *(fold(piece.view(x), axis) for x in (q, k, v)),  # (B*h, S, K, D) or (B*S, h, K, D)
+            causal,
+            softmax_scale(D),
+            piece_key_mask(piece, key_padding_mask, H, axis),
+        )
         piece.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 6-8 (autograd records the copy)
         piece.view(lse).copy_(unfold(lse_p, axis, B))
     return out, lse
@@ -151,12 +164,13 @@ def branch_calls(seq_len, num_heads, branches, causal, head_offsets):
 class RunningMerge(torch.autograd.Function):
     """Attention calls merged as they finish (Eq. 10) in one autograd node: (q, k, v, *kv) -> (out, lse).
 
-    `kv` are extra key/value sources, each (2, B, H, n, D) (keys, values). A row of q that no
-    call reads gets out 0 and lse -inf.
+    `kv` are extra key/value sources, each (2, B, H, n, D) (keys, values). `key_padding_mask`
+    (B, N) bool (True = ignore) or None applies to the keys of k itself (source 0). A row of q
+    that no call reads, or whose keys are all masked, gets out 0 and lse -inf.
     """
 
     @staticmethod
-    def forward(ctx, calls, q, k, v, *kv):
+    def forward(ctx, calls, key_padding_mask, q, k, v, *kv):
         ctx.set_materialize_grads(False)
         B, H, N, D = q.shape
         scale = softmax_scale(D)
@@ -173,6 +187,7 @@ class RunningMerge(torch.autograd.Function):
                 fold(call.keys.view(values), axis),
                 call.causal,
                 scale,
+                piece_key_mask(call.keys, key_padding_mask, H, axis) if call.source == 0 else None,
             )
             merge.add(call.queries, unfold(out_c, axis, B), unfold(lse_c, axis, B))
             saved.append((lse_c, *kernel_saved))
@@ -218,7 +233,7 @@ class RunningMerge(torch.autograd.Function):
             rows.view(dq).add_(unfold(dq_c, axis, ctx.batch))
             call.keys.view(dkeys).add_(unfold(dk_c, axis, ctx.batch))
             call.keys.view(dvalues).add_(unfold(dv_c, axis, ctx.batch))
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *(d.to(x.dtype) for d, x in zip(dkv, kv))
+        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *(d.to(x.dtype) for d, x in zip(dkv, kv))
 
 
 def _regroup(flat, sizes):
@@ -275,7 +290,7 @@ def merge_weight(lse_c, top, total):
     return torch.exp(lse_c - _finite_or_zero(top)) / torch.where(covered, total, torch.ones_like(total))
 
 
-def fast_dilated_attention(q, k, v, branches, *, causal=False, head_offsets="paper"):
+def fast_dilated_attention(q, k, v, branches, *, causal=False, head_offsets="paper", key_padding_mask=None):
     """The mixture (Eqs. 3-10) through one `RunningMerge` (validated inputs): `(out, lse)`."""
     B, H, N, D = q.shape
-    return RunningMerge.apply(branch_calls(N, H, branches, causal, head_offsets), q, k, v)
+    return RunningMerge.apply(branch_calls(N, H, branches, causal, head_offsets), key_padding_mask, q, k, v)

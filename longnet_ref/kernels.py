@@ -33,7 +33,7 @@ import math
 import torch
 
 from .attention import dense_attention, lse_dtype, softmax_scale
-from .checks import check_flag, check_qkv
+from .checks import check_flag, check_key_padding_mask, check_qkv
 
 
 def head_dim_multiple(x) -> int:
@@ -74,10 +74,31 @@ def no_rows_or_keys(q, k):
     return B * H * Nq == 0 or k.shape[2] == 0
 
 
-def attention_forward(q, k, v, causal: bool, scale: float):
+def key_bias(key_mask, q):
+    """The additive bias of a key mask: (B, H, Nk) bool, True = ignore -> (B, H, 1, Nk) 0 / -inf in q's
+    dtype, broadcast over the query rows by the kernels (no Nq x Nk mask is built)."""
+    if key_mask is None:
+        return None
+    Nk = key_mask.shape[-1]
+    if q.device.type == "cuda":  # the CUDA kernel wants the bias's rows 16-aligned: pad, then view
+        wide = q.new_zeros(*key_mask.shape[:-1], 1, _padded_width(Nk, 16))
+        wide[..., :Nk].masked_fill_(key_mask[..., None, :], -math.inf)
+        return wide[..., :Nk].expand(*key_mask.shape[:-1], q.shape[2], Nk)
+    return q.new_zeros(*key_mask.shape[:-1], 1, Nk).masked_fill_(key_mask[..., None, :], -math.inf)
+
+
+def rows_with_a_key(key_mask, causal: bool):
+    """(B, H, Nq or 1) bool: the query rows that keep at least one key under `key_mask` (and causality)."""
+    visible = ~key_mask
+    return visible.cumsum(-1) > 0 if causal else visible.any(-1, keepdim=True)
+
+
+def attention_forward(q, k, v, causal: bool, scale: float, key_mask=None):
     """Fused attention of 4-D (B, H, N, D) tensors: returns `(out, lse, saved)`.
 
     `lse` is (B, H, N) (float32 for half inputs); `saved` is what `attention_backward` needs.
+    `key_mask`: None or (B, H, Nk) bool, True for the keys to ignore; a row left without keys
+    gets out 0 and lse -inf.
     """
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"the fast path supports cpu and cuda tensors, got device {q.device}")
@@ -91,27 +112,39 @@ def attention_forward(q, k, v, causal: bool, scale: float):
         return q.new_zeros(B, H, Nq, v.shape[-1]), q.new_full((B, H, Nq), -float("inf"), dtype=lse_dtype(q)), ()
     width = _padded_width(D, head_dim_multiple(q))
     q, k, v = (_widen(_unit_last_stride(x), width) for x in (q, k, v))
+    bias = key_bias(key_mask, q)
     if q.device.type == "cuda":
         out, lse_raw, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale
+            q, k, v, bias, True, 0.0, causal, scale=scale
         )
         # Some versions pad the LSE's last dim to a multiple of 32: keep the raw one for
         # the backward, hand out the first N entries.
-        return out[..., :D], lse_raw[..., : q.shape[2]], (lse_raw, seed, offset)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return out[..., :D], lse, (lse,)
+        out, lse, saved = out[..., :D], lse_raw[..., : q.shape[2]], (lse_raw, seed, offset, bias)
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale
+        )
+        out, saved = out[..., :D], (lse, bias)
+    if key_mask is not None:
+        # A row whose keys are all masked: the kernels give lse 0 (CPU) or +-inf and out 0 or NaN.
+        # The definition is out 0, lse -inf; the backward keeps the kernel's own lse (`saved`),
+        # with which every probability of such a row, exp(-inf - lse), is 0.
+        keyed = rows_with_a_key(key_mask, causal)  # (B, H, Nq or 1)
+        lse = torch.where(keyed, lse, -math.inf)
+        out = torch.where(keyed[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out, lse, saved
 
 
 def _kernel_backward(dout, q, k, v, out, saved, causal: bool, scale: float):
     if q.device.type == "cuda":
-        lse_raw, seed, offset = saved
+        lse_raw, seed, offset, bias = saved
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, None, out, lse_raw, seed, offset, 0.0, [True, True, True, False], causal, scale=scale
+            dout, q, k, v, bias, out, lse_raw, seed, offset, 0.0, [True, True, True, False], causal, scale=scale
         )
         return dq, dk, dv
-    (lse,) = saved
+    lse, bias = saved
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
     )
 
 
@@ -158,10 +191,10 @@ class FusedAttention(torch.autograd.Function):
     """(q, k, v) -> (out, lse) through the fused kernel, differentiable in both outputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
+    def forward(ctx, q, k, v, causal: bool, scale: float, key_mask):
         # Unused outputs then get a None gradient instead of zeros, so an unused LSE costs nothing.
         ctx.set_materialize_grads(False)
-        out, lse, saved = attention_forward(q, k, v, causal, scale)
+        out, lse, saved = attention_forward(q, k, v, causal, scale, key_mask)
         ctx.save_for_backward(q, k, v, out, *saved)
         ctx.causal, ctx.scale = causal, scale
         return out, lse
@@ -172,16 +205,23 @@ class FusedAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = attention_backward(dout, q, k, v, out, saved, ctx.causal, ctx.scale, dlse=dlse)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
-def fused_attention(q, k, v, *, causal: bool = False, scale: float | None = None):
-    """Fused attention with its log-sum-exp: `(out (B, H, N, D), lse (B, H, N))`, differentiable in both."""
+def fused_attention(q, k, v, *, causal: bool = False, scale: float | None = None, key_padding_mask=None):
+    """Fused attention with its log-sum-exp: `(out (B, H, N, D), lse (B, H, N))`, differentiable in both.
+
+    key_padding_mask: None or (B, Nk) bool, True for the keys to ignore (nn.MultiheadAttention's
+    rule); a row left without keys gets out 0 and lse -inf.
+    """
     check_qkv(q, k, v, same_length=False, causal=check_flag("causal", causal))  # causal: Nq = Nk
+    key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     if q.shape[-1] == 0:  # D = 0: every score is 0; no kernel takes an empty head, the definition does
-        return dense_attention(q, k, v, causal=causal)
+        bias = None if key_padding_mask is None else key_bias(key_padding_mask[:, None], q)
+        return dense_attention(q, k, v, causal=causal, bias=bias)
     if scale is None:
         scale = softmax_scale(q.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    return FusedAttention.apply(q, k, v, causal, float(scale))
+    key_mask = None if key_padding_mask is None else key_padding_mask[:, None].expand(-1, q.shape[1], -1)
+    return FusedAttention.apply(q, k, v, causal, float(scale), key_mask)

@@ -26,7 +26,15 @@ import math
 import torch
 
 from .attention import lse_dtype
-from .checks import check_branch, check_branches, check_flag, check_head_offsets, check_implementation, check_qkv
+from .checks import (
+    check_branch,
+    check_branches,
+    check_flag,
+    check_head_offsets,
+    check_implementation,
+    check_key_padding_mask,
+    check_qkv,
+)
 from .dilated import readable_branch
 from .fast import fast_branch, fast_dilated_attention
 
@@ -119,7 +127,16 @@ def empty_result(q, k, v):
 
 
 def dilated_branch(
-    q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper", implementation="fast"
+    q,
+    k,
+    v,
+    segment_length,
+    dilation_rate,
+    *,
+    causal=False,
+    head_offsets="paper",
+    implementation="fast",
+    key_padding_mask=None,
 ):
     """One dilated branch `(w, r)` of LongNet (Eqs. 3-8) on (B, H, N, D) tensors.
 
@@ -133,18 +150,22 @@ def dilated_branch(
         head_offsets: "paper" (o_j = j mod r), "torchscale" or "none" (`patterns.head_offset`).
         implementation: "fast" (strided views + fused kernel, `fast.fast_branch`) or "readable"
             (`dilated.readable_branch`).
+        key_padding_mask: None or (B, N) bool, True for the keys to ignore (nn.MultiheadAttention's
+            rule): they are removed from the branch (padding, left, right or anywhere).
 
     Returns:
-        out (B, H, N, D) and lse (B, H, N). Rows the branch does not keep: out 0, lse -inf.
+        out (B, H, N, D) and lse (B, H, N). Rows the branch does not keep, or whose kept keys
+        are all masked: out 0, lse -inf.
     """
     check_qkv(q, k, v)
     check_flag("causal", causal)
+    key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     w, r = check_branch(segment_length, dilation_rate)
     check_head_offsets(head_offsets)
     branch, _ = _IMPLEMENTATIONS[pick_implementation(q, implementation)]
     if nothing_to_attend(q):
         return empty_result(q, k, v)
-    out, lse = branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets)
+    out, lse = branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets, key_padding_mask=key_padding_mask)
     return out, lse.to(lse_dtype(q))
 
 
@@ -160,6 +181,7 @@ def dilated_attention(
     detach_weights=False,
     return_lse=False,
     implementation="fast",
+    key_padding_mask=None,
 ):
     """LongNet's dilated attention: a mixture of branches `(w_i, r_i)` merged by Eq. 10.
 
@@ -173,6 +195,10 @@ def dilated_attention(
         return_lse: also return the merged log-sum-exp (B, H, N).
         implementation: "fast" (default; fused kernel on strided views, branches merged as
             they finish) or "readable" (`dilated.readable_branch` step by step, then `merge_branches`).
+        key_padding_mask: None or (B, N) bool, True for the keys to ignore (nn.MultiheadAttention's
+            rule). The definition: the oracle with those keys removed from every branch. A row
+            left without keys gets out 0 (and lse -inf). The fast path masks inside the kernel
+            call of each piece: no N x N mask is built.
 
     Returns:
         out (B, H, N, D), or `(out, lse)` with `return_lse=True`.
@@ -180,17 +206,23 @@ def dilated_attention(
     check_qkv(q, k, v)
     for name, flag in (("causal", causal), ("detach_weights", detach_weights), ("return_lse", return_lse)):
         check_flag(name, flag)
+    key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     branches = check_branches(segment_lengths, dilation_rates)
     check_head_offsets(head_offsets)
     branch, mixture = _IMPLEMENTATIONS[pick_implementation(q, implementation)]
     if nothing_to_attend(q):
         out, lse = empty_result(q, k, v)
     elif mixture is not None and not detach_weights:
-        out, lse = mixture(q, k, v, branches, causal=causal, head_offsets=head_offsets)
+        out, lse = mixture(
+            q, k, v, branches, causal=causal, head_offsets=head_offsets, key_padding_mask=key_padding_mask
+        )
     else:
         # detach_weights changes the backward only; with implementation="fast" the per-branch
         # fast kernels still run, merged by the readable merge.
-        results = [branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets) for w, r in branches]
+        results = [
+            branch(q, k, v, w, r, causal=causal, head_offsets=head_offsets, key_padding_mask=key_padding_mask)
+            for w, r in branches
+        ]
         out, lse = merge_branches(
             [out_i for out_i, _ in results], [lse_i for _, lse_i in results], detach_weights=detach_weights
         )

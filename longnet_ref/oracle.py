@@ -18,37 +18,50 @@ from __future__ import annotations
 import torch
 
 from .attention import dense_attention
-from .checks import check_branches, check_flag, check_head_offsets, check_qkv
+from .checks import check_branches, check_flag, check_head_offsets, check_key_padding_mask, check_qkv
 from .patterns import attention_pattern, pattern_rows
 
 
-def oracle_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper"):
+def oracle_attention(
+    q, k, v, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper", key_padding_mask=None
+):
     """Dilated attention of the mixture, computed densely: `softmax(q k^T / sqrt(D) + log c) v`.
 
+    key_padding_mask: None or (B, N) bool; True removes that key from every branch (its c is 0
+    for every query).
+
     Returns `(out, lse)` like `dense_attention`: out (B, H, N, D), lse (B, H, N); rows that no
-    branch covers get out 0 and lse -inf.
+    branch covers, or whose keys are all removed, get out 0 and lse -inf.
     """
     check_qkv(q, k, v)
     check_flag("causal", causal)
+    key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     B, H, N, D = q.shape
     check_branches(segment_lengths, dilation_rates)
     check_head_offsets(head_offsets)
     if N == 0 or H == 0:  # nothing to attend: empty out and lse, as scaled_dot_product_attention
         return dense_attention(q, k, v)
     counts = attention_pattern(N, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
-    bias = torch.log(counts.to(device=q.device, dtype=q.dtype))  # (H, N, N); log 0 = -inf masks
-    return dense_attention(q, k, v, bias=bias[None])  # bias broadcast over the batch
+    bias = torch.log(counts.to(device=q.device, dtype=q.dtype))[None]  # (1, H, N, N); log 0 = -inf masks
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(key_padding_mask[:, None, None, :], -torch.inf)  # (B, H, N, N)
+    return dense_attention(q, k, v, bias=bias)  # bias broadcast over the batch
 
 
-def oracle_rows(q, k, v, rows, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper"):
+def oracle_rows(
+    q, k, v, rows, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper", key_padding_mask=None
+):
     """The oracle for selected query positions only: `(out (B, H, Q, D), lse (B, H, Q))`.
 
     Costs O(H Q N): exact checks of a few rows of sequences far too long for `oracle_attention`.
     """
     check_qkv(q, k, v)
     check_flag("causal", causal)
+    key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     B, H, N, D = q.shape
     counts = pattern_rows(N, rows, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
-    bias = torch.log(counts.to(device=q.device, dtype=q.dtype))  # (H, Q, N)
+    bias = torch.log(counts.to(device=q.device, dtype=q.dtype))[None]  # (1, H, Q, N)
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(key_padding_mask[:, None, None, :], -torch.inf)  # (B, H, Q, N)
     rows = torch.as_tensor(rows, dtype=torch.long, device=q.device)
-    return dense_attention(q[:, :, rows], k, v, bias=bias[None])
+    return dense_attention(q[:, :, rows], k, v, bias=bias)

@@ -132,9 +132,9 @@ def test_fast_path_does_not_copy_or_fall_back(monkeypatch):
     calls = []
     real = fast.attention_forward
 
-    def spy(q, k, v, causal, scale):
+    def spy(q, k, v, causal, scale, key_mask=None):
         calls.append((q.is_contiguous(), q.data_ptr()))
-        return real(q, k, v, causal, scale)
+        return real(q, k, v, causal, scale, key_mask)
 
     monkeypatch.setattr(fast, "attention_forward", spy)
     q, k, v = rand_qkv(1, 4, 64, 8)
@@ -155,9 +155,9 @@ def test_fast_path_folds_the_batch_into_one_call_per_piece(monkeypatch, layout):
     calls = []
     real = fast.attention_forward
 
-    def spy(q, k, v, causal, scale):
+    def spy(q, k, v, causal, scale, key_mask=None):
         calls.append(q)
-        return real(q, k, v, causal, scale)
+        return real(q, k, v, causal, scale, key_mask)
 
     monkeypatch.setattr(fast, "attention_forward", spy)
     B, H, N, D = 3, 4, 64, 8

@@ -115,4 +115,4 @@ def fused_rank_attention(q, k, v, plans, comm, *, causal, head_offsets):
         )  # (g, 2, B, H, n_kept, D)
         sources.append(gathered.permute(1, 2, 3, 0, 4, 5).reshape(2, B, H, g * n_kept, D))  # rank-major rows
         calls += distributed_calls(plan, comm.rank, groups, len(sources), causal)
-    return RunningMerge.apply(calls, q, k, v, *sources)
+    return RunningMerge.apply(calls, None, q, k, v, *sources)
