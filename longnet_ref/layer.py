@@ -1,9 +1,15 @@
-"""`MultiheadDilatedAttention`: LongNet's attention as a drop-in Transformer layer.
+"""`MultiheadDilatedAttention`: LongNet's attention as a self-attention layer.
 
 (B, N, E) -> project to q, k, v -> split heads (B, H, N, D) -> dilated attention -> merge
 heads -> output projection. With one branch covering the sequence (w >= N, r = 1) it is
-ordinary multi-head attention (Vaswani et al. 2017), which a test checks against
-`torch.nn.MultiheadAttention`.
+ordinary multi-head attention (Vaswani et al. 2017): `from_torch` builds one from a
+`torch.nn.MultiheadAttention`, and tests check the two agree, with padding masks and causal.
+
+What it replaces, exactly: a batch_first `nn.MultiheadAttention` used for self-attention,
+`mha(x, x, x, key_padding_mask=m, need_weights=False)[0]` becomes `layer(x, key_padding_mask=m)`
+(`is_causal=True` with its causal mask becomes `causal=True` at construction). It takes no
+attn_mask (the branches are its mask), returns no attention weights, and is not a module
+with `nn.MultiheadAttention`'s call signature: `nn.TransformerEncoderLayer` cannot hold it.
 
 Letters: the package legend (`longnet_ref/__init__.py`).
 """
@@ -18,7 +24,8 @@ from .mixture import dilated_attention
 
 
 class MultiheadDilatedAttention(nn.Module):
-    """Multi-head dilated attention over (B, N, E) inputs (LongNet Sec. 2.3).
+    """Multi-head dilated attention over (B, N, E) inputs (LongNet Sec. 2.3); see the module docstring
+    for what it is a drop-in for.
 
     Args:
         embed_dim: E, divisible by num_heads.
@@ -38,6 +45,7 @@ class MultiheadDilatedAttention(nn.Module):
             RoPE (`longnet_ref.lm.model.RotaryEmbedding`) live here, because they must rotate q and
             k, not the layer's input. Default None: no positions (the layer is permutation
             equivariant apart from its causal mask and segments).
+        device, dtype: where and in what dtype the parameters are made (as torch's layers take them).
     """
 
     def __init__(
@@ -53,14 +61,18 @@ class MultiheadDilatedAttention(nn.Module):
         head_offsets="paper",
         implementation="fast",
         rotary=None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         embed_dim = as_positive_int("embed_dim", embed_dim)
         num_heads = as_positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        check_flag("bias", bias)
         branches = check_branches(segment_lengths, dilation_rates)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.segment_lengths = [w for w, _ in branches]
@@ -68,23 +80,71 @@ class MultiheadDilatedAttention(nn.Module):
         self.causal = check_flag("causal", causal)
         self.head_offsets = check_head_offsets(head_offsets)
         self.implementation = check_implementation(implementation)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.dropout = nn.Dropout(float(dropout))
         if rotary is not None and not callable(rotary):
             raise ValueError(f"rotary must be None or a callable (q, k, positions) -> (q, k), got {rotary!r}")
         self.rotary = rotary  # an nn.Module is registered as a submodule by this assignment
 
+    @classmethod
+    def from_torch(cls, mha, segment_lengths, dilation_rates, *, causal=False, **kwargs):
+        """A layer with the weights of a batch_first `torch.nn.MultiheadAttention` (copied).
+
+        With one branch covering the sequence (w >= N, r = 1) its output equals
+        `mha(x, x, x, key_padding_mask=m, need_weights=False)[0]` (with `attn_mask` the causal
+        mask and `causal=True`). `kwargs` go to the constructor (head_offsets, implementation, rotary).
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        unsupported = {
+            "batch_first=False (inputs (N, B, E)); build it with batch_first=True": not mha.batch_first,
+            "kdim or vdim other than embed_dim (cross-attention)": not mha._qkv_same_embed_dim,
+            "add_bias_kv=True": mha.bias_k is not None,
+            "add_zero_attn=True": mha.add_zero_attn,
+        }
+        for what, present in unsupported.items():
+            if present:
+                raise ValueError(f"mha: cannot take {what}; the layer is self-attention over (B, N, E)")
+        weight = mha.in_proj_weight
+        layer = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            segment_lengths,
+            dilation_rates,
+            causal=causal,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
+        )
+        with torch.no_grad():
+            for proj, w in zip((layer.q_proj, layer.k_proj, layer.v_proj), weight.chunk(3)):  # (3E, E) -> 3 x (E, E)
+                proj.weight.copy_(w)
+            layer.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.in_proj_bias is not None:
+                for proj, b in zip((layer.q_proj, layer.k_proj, layer.v_proj), mha.in_proj_bias.chunk(3)):
+                    proj.bias.copy_(b)
+                layer.out_proj.bias.copy_(mha.out_proj.bias)
+        return layer
+
     def split_heads(self, x):
         B, N, E = x.shape
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
-    def forward(self, x):
-        """x: (B, N, E) -> (B, N, E)."""
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be (B, N, {self.embed_dim}), got shape {tuple(x.shape)}")
+    def forward(self, x, key_padding_mask=None):
+        """x: (B, N, E) -> (B, N, E).
+
+        key_padding_mask: None or (B, N) bool, True for the positions whose keys are ignored
+        (nn.MultiheadAttention's rule); a query left without keys gets a zero attention output
+        (then the output projection's bias), where nn.MultiheadAttention gives NaN.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, N, {self.embed_dim}), got shape {shape}")
         B, N, E = x.shape
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D)
         if self.rotary is not None:
@@ -98,6 +158,7 @@ class MultiheadDilatedAttention(nn.Module):
             causal=self.causal,
             head_offsets=self.head_offsets,
             implementation=self.implementation,
+            key_padding_mask=key_padding_mask,
         )
         out = self.dropout(out)  # identity in eval mode
         out = out.transpose(1, 2).reshape(B, N, E)  # (B, N, H*D)

@@ -154,3 +154,26 @@ def test_the_model_runs_sequence_parallel(attention):
 
     logits = torch.cat(SimulatedGroup(4).run(rank), dim=1)
     torch.testing.assert_close(logits, model(idx), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches_real_tokens_do_not_see_the_padding(side):
+    """key_padding_mask through every layer: the real tokens' logits ignore what the padding holds,
+    and the fast and readable paths agree (float64)."""
+    from conftest import tiny_lm
+
+    model = tiny_lm().eval()
+    B, N = 3, 24
+    lengths = torch.tensor([24, 17, 9])
+    position = torch.arange(N)[None, :]
+    padding = position >= lengths[:, None] if side == "right" else position < (N - lengths)[:, None]
+    idx = torch.randint(0, 256, (B, N), generator=torch.Generator().manual_seed(0))
+    other = torch.where(padding, (idx + 101) % 256, idx)  # the same real tokens, different padding
+    logits = model(idx, key_padding_mask=padding)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[~padding], model(other, key_padding_mask=padding)[~padding], rtol=0, atol=1e-12)
+    if side == "left":  # without the mask they do see it (right padding lies in a causal model's future)
+        assert not torch.allclose(model(idx)[~padding], model(other)[~padding])
+    for block in model.blocks:
+        block.attn.implementation = "readable"
+    torch.testing.assert_close(model(idx, key_padding_mask=padding), logits, rtol=0, atol=1e-12)

@@ -73,7 +73,7 @@ def test_bad_layer_arguments():
         MultiheadDilatedAttention(10, 4, [4], [1])
     with pytest.raises(ValueError, match=r"num_heads must be a positive integer, got 0"):
         MultiheadDilatedAttention(8, 0, [4], [1])
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1\.5"):
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got 1\.5"):
         MultiheadDilatedAttention(8, 2, [4], [1], dropout=1.5)
     with pytest.raises(ValueError, match=r"head_offsets must be one of"):
         MultiheadDilatedAttention(8, 2, [4], [1], head_offsets="blocks")

@@ -139,10 +139,15 @@ class Block(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, x, attend=None):
+    def forward(self, x, attend=None, key_padding_mask=None):
         """x (B, N, E) -> (B, N, E). `attend(attn, hidden)` replaces `attn(hidden)` (cached decoding)."""
         hidden = self.ln_attn(x)
-        x = x + (self.attn(hidden) if attend is None else attend(self.attn, hidden))
+        if attend is not None:
+            x = x + attend(self.attn, hidden)
+        elif key_padding_mask is None:
+            x = x + self.attn(hidden)
+        else:  # keyword only: a sequence-parallel layer's second argument is its group
+            x = x + self.attn(hidden, key_padding_mask=key_padding_mask)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -185,20 +190,27 @@ class LongNetLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, *, attend=None):
+    def forward(self, idx, targets=None, *, attend=None, key_padding_mask=None):
         """idx (B, N) int64 -> logits (B, N, V); with targets (B, N), also the mean cross-entropy.
 
         Targets equal to -100 are ignored (the recall task scores only its answers).
         `attend` is forwarded to every block; `generate.KVCache` uses it.
+        key_padding_mask: None or (B, N) bool, True at padding (a batch of sequences of different
+        lengths, padded on either side): no token attends a padding token, in any layer, so the
+        logits of real tokens do not depend on what the padding holds. Give padding targets -100.
         """
         check_tokens("idx", idx, self.config.vocab_size)
+        if key_padding_mask is not None and attend is not None:
+            raise ValueError("key_padding_mask is not supported with attend (cached decoding decodes one sequence)")
         if targets is not None:
             check_tokens("targets", targets, self.config.vocab_size, ignore=-100)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
         x = self.embed(idx)  # (B, N, E)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if attend is None else lambda attn, hidden, i=i: attend(i, attn, hidden))
+            x = block(
+                x, None if attend is None else lambda attn, hidden, i=i: attend(i, attn, hidden), key_padding_mask
+            )
         logits = F.linear(self.ln_final(x), self.embed.weight)  # (B, N, V), head tied to the embedding
         if targets is None:
             return logits
