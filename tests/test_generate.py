@@ -163,3 +163,83 @@ def test_the_model_checks_targets_but_ignores_minus_100():
     model(idx, torch.tensor([[1, -100, 2, -100]]))
     with pytest.raises(ValueError, match=r"targets must be ids in \[0, 256\), got \[999\]"):
         model(idx, torch.tensor([[1, 999, 2, 3]]))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, corpus):
+    """A real checkpoint of a 2-step tiny run."""
+    from longnet_ref.lm.config import PRESETS, TrainConfig
+    from longnet_ref.lm.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(**dict(PRESETS["tiny"], steps=2, eval_every=2)), out, progress=False, corpus=corpus)
+    return out / "checkpoint.pt"
+
+
+def test_the_generation_cli_prints_the_cached_decoding_of_the_checkpoint(checkpoint, capsys):
+    from longnet_ref.lm.checkpoint import load_checkpoint
+    from longnet_ref.lm.generate import main
+
+    prompt = "def main():"
+    assert (
+        main(["--checkpoint", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    )
+    printed = capsys.readouterr().out
+    model, _ = load_checkpoint(checkpoint)
+    idx = torch.tensor([list(prompt.encode())])
+    expected = bytes(generate(model, idx, 12, temperature=0)[0, len(prompt) :].tolist())
+    assert printed == expected.decode("utf-8", errors="replace") + "\n"
+    sampled = ["--checkpoint", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "20", "--top-k", "5"]
+    main([*sampled, "--seed", "3"])
+    first = capsys.readouterr().out
+    main([*sampled, "--seed", "3"])
+    assert capsys.readouterr().out == first  # a seed gives the same text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+        (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+        (["--top-k", "0"], "--top-k must be a positive integer, got 0"),
+        (["--prompt", ""], "--prompt must not be empty"),
+        (["--max-new-tokens", "ten"], "argument --max-new-tokens: invalid int value: 'ten'"),
+    ],
+)
+def test_the_generation_cli_names_the_bad_flag(checkpoint, capsys, argv, message):
+    from longnet_ref.lm.generate import main
+
+    base = {"--checkpoint": str(checkpoint), "--prompt": "x"}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    with pytest.raises(SystemExit) as exit_:
+        main([item for pair in base.items() for item in pair])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_generation_cli_names_a_missing_checkpoint(tmp_path, capsys):
+    from longnet_ref.lm.generate import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"])
+    assert exit_.value.code == 2 and "--checkpoint checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])  # --checkpoint and --prompt are required
+    assert "the following arguments are required: --checkpoint, --prompt" in capsys.readouterr().err
+
+
+def test_sample_refuses_what_generate_refuses():
+    from longnet_ref.lm.generate import sample
+
+    logits = torch.zeros(2, 4)
+    for kwargs, message in (
+        ({"temperature": -1.0, "top_k": None}, "temperature must be a number >= 0"),
+        ({"temperature": float("inf"), "top_k": None}, "temperature must be finite"),
+        ({"temperature": 1.0, "top_k": True}, "top_k must be None or a positive integer, got True"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sample(logits, **kwargs)
+    with pytest.raises(ValueError, match=r"logits must be a \(B, V\) tensor with V >= 1, got \(4,\)"):
+        sample(torch.zeros(4), 1.0, None)
+    with pytest.raises(ValueError, match="logits must not be NaN"):
+        sample(torch.full((1, 4), float("nan")), 1.0, None)

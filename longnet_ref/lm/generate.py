@@ -22,11 +22,15 @@ so far (its window), V vocabulary.
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 from ..attention import dense_attention
+from ..checks import check_flag
 from ..mixture import dilated_attention, merge_branches
 from ..patterns import head_offset, keeps
 from .model import check_tokens
@@ -117,12 +121,8 @@ def generate(model, prompt, max_new_tokens, *, temperature=1.0, top_k=None, gene
         raise ValueError(f"prompt must be (B, T) token ids with T >= 1, got shape {tuple(prompt.shape)}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
+    check_sampling(temperature, top_k)
+    check_flag("return_logits", return_logits)
     was_training = model.training
     model.eval()
     cache = KVCache(len(model.blocks))
@@ -142,8 +142,24 @@ def generate(model, prompt, max_new_tokens, *, temperature=1.0, top_k=None, gene
     return tokens
 
 
+def check_sampling(temperature, top_k):
+    """temperature: a finite number >= 0 (0: greedy); top_k: None or a positive integer."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
+
+
 def sample(logits, temperature, top_k, generator=None):
     """logits (B, V) -> next tokens (B, 1)."""
+    check_sampling(temperature, top_k)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[-1] == 0:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a (B, V) tensor with V >= 1, got {shape}")
+    if not torch.isfinite(logits).any(dim=-1).all() or torch.isnan(logits).any():
+        raise ValueError("logits must not be NaN, and every row needs a finite logit")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     # Subtract the row maximum, then divide in float64 (which holds any positive Python float):
@@ -156,3 +172,50 @@ def sample(logits, temperature, top_k, generator=None):
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+def main(argv=None):
+    """`python -m longnet_ref.lm.generate`: continue a prompt with a trained checkpoint, print the text."""
+    from .checkpoint import load_checkpoint  # here: the decoding above needs no checkpoint code
+
+    parser = argparse.ArgumentParser(
+        prog="python -m longnet_ref.lm.generate",
+        description="Continue a prompt with a checkpoint written by `python -m longnet_ref.lm.train`, decoding "
+        "token by token with the KV cache (exact: equal to the full forward), and print the continuation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt written by train")
+    parser.add_argument("--prompt", required=True, help="the text to continue (UTF-8; the model reads bytes)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error(f"--top-k must be a positive integer, got {args.top_k}")
+    prompt = args.prompt.encode("utf-8")
+    if not prompt:
+        parser.error("--prompt must not be empty (decoding starts from at least one byte)")
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("torch sees no CUDA GPU")
+        model, _ = load_checkpoint(args.checkpoint, map_location=device, flag="--checkpoint")
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"--device {args.device}: {error}" if "device" in str(error).lower() else str(error))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # (1, T) byte ids
+    tokens = generate(model.to(device), idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      generator=generator)  # fmt: skip
+    continuation = bytes(tokens[0, len(prompt) :].tolist())
+    sys.stdout.write(continuation.decode("utf-8", errors="replace") + "\n")  # a cut-off character shows as U+FFFD
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
