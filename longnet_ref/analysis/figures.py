@@ -29,6 +29,7 @@ if __name__ == "__main__":
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..cli import HelpFormatter
 from ..patterns import geometric_mixture  # noqa: E402
 from .complexity import (  # noqa: E402
     TABLE2_DILATION_RATES,
@@ -196,7 +197,11 @@ def run_notebooks(folder: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m longnet_ref.analysis.figures", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m longnet_ref.analysis.figures",
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("names", nargs="*", help="only these figures (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sweeps (seconds, for a smoke test)")
     parser.add_argument("--notebooks", action="store_true", help="also run every notebook to redo their figures")

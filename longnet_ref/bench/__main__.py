@@ -37,6 +37,7 @@ import sys
 
 import torch
 
+from ..cli import HelpFormatter
 from ..patterns import geometric_mixture
 from .measure import attention_flops, describe, ideal_flop_ratio, measure, tolerance
 from .report import finish_csv, read_csv, scaling_line, write_csv, write_outputs
@@ -164,19 +165,25 @@ def report_sweep(name):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m longnet_ref.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m longnet_ref.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="CI mode: N = 2^10, 2^11 in one process, checks only")
     parser.add_argument(
         "--sections", default="glue,scaling,parallel,sweep", help="comma list of glue, scaling, parallel, sweep"
     )
-    parser.add_argument("--min-log2", type=int, default=10)
-    parser.add_argument("--max-log2", type=int, default=20)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--min-log2", type=int, default=10, help="the sweep's shortest N, as log2 N")
+    parser.add_argument("--max-log2", type=int, default=20, help="the sweep's longest N, as log2 N")
+    parser.add_argument("--heads", type=int, default=4, help="H of every timed configuration")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     parser.add_argument(
         "--dense-limit", type=float, default=60.0, help="extrapolate dense once a call would take longer"
     )
-    parser.add_argument("--readable-max-n", type=int, default=2**13)
+    parser.add_argument(
+        "--readable-max-n", type=int, default=2**13, help="time the readable path only up to this N (it is slow)"
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per configuration")
     parser.add_argument("--replot", action="store_true", help="redraw figures/bench.png and its table from bench.csv")
     parser.add_argument(

@@ -32,6 +32,7 @@ import torch
 
 from ..analysis.results import paste_into_readme
 from ..analysis.viz import required_figures_dir
+from ..cli import HelpFormatter
 from ..files import write_atomic
 from .checkpoint import load_checkpoint, read_checkpoint
 from .config import TrainConfig
@@ -213,14 +214,22 @@ def report(runs, readme=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m longnet_ref.lm.experiment", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("table2", "recall", "report", "all"))
+    parser = argparse.ArgumentParser(
+        prog="python -m longnet_ref.lm.experiment",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "what",
+        choices=("table2", "recall", "report", "all"),
+        help="train and test the Table 2 runs, the recall runs, or both (all); report: only the tables",
+    )
     parser.add_argument("--runs", required=True, help="folder for the runs (checkpoints, metrics, test results)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (1: kind to a shared machine)")
     parser.add_argument(
         "--jobs", type=int, default=1, help="recall models trained at once, one process each (2 on a 2-core machine)"
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads}")

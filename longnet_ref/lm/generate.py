@@ -31,6 +31,7 @@ import torch
 
 from ..attention import dense_attention
 from ..checks import check_flag
+from ..cli import HelpFormatter
 from ..mixture import dilated_attention, merge_branches
 from ..patterns import head_offset, keeps
 from .model import check_tokens
@@ -182,7 +183,7 @@ def main(argv=None):
         prog="python -m longnet_ref.lm.generate",
         description="Continue a prompt with a checkpoint written by `python -m longnet_ref.lm.train`, decoding "
         "token by token with the KV cache (exact: equal to the full forward), and print the continuation.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt written by train")
     parser.add_argument("--prompt", required=True, help="the text to continue (UTF-8; the model reads bytes)")

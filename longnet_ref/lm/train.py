@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..cli import HelpFormatter
 from ..files import write_atomic
 from .checkpoint import restore_run, rng_states, save_checkpoint
 from .config import PRESETS, TASKS, TrainConfig
@@ -239,12 +240,20 @@ def train(
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m longnet_ref.lm.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m longnet_ref.lm.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; flags below override")
     parser.add_argument(
-        "--attention", choices=ATTENTION_KINDS, help="dilated (LongNet), dense, or local (first branch)"
+        "--attention",
+        choices=ATTENTION_KINDS,
+        help=f"dilated (LongNet), dense, or local (first branch) ({preset_values('attention')})",
     )
-    parser.add_argument("--task", choices=TASKS, help="code: the standard library; recall: key-value recall")
+    parser.add_argument(
+        "--task", choices=TASKS, help=f"code: the standard library; recall: key-value recall ({preset_values('task')})"
+    )
     parser.add_argument("--out", required=True, help="folder for checkpoint.pt and metrics.json")
     parser.add_argument("--resume", help="continue from this checkpoint.pt")
     parser.add_argument("--init-from", help="start from the weights of this checkpoint.pt (fresh optimiser)")
@@ -253,15 +262,47 @@ def build_parser():
         "--overwrite", action="store_true", help="replace the run that --out already holds (refused without it)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ints = ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "num_pairs", "queries_per_pair")
-    for name in ints + ("warmup", "eval_every", "eval_size", "seed", "threads"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int)
-    for name in ("lr", "weight_decay", "grad_clip"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float)
-    for name in ("segment_lengths", "dilation_rates"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, nargs="+", help="e.g. 256 512 1024")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    # The sizes default to the preset's (None here: "not given"), so their help says which preset value applies.
+    for name, kind, meaning in OVERRIDES:
+        nargs = "+" if name in ("segment_lengths", "dilation_rates") else None
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=kind, nargs=nargs, help=f"{meaning} ({preset_values(name)})"
+        )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help=f"auto: cuda if there ({preset_values('device')})"
+    )
     return parser
+
+
+def preset_values(name):
+    """What a flag defaults to in each preset: "default: cpu 1024, gpu 4096, tiny 64"."""
+    default = getattr(TrainConfig(), name)  # the dataclass's defaults, default_factory ones included
+    values = [f"{preset} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+              for preset, value in ((p, PRESETS[p].get(name, default)) for p in sorted(PRESETS))]  # fmt: skip
+    return "default: " + ", ".join(values)
+
+
+# The flags that override a preset's value: (TrainConfig field, type, what it is).
+OVERRIDES = (
+    ("seq_len", int, "N, bytes per training sequence"),
+    ("steps", int, "optimiser steps"),
+    ("batch_size", int, "sequences per step"),
+    ("embed_dim", int, "E, the model width"),
+    ("num_heads", int, "H, attention heads (E divisible by H)"),
+    ("num_layers", int, "Transformer blocks"),
+    ("num_pairs", int, "recall task: key-value pairs per sequence"),
+    ("queries_per_pair", int, "recall task: supervised queries per pair"),
+    ("warmup", int, "steps of linear learning-rate warm-up"),
+    ("eval_every", int, "steps between validation runs"),
+    ("eval_size", int, "validation sequences per run"),
+    ("seed", int, "seed of the weights and the data order"),
+    ("threads", int, "CPU threads; 0: torch's default, one per core (1 is kind to a shared machine)"),
+    ("lr", float, "peak learning rate (AdamW, cosine decay)"),
+    ("weight_decay", float, "AdamW weight decay"),
+    ("grad_clip", float, "clip the gradient norm to this"),
+    ("segment_lengths", int, "the branches' segment lengths w_i, e.g. 256 512 1024"),
+    ("dilation_rates", int, "the branches' dilation rates r_i, one per segment length, e.g. 1 2 4"),
+)
 
 
 def config_from_args(args) -> TrainConfig:

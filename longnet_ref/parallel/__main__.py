@@ -28,6 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..cli import HelpFormatter
 from ..layer import MultiheadDilatedAttention
 from .comm import as_communicator
 from .layer import SequenceParallelDilatedAttention
@@ -37,17 +38,25 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}  #
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m longnet_ref.parallel", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m longnet_ref.parallel",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument(
         "--seq-len", type=int, default=65536, help="N, the whole sequence (divisible by the number of ranks)"
     )
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--embed-dim", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
-    parser.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--batch", type=int, default=1, help="B, sequences per step")
+    parser.add_argument("--embed-dim", type=int, default=64, help="E, the layer's width")
+    parser.add_argument("--heads", type=int, default=4, help="H, attention heads (E divisible by H)")
+    parser.add_argument(
+        "--segment-lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536], help="the branches' w_i"
+    )
+    parser.add_argument(
+        "--dilation-rates", type=int, nargs="+", default=[1, 4, 8, 16], help="the branches' r_i, one per w_i"
+    )
+    parser.add_argument("--causal", action="store_true", help="causal (decoder) attention")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the layer and inputs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, nccl")
     parser.add_argument(
         "--check", choices=["auto", "yes", "no"], default="auto", help="compare with one device (auto: if small)"
@@ -60,7 +69,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--kill-rank", type=int, default=-1, help="fault injection: this rank dies before its forward")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (gloo connects lazily)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (the same on every rank)")
     return parser.parse_args(argv)
 
 
