@@ -218,12 +218,15 @@ def main(argv=None) -> int:
             required_figures_dir("the figures")
         except ValueError as error:
             parser.error(f"{error}, or pass --out DIR")
-    for name in args.names or figures:
+    from tqdm.auto import tqdm
+
+    names = args.names or list(figures)
+    for name in tqdm(names, desc="figures", unit="figure", disable=None, leave=False):  # off without a terminal
         start = time.perf_counter()
         fig = figures[name]()
         path = save_fig(fig, name, folder=args.out)
         plt.close(fig)
-        print(f"{path} ({time.perf_counter() - start:.1f} s)", flush=True)
+        tqdm.write(f"{path} ({time.perf_counter() - start:.1f} s)")
     if args.notebooks:
         run_notebooks(Path(__file__).resolve().parents[2] / "notebooks")
     return 0

@@ -54,9 +54,25 @@ def in_subprocess(cfgs, timeout):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def sweep_bar(args):
+    """A progress bar over the sweep, in units of its FLOPs (a 2^20 run weighs 4^10 of a 2^10 one), so
+    that its ETA means something; off when stderr is not a terminal (CI logs)."""
+    from tqdm.auto import tqdm
+
+    total = 0.0
+    for log2 in range(args.min_log2, args.max_log2 + 1):
+        ws, rs = geometric_mixture(W0, RATIO, seq_len=2**log2)
+        for path in ("dense", "readable", "fast"):
+            if path != "readable" or 2**log2 <= args.readable_max_n:
+                cfg = dict(path=path, N=2**log2, B=1, H=args.heads, D=64, ws=ws, rs=rs, causal=False, backward=True)
+                total += 4 * attention_flops(cfg) / 1e9  # fwd and fwd+bwd, causal and not: about 4x
+    return tqdm(total=total, desc="sweep", unit="GFLOP", disable=None, leave=False)
+
+
 def run_sweep(args, run, log):
     """Time vs N for every path; dense stops being run once one call would exceed --dense-limit s."""
     results, dense_last = [], {}
+    bar = sweep_bar(args)
     for log2 in range(args.min_log2, args.max_log2 + 1):
         N = 2**log2
         ws, rs = geometric_mixture(W0, RATIO, seq_len=N)
@@ -79,9 +95,11 @@ def run_sweep(args, run, log):
                         if path == "dense":
                             dense_last[(backward, causal)] = (N, result["seconds"])
                     results.append(result)
+                    bar.update(attention_flops(dict(cfg, causal=False, backward=True)) / 1e9)
                     log(result)
                     if args.csv:
                         write_csv(results, args.csv, partial=True)  # figures/<csv>.csv stays as it was
+    bar.close()
     if args.csv:
         finish_csv(args.csv)  # complete: the new results replace the old in one rename
     return results
