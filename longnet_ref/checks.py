@@ -96,11 +96,12 @@ def check_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
-def check_qkv(q, k, v, *, same_length: bool = True, causal: bool = False) -> None:
+def check_qkv(q, k, v, *, same_length: bool = True, causal: bool = False, grouped: bool = False) -> None:
     """q, k, v: 4-D floating tensors on one device with one dtype and matching shapes.
 
     `same_length=False` lets keys be a different sequence than queries (cross attention in
     `dense_attention`); causal attention then still needs equal lengths, or "future" is undefined.
+    `grouped=True` lets k and v have H_kv heads, H % H_kv == 0 (grouped-query attention).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
@@ -109,6 +110,14 @@ def check_qkv(q, k, v, *, same_length: bool = True, causal: bool = False) -> Non
             raise ValueError(f"{name} has dtype {x.dtype} but q has dtype {q.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} is on device {x.device} but q is on device {q.device}")
+    if grouped and k.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]:
+        H, H_kv = q.shape[1], k.shape[1]
+        if H_kv == 0 or H % H_kv:
+            raise ValueError(
+                f"k and v have {H_kv} heads, which must divide q's {H} (grouped-query attention: each kv head "
+                f"serves H / H_kv consecutive query heads); got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        return
     if same_length or causal:
         if not (q.shape == k.shape == v.shape):
             raise ValueError(

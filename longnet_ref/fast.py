@@ -37,7 +37,7 @@ Letters: the package legend (`longnet_ref/__init__.py`); W = w and R = r in shap
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,12 +61,32 @@ class Piece:
     offset: int  # o, the heads' offset
     dilation_rate: int  # R
     heads: slice  # heads sharing the offset
+    kv_heads: tuple | None = None  # grouped-query keys: (first, step, count) heads of k, v; step 0 repeats one
 
     def view(self, x):
-        """Kept rows of every batch element: (B, H, N, *rest) -> (B, h, S, K, *rest), a view of x."""
-        rows = x[:, self.heads, self.start : self.start + self.num_segments * self.segment_length]
+        """Kept rows of every batch element: (B, H, N, *rest) -> (B, h, S, K, *rest), a view of x.
+
+        With `kv_heads` (first, step, count) it selects those heads of x instead (x is k or v with
+        H_kv heads); step 0 is one head read by `count` query heads, a stride-0 view, not a copy.
+        """
+        if self.kv_heads is None:
+            heads = x[:, self.heads]
+        else:
+            first, step, count = self.kv_heads
+            heads = (
+                x[:, first : first + 1].expand(-1, count, *x.shape[2:]) if step == 0 else x[:, first::step][:, :count]
+            )
+        rows = heads[:, :, self.start : self.start + self.num_segments * self.segment_length]
         rows = rows.unflatten(2, (self.num_segments, self.segment_length))  # (B, h, S, W, *rest)
         return rows[:, :, :, self.offset :: self.dilation_rate]  # (B, h, S, K, *rest)
+
+    def add_into(self, grad, value):
+        """grad[this piece's rows] += value (B, h, S, K, *rest); query heads that share one kv head add up."""
+        if self.kv_heads is not None and self.kv_heads[1] == 0 and self.kv_heads[2] > 1:
+            one = replace(self, kv_heads=(self.kv_heads[0], 1, 1))
+            one.view(grad).add_(value.sum(dim=1, keepdim=True))
+        else:
+            self.view(grad).add_(value)
 
 
 # The kernels take 4-D (batch, heads, rows, D) tensors, and a piece's view is 5-D (B, h, S, K, D):
@@ -124,16 +144,18 @@ def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_of
     B, H, N, D = q.shape
     out = q.new_zeros(B, H, N, D)
     lse = torch.full((B, H, N), -math.inf, dtype=lse_dtype(q), device=q.device)
-    for piece in branch_pieces(N, H, segment_length, dilation_rate, head_offsets):
-        axis = fold_axes(piece.view(q))
+    for call in branch_calls(N, H, [(segment_length, dilation_rate)], causal, head_offsets, k.shape[1], B):
+        axis = fold_axes(call.queries.view(q))
         out_p, lse_p = FusedAttention.apply(
-            *(fold(piece.view(x), axis) for x in (q, k, v)),  # (B*h, S, K, D) or (B*S, h, K, D)
+            fold(call.queries.view(q), axis),  # (B*h, S, K, D) or (B*S, h, K, D)
+            fold(call.keys.view(k), axis),  # autograd sums the gradient of a repeated kv head
+            fold(call.keys.view(v), axis),
             causal,
             softmax_scale(D),
-            piece_key_mask(piece, key_padding_mask, H, axis),
+            piece_key_mask(call.queries, key_padding_mask, H, axis),
         )
-        piece.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 6-8 (autograd records the copy)
-        piece.view(lse).copy_(unfold(lse_p, axis, B))
+        call.queries.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 6-8 (autograd records the copy)
+        call.queries.view(lse).copy_(unfold(lse_p, axis, B))
     return out, lse
 
 
@@ -152,12 +174,57 @@ class Call:
     causal: bool
 
 
-def branch_calls(seq_len, num_heads, branches, causal, head_offsets):
-    """The calls of a mixture on one device: every piece of every branch attends its own rows."""
+def kv_runs(heads, num_heads, group):
+    """Grouped-query attention: split a piece's query heads into runs whose kv heads (head j reads
+    kv head j // group) form one arithmetic progression: [(query heads slice, (first, step, count))]."""
+    js = list(range(num_heads))[heads]
+    step_q = heads.step or 1
+    runs, i = [], 0
+    while i < len(js):
+        first = js[i] // group
+        step = js[i + 1] // group - first if i + 1 < len(js) else 1
+        end = i + 1
+        while end < len(js) and js[end] // group == first + (end - i) * step:
+            end += 1
+        runs.append((slice(js[i], js[end - 1] + 1, step_q), (first, step, end - i)))
+        i = end
+    return runs
+
+
+def gqa_calls(piece, causal, num_heads, num_kv_heads, batch):
+    """The calls of one piece whose keys come from k, v with `num_kv_heads` heads (`kv_runs`).
+
+    A run of query heads that all read one kv head is one call with a stride-0 view of it when
+    B = 1 (the kernel's batch axis is then the heads'), else one call per query head: folding
+    B with a repeated head is no view, and a copy of k's rows is what grouped-query attention
+    is there to avoid.
+    """
+    if num_kv_heads == num_heads:
+        return [Call(piece, piece, 0, causal)]
+    calls = []
+    for heads, (first, step, count) in kv_runs(piece.heads, num_heads, num_heads // num_kv_heads):
+        if step == 0 and count > 1 and batch > 1:
+            for i in range(count):
+                one = slice(heads.start + i * heads.step, heads.start + i * heads.step + 1)
+                calls.append(
+                    Call(replace(piece, heads=one), replace(piece, heads=one, kv_heads=(first, 1, 1)), 0, causal)
+                )
+        else:
+            calls.append(
+                Call(replace(piece, heads=heads), replace(piece, heads=heads, kv_heads=(first, step, count)), 0, causal)
+            )
+    return calls
+
+
+def branch_calls(seq_len, num_heads, branches, causal, head_offsets, num_kv_heads=None, batch=1):
+    """The calls of a mixture on one device: every piece of every branch attends its own rows
+    (its own kv heads' rows with grouped-query keys, `gqa_calls`)."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     return [
-        Call(piece, piece, 0, causal)
+        call
         for w, r in branches
         for piece in branch_pieces(seq_len, num_heads, w, r, head_offsets)
+        for call in gqa_calls(piece, causal, num_heads, num_kv_heads, batch)
     ]
 
 
@@ -187,7 +254,7 @@ class RunningMerge(torch.autograd.Function):
                 fold(call.keys.view(values), axis),
                 call.causal,
                 scale,
-                piece_key_mask(call.keys, key_padding_mask, H, axis) if call.source == 0 else None,
+                piece_key_mask(call.queries, key_padding_mask, H, axis) if call.source == 0 else None,
             )
             merge.add(call.queries, unfold(out_c, axis, B), unfold(lse_c, axis, B))
             saved.append((lse_c, *kernel_saved))
@@ -231,8 +298,8 @@ class RunningMerge(torch.autograd.Function):
                 dlse=None if dlse is None else fold(rows.view(dlse), axis) * alpha,
             )
             rows.view(dq).add_(unfold(dq_c, axis, ctx.batch))
-            call.keys.view(dkeys).add_(unfold(dk_c, axis, ctx.batch))
-            call.keys.view(dvalues).add_(unfold(dv_c, axis, ctx.batch))
+            call.keys.add_into(dkeys, unfold(dk_c, axis, ctx.batch))
+            call.keys.add_into(dvalues, unfold(dv_c, axis, ctx.batch))
         return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *(d.to(x.dtype) for d, x in zip(dkv, kv))
 
 
@@ -293,4 +360,5 @@ def merge_weight(lse_c, top, total):
 def fast_dilated_attention(q, k, v, branches, *, causal=False, head_offsets="paper", key_padding_mask=None):
     """The mixture (Eqs. 3-10) through one `RunningMerge` (validated inputs): `(out, lse)`."""
     B, H, N, D = q.shape
-    return RunningMerge.apply(branch_calls(N, H, branches, causal, head_offsets), key_padding_mask, q, k, v)
+    calls = branch_calls(N, H, branches, causal, head_offsets, k.shape[1], B)
+    return RunningMerge.apply(calls, key_padding_mask, q, k, v)

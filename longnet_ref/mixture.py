@@ -141,7 +141,10 @@ def dilated_branch(
     """One dilated branch `(w, r)` of LongNet (Eqs. 3-8) on (B, H, N, D) tensors.
 
     Args:
-        q, k, v: (B, H, N, D), same shape, dtype and device.
+        q, k, v: (B, H, N, D), same dtype and device; k and v may have H_kv heads with
+            H % H_kv == 0 (grouped-query attention: kv head c serves the H / H_kv consecutive
+            query heads from c * H / H_kv, as `k.repeat_interleave(H // H_kv, dim=1)` would, but
+            the fast path reads k and v in place).
         segment_length: w; w >= N makes the whole sequence one segment. The last segment may
             be shorter than w; it is never padded with attended keys.
         dilation_rate: r <= w; head j keeps the rows pos with (pos - m*w) mod r == o_j in segment m
@@ -157,7 +160,7 @@ def dilated_branch(
         out (B, H, N, D) and lse (B, H, N). Rows the branch does not keep, or whose kept keys
         are all masked: out 0, lse -inf.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped=True)
     check_flag("causal", causal)
     key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     w, r = check_branch(segment_length, dilation_rate)
@@ -186,7 +189,8 @@ def dilated_attention(
     """LongNet's dilated attention: a mixture of branches `(w_i, r_i)` merged by Eq. 10.
 
     Args:
-        q, k, v: (B, H, N, D), same shape, dtype and device.
+        q, k, v: (B, H, N, D), same dtype and device; k and v may have H_kv heads dividing H
+            (grouped-query attention, as in `dilated_branch`).
         segment_lengths, dilation_rates: the branches, e.g. [2048, 4096], [1, 2].
         causal: each query attends only keys at or before it.
         head_offsets: "paper", "torchscale" or "none" (`patterns.head_offset`).
@@ -203,7 +207,7 @@ def dilated_attention(
     Returns:
         out (B, H, N, D), or `(out, lse)` with `return_lse=True`.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped=True)
     for name, flag in (("causal", causal), ("detach_weights", detach_weights), ("return_lse", return_lse)):
         check_flag(name, flag)
     key_padding_mask = check_key_padding_mask(key_padding_mask, k)

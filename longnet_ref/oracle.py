@@ -22,23 +22,31 @@ from .checks import check_branches, check_flag, check_head_offsets, check_key_pa
 from .patterns import attention_pattern, pattern_rows
 
 
+def repeat_kv_heads(k, v, num_heads):
+    """Grouped-query attention's definition: k, v with H_kv heads -> H heads, kv head c serving the
+    H / H_kv consecutive query heads c * H / H_kv, ... (SDPA's enable_gqa rule). A copy: the oracle's."""
+    group = num_heads // k.shape[1] if k.shape[1] else 1
+    return (k, v) if group == 1 else (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+
+
 def oracle_attention(
     q, k, v, segment_lengths, dilation_rates, *, causal=False, head_offsets="paper", key_padding_mask=None
 ):
     """Dilated attention of the mixture, computed densely: `softmax(q k^T / sqrt(D) + log c) v`.
 
     key_padding_mask: None or (B, N) bool; True removes that key from every branch (its c is 0
-    for every query).
+    for every query). k and v may have H_kv heads dividing H (`repeat_kv_heads`).
 
     Returns `(out, lse)` like `dense_attention`: out (B, H, N, D), lse (B, H, N); rows that no
     branch covers, or whose keys are all removed, get out 0 and lse -inf.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped=True)
     check_flag("causal", causal)
     key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     B, H, N, D = q.shape
     check_branches(segment_lengths, dilation_rates)
     check_head_offsets(head_offsets)
+    k, v = repeat_kv_heads(k, v, H)
     if N == 0 or H == 0:  # nothing to attend: empty out and lse, as scaled_dot_product_attention
         return dense_attention(q, k, v)
     counts = attention_pattern(N, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
@@ -55,10 +63,11 @@ def oracle_rows(
 
     Costs O(H Q N): exact checks of a few rows of sequences far too long for `oracle_attention`.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped=True)
     check_flag("causal", causal)
     key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     B, H, N, D = q.shape
+    k, v = repeat_kv_heads(k, v, H)
     counts = pattern_rows(N, rows, segment_lengths, dilation_rates, H, causal=causal, head_offsets=head_offsets)
     bias = torch.log(counts.to(device=q.device, dtype=q.dtype))[None]  # (1, H, Q, N)
     if key_padding_mask is not None:
