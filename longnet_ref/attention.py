@@ -42,6 +42,13 @@ def softmax_scale(head_dim):
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
+def repeat_kv_heads(k, v, num_heads):
+    """Grouped-query attention's definition: k, v with H_kv heads -> H heads, kv head c serving the
+    H / H_kv consecutive query heads c * H / H_kv, ... (SDPA's enable_gqa rule). A copy: for the readable paths."""
+    group = num_heads // k.shape[1] if k.shape[1] else 1
+    return (k, v) if group == 1 else (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+
+
 def dense_attention(q, k, v, *, causal=False, bias=None):
     """Softmax attention of every query over every key; returns `(out, lse)`.
 

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import dense_attention
+from .attention import dense_attention, repeat_kv_heads
 from .patterns import head_offset
 
 
@@ -94,8 +94,7 @@ def readable_branch(
     key_padding_mask: None or (B, N) bool, True for the keys to ignore.
     """
     B, H, N, D = q.shape
-    if k.shape[1] != H:  # grouped-query keys: kv head c serves query heads c * H / H_kv, ... (a copy, readably)
-        k, v = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))
+    k, v = repeat_kv_heads(k, v, H)  # grouped-query keys: kv head c serves query heads c * H / H_kv, ...
     W = min(segment_length, N)  # w >= N: the whole sequence is one segment
     R = dilation_rate
     S, K = math.ceil(N / W), math.ceil(W / R)

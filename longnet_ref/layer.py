@@ -45,6 +45,8 @@ class MultiheadDilatedAttention(nn.Module):
             RoPE (`longnet_ref.lm.model.RotaryEmbedding`) live here, because they must rotate q and
             k, not the layer's input. Default None: no positions (the layer is permutation
             equivariant apart from its causal mask and segments).
+        num_kv_heads: H_kv heads of k and v (grouped-query attention; None: H). Each serves
+            H / H_kv consecutive query heads; the k and v projections shrink to H_kv * D outputs.
         device, dtype: where and in what dtype the parameters are made (as torch's layers take them).
     """
 
@@ -61,6 +63,7 @@ class MultiheadDilatedAttention(nn.Module):
         head_offsets="paper",
         implementation="fast",
         rotary=None,
+        num_kv_heads=None,
         device=None,
         dtype=None,
     ):
@@ -75,14 +78,18 @@ class MultiheadDilatedAttention(nn.Module):
         check_flag("bias", bias)
         branches = check_branches(segment_lengths, dilation_rates)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else as_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads {self.num_kv_heads} must divide num_heads {num_heads}")
+        kv_dim = self.num_kv_heads * self.head_dim  # grouped-query attention: smaller k and v projections
         self.segment_lengths = [w for w, _ in branches]
         self.dilation_rates = [r for _, r in branches]
         self.causal = check_flag("causal", causal)
         self.head_offsets = check_head_offsets(head_offsets)
         self.implementation = check_implementation(implementation)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.dropout = nn.Dropout(float(dropout))
         if rotary is not None and not callable(rotary):
@@ -132,8 +139,8 @@ class MultiheadDilatedAttention(nn.Module):
         return layer
 
     def split_heads(self, x):
-        B, N, E = x.shape
-        return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+        B, N, _ = x.shape
+        return x.view(B, N, -1, self.head_dim).transpose(1, 2)  # (B, H, N, D), or (B, H_kv, N, D) for k and v
 
     def forward(self, x, key_padding_mask=None):
         """x: (B, N, E) -> (B, N, E).
@@ -166,6 +173,7 @@ class MultiheadDilatedAttention(nn.Module):
 
     def extra_repr(self):
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, segment_lengths={self.segment_lengths}, "
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"segment_lengths={self.segment_lengths}, "
             f"dilation_rates={self.dilation_rates}, causal={self.causal}, head_offsets={self.head_offsets!r}"
         )

@@ -17,16 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .attention import dense_attention
+from .attention import dense_attention, repeat_kv_heads
 from .checks import check_branches, check_flag, check_head_offsets, check_key_padding_mask, check_qkv
 from .patterns import attention_pattern, pattern_rows
-
-
-def repeat_kv_heads(k, v, num_heads):
-    """Grouped-query attention's definition: k, v with H_kv heads -> H heads, kv head c serving the
-    H / H_kv consecutive query heads c * H / H_kv, ... (SDPA's enable_gqa rule). A copy: the oracle's."""
-    group = num_heads // k.shape[1] if k.shape[1] else 1
-    return (k, v) if group == 1 else (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
 
 
 def oracle_attention(

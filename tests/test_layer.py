@@ -111,3 +111,23 @@ def test_a_padded_query_without_keys_gets_the_output_bias_not_nan():
     out = layer(x, key_padding_mask=left)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, :3], layer.out_proj.bias.expand(3, -1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
+def test_grouped_query_layer_is_the_layer_with_its_kv_heads_repeated(implementation):
+    """num_kv_heads = 2 of 6: k and v projections of 2 heads, each serving 3 consecutive query heads."""
+    E, H, N = 24, 6, 21
+    layer = MultiheadDilatedAttention(E, H, [8, 16], [1, 2], causal=True, num_kv_heads=2, implementation=implementation)
+    layer = layer.double()
+    assert layer.k_proj.out_features == layer.v_proj.out_features == 2 * (E // H)
+    x = torch.randn(2, N, E, dtype=torch.float64)
+    q = layer.q_proj(x).view(2, N, H, E // H).transpose(1, 2)
+    k, v = (
+        p(x).view(2, N, 2, E // H).transpose(1, 2).repeat_interleave(3, dim=1) for p in (layer.k_proj, layer.v_proj)
+    )
+    attn = dilated_attention(q, k, v, [8, 16], [1, 2], causal=True)
+    torch.testing.assert_close(layer(x), layer.out_proj(attn.transpose(1, 2).reshape(2, N, E)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="num_kv_heads 4 must divide num_heads 6"):
+        MultiheadDilatedAttention(E, H, [8], [1], num_kv_heads=4)
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive integer, got 0"):
+        MultiheadDilatedAttention(E, H, [8], [1], num_kv_heads=0)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..attention import dense_attention
+from ..attention import dense_attention, repeat_kv_heads
 from ..checks import check_flag
 from ..cli import HelpFormatter
 from ..mixture import dilated_attention, merge_branches
@@ -41,7 +41,7 @@ class KVCache:
     """Keys (after RoPE) and values of every layer, in buffers that grow as tokens arrive."""
 
     def __init__(self, num_layers: int):
-        self.keys = [None] * num_layers  # each (B, H, N, D)
+        self.keys = [None] * num_layers  # each (B, H_kv, N, D): H_kv = H unless grouped-query
         self.values = [None] * num_layers
         self.length = 0  # tokens cached so far (all layers agree once a forward has finished)
 
@@ -99,9 +99,8 @@ def cached_attention(q, keys, values, pos, attn):
         offsets = torch.tensor([head_offset(j, H, r, attn.head_offsets) for j in range(H)], device=q.device)  # (H,)
         visible = keeps(pos, window[None, :], w, r, offsets[:, None], causal=True)  # (H, J)
         bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
-        out, lse = dense_attention(
-            q, keys[:, :, first : pos + 1], values[:, :, first : pos + 1], bias=bias[None, :, None, :]
-        )  # out (B, H, 1, D), lse (B, H, 1)
+        window_k, window_v = repeat_kv_heads(keys[:, :, first : pos + 1], values[:, :, first : pos + 1], H)
+        out, lse = dense_attention(q, window_k, window_v, bias=bias[None, :, None, :])  # (B, H, 1, D), (B, H, 1)
         outs.append(out)
         lses.append(lse)
     out, _ = merge_branches(outs, lses)  # Eq. 10
