@@ -112,7 +112,7 @@ def check_qkv(q, k, v, *, same_length: bool = True, causal: bool = False, groupe
             raise ValueError(f"{name} is on device {x.device} but q is on device {q.device}")
     if grouped and k.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]:
         H, H_kv = q.shape[1], k.shape[1]
-        if H_kv == 0 or H % H_kv:
+        if H_kv != H and (H_kv == 0 or H % H_kv):  # H = H_kv = 0: empty heads, an empty result
             raise ValueError(
                 f"k and v have {H_kv} heads, which must divide q's {H} (grouped-query attention: each kv head "
                 f"serves H / H_kv consecutive query heads); got q {tuple(q.shape)}, k {tuple(k.shape)}"

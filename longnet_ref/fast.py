@@ -132,11 +132,13 @@ def branch_pieces(seq_len, num_heads, segment_length, dilation_rate, head_offset
 
 
 def piece_key_mask(piece, key_padding_mask, num_heads, axis):
-    """The piece's keys' padding flags, folded like its keys: (B, N) -> (B*h, S, K) or (B*S, h, K); None stays None."""
+    """The piece's keys' padding flags, folded like its keys: (B, N) or per head (B, H, N) -> (B*h, S, K)
+    or (B*S, h, K); None stays None."""
     if key_padding_mask is None:
         return None
-    per_head = key_padding_mask[:, None, :].expand(-1, num_heads, -1)  # (B, H, N), a view
-    return fold(piece.view(per_head), axis)  # (B, h, S, K) folded (a small copy: B*N/R flags)
+    if key_padding_mask.dim() == 2:
+        key_padding_mask = key_padding_mask[:, None, :].expand(-1, num_heads, -1)  # (B, H, N), a view
+    return fold(piece.view(key_padding_mask), axis)  # (B, h, S, K) folded (a small copy: B*N/R flags)
 
 
 def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_offsets="paper", key_padding_mask=None):
@@ -231,13 +233,13 @@ def branch_calls(seq_len, num_heads, branches, causal, head_offsets, num_kv_head
 class RunningMerge(torch.autograd.Function):
     """Attention calls merged as they finish (Eq. 10) in one autograd node: (q, k, v, *kv) -> (out, lse).
 
-    `kv` are extra key/value sources, each (2, B, H, n, D) (keys, values). `key_padding_mask`
-    (B, N) bool (True = ignore) or None applies to the keys of k itself (source 0). A row of q
-    that no call reads, or whose keys are all masked, gets out 0 and lse -inf.
+    `kv` are extra key/value sources, each (2, B, H, n, D) (keys, values). `masks` is None, or
+    one key padding mask per source (True = ignore): (B, N) for k itself, (B, H, n) for an extra
+    source, or None. A row of q that no call reads, or whose keys are all masked, gets out 0 and lse -inf.
     """
 
     @staticmethod
-    def forward(ctx, calls, key_padding_mask, q, k, v, *kv):
+    def forward(ctx, calls, masks, q, k, v, *kv):
         ctx.set_materialize_grads(False)
         B, H, N, D = q.shape
         scale = softmax_scale(D)
@@ -254,7 +256,7 @@ class RunningMerge(torch.autograd.Function):
                 fold(call.keys.view(values), axis),
                 call.causal,
                 scale,
-                piece_key_mask(call.queries, key_padding_mask, H, axis) if call.source == 0 else None,
+                None if masks is None else piece_key_mask(call.keys, masks[call.source], H, axis),
             )
             merge.add(call.queries, unfold(out_c, axis, B), unfold(lse_c, axis, B))
             saved.append((lse_c, *kernel_saved))
@@ -361,4 +363,4 @@ def fast_dilated_attention(q, k, v, branches, *, causal=False, head_offsets="pap
     """The mixture (Eqs. 3-10) through one `RunningMerge` (validated inputs): `(out, lse)`."""
     B, H, N, D = q.shape
     calls = branch_calls(N, H, branches, causal, head_offsets, k.shape[1], B)
-    return RunningMerge.apply(calls, key_padding_mask, q, k, v)
+    return RunningMerge.apply(calls, None if key_padding_mask is None else [key_padding_mask], q, k, v)

@@ -140,7 +140,8 @@ class MultiheadDilatedAttention(nn.Module):
 
     def split_heads(self, x):
         B, N, _ = x.shape
-        return x.view(B, N, -1, self.head_dim).transpose(1, 2)  # (B, H, N, D), or (B, H_kv, N, D) for k and v
+        heads = x.shape[-1] // self.head_dim  # H, or H_kv for k and v
+        return x.view(B, N, heads, self.head_dim).transpose(1, 2)  # (B, heads, N, D)
 
     def forward(self, x, key_padding_mask=None):
         """x: (B, N, E) -> (B, N, E).

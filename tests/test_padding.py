@@ -161,3 +161,49 @@ def test_bad_masks_name_the_parameter():
         for call in calls:
             with pytest.raises(error, match=message):
                 call(mask)
+
+
+PARALLEL_CONFIGS = [  # (P, segment_lengths, dilation_rates): local branches, segments over 2, 4 and 8 ranks
+    (4, [8, 32], [1, 2]),
+    (8, [8, 32, 64, 128], [1, 2, 4, 8]),
+    (8, [32, 64], [3, 16]),  # r does not divide l (padded rows), r > l (ranks with no row)
+]
+
+
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
+@pytest.mark.parametrize("kind", ["left", "arbitrary"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("P, ws, rs", PARALLEL_CONFIGS)
+def test_sequence_parallel_with_padding_equals_the_oracle(P, ws, rs, causal, kind, implementation):
+    """The kept keys' flags travel with them: the simulated ranks give the oracle's out and gradients."""
+    from longnet_ref.parallel import simulate_sequence_parallel
+
+    B, H, N = 2, 4, 64
+    mask = padding(kind, B, N)
+    inputs = [x.requires_grad_() for x in rand_qkv(B, H, N, 8)]
+    out, _ = simulate_sequence_parallel(
+        *inputs, P, ws, rs, causal=causal, implementation=implementation, key_padding_mask=mask
+    )
+    want, _ = oracle_attention(*inputs, ws, rs, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, dout)
+    for g, g_w in zip(got, torch.autograd.grad(want, inputs, dout)):
+        torch.testing.assert_close(g, g_w, rtol=0, atol=1e-11)
+
+
+def test_sequence_parallel_ranks_agree_on_whether_there_is_a_mask():
+    from longnet_ref.parallel import SimulatedGroup, sequence_parallel_attention
+
+    group = SimulatedGroup(2)
+    q, k, v = rand_qkv(1, 2, 16, 4)
+
+    def rank(comm):  # rank 1 forgets its mask
+        mask = torch.zeros(1, 8, dtype=torch.bool) if comm.rank == 0 else None
+        chunk = slice(comm.rank * 8, comm.rank * 8 + 8)
+        return sequence_parallel_attention(
+            q[:, :, chunk], k[:, :, chunk], v[:, :, chunk], [16], [2], group=comm, key_padding_mask=mask
+        )
+
+    errors = group.run(rank, return_exceptions=True)
+    assert all(isinstance(e, ValueError) and "key_padding_mask" in str(e) for e in errors), errors

@@ -50,7 +50,7 @@ import math
 import torch
 
 from ..attention import lse_dtype
-from ..checks import check_flag, check_head_offsets, check_qkv
+from ..checks import check_flag, check_head_offsets, check_key_padding_mask, check_qkv
 from ..kernels import fused_attention
 from ..mixture import dilated_branch, merge_branches
 from ..patterns import head_groups
@@ -72,6 +72,7 @@ def sequence_parallel_attention(
     group=None,
     return_lse=False,
     implementation="fast",
+    key_padding_mask=None,
 ):
     """Dilated attention (Eqs. 3-10) of this rank's chunk of a sequence split over P ranks (Sec. 3.1).
 
@@ -89,6 +90,10 @@ def sequence_parallel_attention(
         implementation: "fast" (default: the rank's whole mixture as one list of fused-kernel
             calls merged as they finish, `fused.py`) or "readable" (branch by branch as below:
             `dilated_branch` step by step, `distributed_branch`, then `merge_branches`).
+        key_padding_mask: None, or this rank's chunk of the (B, N) mask, (B, l) bool, True for the
+            keys to ignore (as in `dilated_attention`); on every rank or on none. The kept rows'
+            flags travel with the kept keys (one more all-gather per distributed branch, of
+            B H w / r flags).
 
     Returns:
         out_local (B, H, l, D), or `(out_local, lse_local)`.
@@ -97,13 +102,16 @@ def sequence_parallel_attention(
         ValueError on every rank (never on some ranks only) for bad or inconsistent input.
     """
     comm = as_communicator(group)
+    check_flag("return_lse", return_lse)  # the same on every rank: a bad one raises everywhere before any collective
     plans = check_world(  # consensus.py: the same ValueError on every rank, or none
-        comm, q_local, k_local, v_local, segment_lengths, dilation_rates, causal, head_offsets, implementation
-    )
+        comm, q_local, k_local, v_local, segment_lengths, dilation_rates, causal, head_offsets, implementation,
+        key_padding_mask,
+    )  # fmt: skip
     if implementation == "fast":
         out, lse = fused_rank_attention(
-            q_local, k_local, v_local, plans, comm, causal=causal, head_offsets=head_offsets
-        )
+            q_local, k_local, v_local, plans, comm, causal=causal, head_offsets=head_offsets,
+            key_padding_mask=key_padding_mask,
+        )  # fmt: skip
         return (out, lse) if return_lse else out
 
     outs, lses = [], []  # out_i (B, H, l, D) and lse_i (B, H, l) of every branch i
@@ -118,25 +126,29 @@ def sequence_parallel_attention(
                 causal=causal,
                 head_offsets=head_offsets,
                 implementation="readable",
+                key_padding_mask=key_padding_mask,
             )
         else:
             out_i, lse_i = distributed_branch(
-                q_local, k_local, v_local, plan, comm, causal=causal, head_offsets=head_offsets
-            )
+                q_local, k_local, v_local, plan, comm, causal=causal, head_offsets=head_offsets,
+                key_padding_mask=key_padding_mask,
+            )  # fmt: skip
         outs.append(out_i)
         lses.append(lse_i)
     out, lse = merge_branches(outs, lses)  # Eq. 10, exactly as on one device
     return (out, lse) if return_lse else out
 
 
-def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper"):
+def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper", key_padding_mask=None):
     """One branch whose segment spans `plan.ranks`: this rank's `(out, lse)`, (B, H, l, D) and (B, H, l).
 
     `plan` is one of `plan_branches`'s for this rank. The checks here are this rank's own and come
     before any collective (`sequence_parallel_attention` checks every rank's input on every rank).
+    `key_padding_mask`: this rank's (B, l) chunk of the mask, or None (on every rank alike).
     """
     check_qkv(q, k, v)
     check_flag("causal", causal)
+    key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     check_head_offsets(head_offsets)
     if not isinstance(plan, BranchPlan):
         raise TypeError(f"plan must be a BranchPlan from plan_branches, got {type(plan).__name__}")
@@ -160,6 +172,14 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
 
     # 2. All-gather among the segment's ranks only: (g, 2, B, H, n_kept, D), slot `peer` from rank ranks[peer].
     gathered = all_gather(sparse, comm, ranks, plan.index) if g > 1 else sparse[None]
+    # The padding flags of the kept keys travel the same way (as 0/1 in k's dtype): (g, B, H, n_kept).
+    flags = None
+    if key_padding_mask is not None:
+        sparse_flags = k.new_zeros(B, H, n_kept)
+        for offset, heads in groups:
+            first, count = kept_run(me * l, l, r, offset)
+            sparse_flags[:, heads, :count] = key_padding_mask[:, None, first::r].to(k.dtype)  # (B, 1, count)
+        flags = (all_gather(sparse_flags, comm, ranks, plan.index) if g > 1 else sparse_flags[None]) > 0
 
     # 3. Attend, one head group at a time, block by block.
     out = q.new_zeros(B, H, l, D)
@@ -172,14 +192,15 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
         queries = q[:, heads, rows]  # (B, h, count, D)
 
         counts = [kept_run(peer * l, l, r, offset)[1] for peer in range(g)]  # real rows per rank
-        blocks = [(k[:, heads, rows], v[:, heads, rows], causal)]  # own keys: the causal diagonal block
+        own_mask = None if flags is None else key_padding_mask[:, rows]  # (B, count): one per group, every head alike
+        blocks = [(k[:, heads, rows], v[:, heads, rows], own_mask, causal)]  # own keys: the causal diagonal block
         if me > 0:  # earlier ranks: every key is in the past
-            blocks.append((*gathered_rows(gathered, range(me), heads, counts), False))
+            blocks.append((*gathered_rows(gathered, range(me), heads, counts, flags), False))
         if me < g - 1 and not causal:  # later ranks: every key is in the future
-            blocks.append((*gathered_rows(gathered, range(me + 1, g), heads, counts), False))
+            blocks.append((*gathered_rows(gathered, range(me + 1, g), heads, counts, flags), False))
         results = [
-            fused_attention(queries, keys, values, causal=causal_block)
-            for keys, values, causal_block in blocks
+            fused_attention(queries, keys, values, causal=causal_block, key_padding_mask=mask)
+            for keys, values, mask, causal_block in blocks
             if keys.shape[2] > 0
         ]
         block_outs, block_lses = zip(*results)  # per block: (B, h, count, D), (B, h, count)
@@ -191,11 +212,15 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
     return out, lse
 
 
-def gathered_rows(gathered, peers, heads, counts):
-    """Keys and values of the ranks `peers` (slots of `gathered`) for one head group, padding dropped: 2 x (B, h, n, D).
+def gathered_rows(gathered, peers, heads, counts, flags=None):
+    """Keys and values of the ranks `peers` (slots of `gathered`) for one head group, padding dropped:
+    2 x (B, h, n, D), and their key padding flags (B, n) (a group's heads keep the same rows), or None.
 
     Slots are in rank order and rows in position order, so the result is in position order.
     """
     keys = torch.cat([gathered[peer, 0, :, heads, : counts[peer]] for peer in peers], dim=2)
     values = torch.cat([gathered[peer, 1, :, heads, : counts[peer]] for peer in peers], dim=2)
-    return keys, values
+    if flags is None:
+        return keys, values, None
+    first_head = heads.start
+    return keys, values, torch.cat([flags[peer, :, first_head, : counts[peer]] for peer in peers], dim=1)

@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_branches, check_flag, check_head_offsets, check_implementation, check_qkv
+from ..checks import (
+    check_branches,
+    check_flag,
+    check_head_offsets,
+    check_implementation,
+    check_key_padding_mask,
+    check_qkv,
+)
 from .plan import plan_branches
 
 # The fields of the record every rank must agree on, and how an error names them.
@@ -34,13 +41,15 @@ AGREED = [
     ("head_offsets", "head_offsets"),
     ("implementation", "implementation"),
     ("requires_grad", "requires_grad for (q, k, v)"),
+    ("padded", "key_padding_mask: a (B, N / P) bool tensor on every rank, or None on every rank"),
 ]
 
 
-def own_record(q, k, v, segment_lengths, dilation_rates, causal, head_offsets, implementation):
+def own_record(q, k, v, segment_lengths, dilation_rates, causal, head_offsets, implementation, key_padding_mask=None):
     """Step 1: check this rank's own input without raising; the record this rank sends the others."""
     try:
         check_qkv(q, k, v)
+        check_key_padding_mask(key_padding_mask, k)
         branches = check_branches(segment_lengths, dilation_rates)
         check_head_offsets(head_offsets)
         check_implementation(implementation)
@@ -59,6 +68,7 @@ def own_record(q, k, v, segment_lengths, dilation_rates, causal, head_offsets, i
         # Ranks must agree on which inputs get gradients, or only some would join the
         # backward's reduce-scatters.
         "requires_grad": tuple(torch.is_grad_enabled() and x.requires_grad for x in (q, k, v)),
+        "padded": key_padding_mask is not None,  # with a mask the branches gather its rows too
     }
 
 
@@ -94,12 +104,16 @@ def check_segments(branches, local_length, world_size):
             )
 
 
-def check_world(comm, q, k, v, segment_lengths, dilation_rates, causal, head_offsets, implementation):
+def check_world(
+    comm, q, k, v, segment_lengths, dilation_rates, causal, head_offsets, implementation, key_padding_mask=None
+):
     """Check the input of every rank, on every rank; return this rank's branch plans.
 
     Raises the same ValueError on every rank (or none): see the module docstring.
     """
-    record = own_record(q, k, v, segment_lengths, dilation_rates, causal, head_offsets, implementation)
+    record = own_record(
+        q, k, v, segment_lengths, dilation_rates, causal, head_offsets, implementation, key_padding_mask
+    )
     records = comm.all_gather_object(record)  # the one exchange; from here on every rank sees the same list
     check_records(records)
     branches, l, P = records[0]["branches"], records[0]["shape"][2], comm.world_size

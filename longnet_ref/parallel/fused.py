@@ -97,12 +97,17 @@ def distributed_calls(plan, rank, groups, source, causal):
     return calls
 
 
-def fused_rank_attention(q, k, v, plans, comm, *, causal, head_offsets):
-    """This rank's (out, lse), (B, H, l, D) and (B, H, l): every branch in one `RunningMerge`."""
+def fused_rank_attention(q, k, v, plans, comm, *, causal, head_offsets, key_padding_mask=None):
+    """This rank's (out, lse), (B, H, l, D) and (B, H, l): every branch in one `RunningMerge`.
+
+    `key_padding_mask` (B, l) or None: the local keys' flags; a distributed branch gathers the
+    flags of its kept keys with them (`RunningMerge`'s per-source masks).
+    """
     B, H, l, D = q.shape
     local = [(plan.segment_length, plan.dilation_rate) for plan in plans if plan.local]
     calls = branch_calls(l, H, local, causal, head_offsets)
     sources = []  # (2, B, H, g n_kept, D) per distributed branch
+    masks = [key_padding_mask]  # per source: (B, l) for k itself, (B, H, g n_kept) for gathered keys
     for plan in plans:
         if plan.local:
             continue
@@ -114,5 +119,11 @@ def fused_rank_attention(q, k, v, plans, comm, *, causal, head_offsets):
             all_gather(sparse, comm, plan.ranks, plan.index) if g > 1 else sparse[None]
         )  # (g, 2, B, H, n_kept, D)
         sources.append(gathered.permute(1, 2, 3, 0, 4, 5).reshape(2, B, H, g * n_kept, D))  # rank-major rows
+        if key_padding_mask is not None:  # the kept keys' flags, gathered the same way (0/1 in k's dtype)
+            flags = key_padding_mask.to(k.dtype)[:, None, :].expand(B, H, l).gather(2, index[None].expand(B, H, n_kept))
+            gathered_flags = (
+                all_gather(flags, comm, plan.ranks, plan.index) if g > 1 else flags[None]
+            )  # (g, B, H, n_kept)
+            masks.append(gathered_flags.permute(1, 2, 0, 3).reshape(B, H, g * n_kept) > 0)
         calls += distributed_calls(plan, comm.rank, groups, len(sources), causal)
-    return RunningMerge.apply(calls, None, q, k, v, *sources)
+    return RunningMerge.apply(calls, None if key_padding_mask is None else masks, q, k, v, *sources)

@@ -53,8 +53,8 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
         parallel.load_state_dict(layer.state_dict())
         return parallel
 
-    def forward(self, x, group=None):
-        """x: (B, l, E), this rank's chunk -> (B, l, E)."""
+    def forward(self, x, group=None, key_padding_mask=None):
+        """x: (B, l, E), this rank's chunk -> (B, l, E); key_padding_mask: this chunk's (B, l) mask, or None."""
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, N/P, {self.embed_dim}), got shape {tuple(x.shape)}")
         B, l, E = x.shape
@@ -73,6 +73,7 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
             head_offsets=self.head_offsets,
             group=group,
             implementation=self.implementation,
+            key_padding_mask=key_padding_mask,
         )
         out = self.dropout(out)  # identity in eval mode
         out = out.transpose(1, 2).reshape(B, l, E)  # (B, l, H*D)

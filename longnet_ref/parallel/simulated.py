@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from ..checks import as_positive_int, check_flag, check_implementation, check_qkv
+from ..checks import as_positive_int, check_flag, check_implementation, check_key_padding_mask, check_qkv
 from .algorithm import sequence_parallel_attention
 from .comm import CommStats, Communicator
 
@@ -195,9 +195,13 @@ class _Simulation(torch.autograd.Function):
             tuple(x.detach().chunk(P, dim=2)[p].requires_grad_(needs_grad) for x in (q, k, v)) for p in range(P)
         ]
 
+        mask = options[2].get("key_padding_mask")  # (B, N) or None: rank p gets its (B, l) chunk
+        masks = [None] * P if mask is None else list(mask.chunk(P, dim=1))
+
         def rank_forward(comm):
             with torch.enable_grad():
-                return sequence_parallel_attention(*chunks[comm.rank], *options[:2], **options[2], group=comm)
+                kwargs = dict(options[2], key_padding_mask=masks[comm.rank])
+                return sequence_parallel_attention(*chunks[comm.rank], *options[:2], **kwargs, group=comm)
 
         outs = group.run(rank_forward)
         ctx.group, ctx.chunks, ctx.outs = group, chunks, outs
@@ -230,6 +234,7 @@ def simulate_sequence_parallel(
     head_offsets="paper",
     implementation="fast",
     timeout=120.0,
+    key_padding_mask=None,
 ):
     """Run `sequence_parallel_attention` on `world_size` simulated ranks: `(out, stats)`.
 
@@ -237,6 +242,7 @@ def simulate_sequence_parallel(
         q, k, v: (B, H, N, D), the whole sequence; rank p gets positions [p N/P, (p+1) N/P).
         world_size: P, dividing N. The other arguments (implementation: "fast" or "readable") as
             in `sequence_parallel_attention`. timeout: as in `SimulatedGroup`.
+        key_padding_mask: None or the whole (B, N) bool mask; rank p gets its (B, N/P) chunk.
 
     Returns:
         out (B, H, N, D), differentiable in q, k and v, and `stats`: the `CommStats` list of
@@ -245,6 +251,7 @@ def simulate_sequence_parallel(
     """
     check_qkv(q, k, v)
     check_flag("causal", causal)
+    check_key_padding_mask(key_padding_mask, k)
     P = as_positive_int("world_size", world_size)
     if q.shape[2] % P:
         raise ValueError(f"the sequence length N = {q.shape[2]} is not divisible by world_size {P}")
@@ -260,7 +267,12 @@ def simulate_sequence_parallel(
     options = (
         segment_lengths,
         dilation_rates,
-        {"causal": causal, "head_offsets": head_offsets, "implementation": implementation},
+        {
+            "causal": causal,
+            "head_offsets": head_offsets,
+            "implementation": implementation,
+            "key_padding_mask": key_padding_mask,
+        },
     )
     out = _Simulation.apply(q, k, v, group, options)
     return out, group.records
