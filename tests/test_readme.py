@@ -52,6 +52,11 @@ def test_readme_example_runs():
     exec(compile(block_after("readme-example"), "README.md", "exec"), {})
 
 
+def test_readme_porting_example_runs():
+    """It replaces an nn.MultiheadAttention in a small model and checks the outputs are equal."""
+    exec(compile(block_after("readme-port"), "README.md", "exec"), {})
+
+
 def test_ci_reads_its_commands_from_the_readme():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_block ci:install" in ci and "readme_block ci:test" in ci
