@@ -125,6 +125,12 @@ def attention_forward(q, k, v, causal: bool, scale: float, key_mask=None):
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale
         )
         out, saved = out[..., :D], (lse, bias)
+    # The fused CPU kernel turns a NaN in q, k or v into rows of zeros (and lse 0), silently; dense
+    # attention gives NaN. Keep it loud: a call whose inputs are not all finite gives NaN
+    # throughout (three reductions of the call's own rows, no device sync).
+    finite = torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
+    out = torch.where(finite, out, torch.full((), math.nan, dtype=out.dtype, device=out.device))
+    lse = torch.where(finite, lse, torch.full((), math.nan, dtype=lse.dtype, device=lse.device))
     if key_mask is not None:
         # A row whose keys are all masked: the kernels give lse 0 (CPU) or +-inf and out 0 or NaN.
         # The definition is out 0, lse -inf; the backward keeps the kernel's own lse (`saved`),

@@ -167,3 +167,24 @@ def test_a_row_no_branch_covers_has_zero_gradient_not_nan():
         assert torch.isfinite(x.grad).all()
     assert lses[0].grad[0, 0, 1] == 0 and lses[1].grad[0, 0, 1] == 0
     assert lses[0].grad[0, 0, 2] == 1 and lses[1].grad[0, 0, 2] == 0  # the only branch there takes it all
+
+
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_a_nan_input_gives_nan_not_a_plausible_zero(implementation, where):
+    """The fused CPU kernel maps a NaN row to zeros; the package keeps a NaN input visible in the output."""
+    q, k, v = rand_qkv(1, 4, 32, 8)
+    bad = {"q": q, "k": k, "v": v}[where]
+    bad[0, :, 5] = float("nan")
+    out = dilated_attention(q, k, v, WS, RS, implementation=implementation)
+    assert torch.isnan(out).any()
+    assert torch.isnan(out[0, :, 5]).all() if where == "q" else True  # the NaN query's own rows are NaN
+
+
+def test_a_nan_in_fused_attention_is_nan():
+    from longnet_ref.kernels import fused_attention
+
+    q, k, v = rand_qkv(1, 2, 16, 8)
+    q[0, 0, 3] = float("nan")
+    out, lse = fused_attention(q, k, v)
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isnan(lse[0, 0, 3])
