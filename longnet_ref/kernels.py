@@ -137,6 +137,10 @@ def attention_forward(q, k, v, causal: bool, scale: float, key_mask=None):
         # with which every probability of such a row, exp(-inf - lse), is 0.
         keyed = rows_with_a_key(key_mask, causal)  # (B, H, Nq or 1)
         lse = torch.where(keyed, lse, -math.inf)
+        # Some torch releases (2.4) save lse -inf for such rows, so that the backward's
+        # exp(-inf - lse) is NaN: any finite lse makes those probabilities 0, as they are.
+        kernel_lse, *rest = saved
+        saved = (torch.where(torch.isfinite(kernel_lse), kernel_lse, torch.zeros_like(kernel_lse)), *rest)
         out = torch.where(keyed[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out, lse, saved
 
