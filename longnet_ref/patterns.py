@@ -14,9 +14,96 @@ Letters: the package legend (`longnet_ref/__init__.py`).
 
 from __future__ import annotations
 
+import operator
+
+import numpy as np
 import torch
 
-from .checks import as_positive_int, check_branches, check_flag, check_head_offsets
+from .checks import (
+    HEAD_OFFSET_RULES,
+    as_positive_int,
+    check_branch,
+    check_branches,
+    check_flag,
+    check_head_offsets,
+)
+
+
+def _check_rule(rule) -> str:
+    """Like `check_head_offsets`, but the message names `rule`, this module's name for the parameter."""
+    if not isinstance(rule, str) or rule not in HEAD_OFFSET_RULES:
+        raise ValueError(f"rule must be one of {HEAD_OFFSET_RULES} (a head_offsets rule), got {rule!r}")
+    return rule
+
+
+def _as_index(name: str, value, size: int) -> int:
+    """`value` as an int in [0, size); bools and floats refused (head 1.5 or True is a caller's mistake)."""
+    try:
+        index = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None or not 0 <= index < size:
+        raise ValueError(f"{name} must be an integer in [0, {size}), got {value!r}")
+    return index
+
+
+def _check_positions(name: str, value, size: int | None = None):
+    """`value`: a non-negative int, or an integer tensor / numpy array of them (all below `size` if given).
+
+    Floats and bools are refused rather than truncated: position 1.5 or True is a caller's mistake.
+    """
+    bound = f"in [0, {size})" if size is not None else ">= 0"
+    if not isinstance(value, (torch.Tensor, np.ndarray)):
+        try:
+            as_int = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            as_int = None
+        if as_int is None or as_int < 0 or (size is not None and as_int >= size):
+            raise ValueError(f"{name} must be an integer position {bound}, got {value!r}")
+        return value
+    if isinstance(value, torch.Tensor):
+        integer = not (value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex)
+    else:
+        integer = np.issubdtype(value.dtype, np.integer)
+    if not integer:
+        raise ValueError(f"{name} must hold integer positions {bound}, got dtype {value.dtype}")
+    if 0 in tuple(value.shape):  # no position at all
+        return value
+    low, high = int(value.min()), int(value.max())
+    if low < 0 or (size is not None and high >= size):
+        raise ValueError(f"{name} must hold integer positions {bound}, got values from {low} to {high}")
+    return value
+
+
+def _query_rows(queries, n: int) -> torch.Tensor:
+    """`queries` as a 1-D LongTensor of positions in [0, n): ints or an integer tensor / array, never floats."""
+    message = f"queries must be a 1-D list of integer positions in [0, {n}), got"
+    try:
+        rows = torch.as_tensor(queries)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{message} {queries!r}") from None
+    if rows.numel() == 0:
+        rows = rows.long()  # [] is a float tensor, but holds no position to truncate
+    if rows.dtype == torch.bool or rows.dtype.is_floating_point or rows.dtype.is_complex:  # 1.5 is no row
+        raise ValueError(f"{message} {rows.tolist()} of dtype {rows.dtype}")
+    if rows.dim() != 1 or (rows.numel() and (rows.min() < 0 or rows.max() >= n)):
+        raise ValueError(f"{message} {rows.tolist()}")
+    return rows.long()
+
+
+def as_ratio(ratio) -> int:
+    """The ratio a of a geometric mixture w_i = w0 a^i, r_i = a^i: an integer >= 2.
+
+    a = 1 never grows the segments (and divides by a - 1 = 0 in Eqs. 18-20); a < 1 shrinks them,
+    so a loop "until w covers N" would never end.
+    """
+    try:
+        a = as_positive_int("ratio", ratio)
+    except ValueError:
+        a = None
+    if a is None or a < 2:
+        raise ValueError(f"ratio must be an integer >= 2, got {ratio!r}")
+    return a
 
 
 def head_offset(head: int, num_heads: int, dilation_rate: int, rule: str = "paper") -> int:
@@ -27,7 +114,10 @@ def head_offset(head: int, num_heads: int, dilation_rate: int, rule: str = "pape
       does not divide H some residues are never covered;
     - "none":       o_j = 0 for every head.
     """
-    check_head_offsets(rule)
+    num_heads = as_positive_int("num_heads", num_heads)
+    dilation_rate = as_positive_int("dilation_rate", dilation_rate)
+    head = _as_index("head", head, num_heads)  # else a head that does not exist still gets an offset
+    _check_rule(rule)
     if rule == "paper":
         return head % dilation_rate
     if rule == "torchscale":
@@ -44,6 +134,9 @@ def head_groups(num_heads: int, dilation_rate: int, rule: str = "paper") -> list
     selects them as a view, without an index tensor. That is what lets the fast path hand
     one strided view per group to the fused kernel.
     """
+    num_heads = as_positive_int("num_heads", num_heads)  # 0 heads would silently give no group at all
+    dilation_rate = as_positive_int("dilation_rate", dilation_rate)
+    _check_rule(rule)
     groups = []
     for offset in sorted({head_offset(j, num_heads, dilation_rate, rule) for j in range(num_heads)}):
         heads = [j for j in range(num_heads) if head_offset(j, num_heads, dilation_rate, rule) == offset]
@@ -70,7 +163,10 @@ def keeps(query, key, segment_length, dilation_rate, offset, *, causal=False):
     `analysis.dependency_paths`).
     """
     check_flag("causal", causal)
-    w, r = segment_length, dilation_rate
+    w, r = check_branch(segment_length, dilation_rate)
+    _check_positions("query", query)
+    _check_positions("key", key)
+    _check_positions("offset", offset, r)  # an offset >= r matches no position: a silently empty branch
     same_segment = (query // w) == (key // w)
     kept = ((query % w) % r == offset) & ((key % w) % r == offset) & same_segment
     if causal:
@@ -85,8 +181,12 @@ def branch_mask(seq_len, segment_length, dilation_rate, num_heads, *, causal=Fal
     Selecting rows lets the oracle check a few rows of a very long sequence exactly.
     """
     n = as_positive_int("seq_len", seq_len)
+    check_branch(segment_length, dilation_rate)
+    num_heads = as_positive_int("num_heads", num_heads)
+    check_head_offsets(head_offsets)
+    check_flag("causal", causal)
     pos = torch.arange(n)  # (N,) key positions
-    qpos = pos if queries is None else torch.as_tensor(queries, dtype=torch.long)  # (Q,)
+    qpos = pos if queries is None else _query_rows(queries, n)  # (Q,)
     offsets = torch.tensor([head_offset(j, num_heads, dilation_rate, head_offsets) for j in range(num_heads)])  # (H,)
     return keeps(
         qpos[None, :, None],  # (1, Q, 1)
@@ -104,10 +204,8 @@ def pattern_rows(seq_len, queries, segment_lengths, dilation_rates, num_heads, *
     num_heads = as_positive_int("num_heads", num_heads)
     check_head_offsets(head_offsets)
     check_flag("causal", causal)
-    queries = torch.as_tensor(queries, dtype=torch.long)
     n = as_positive_int("seq_len", seq_len)
-    if queries.dim() != 1 or (queries.numel() and (queries.min() < 0 or queries.max() >= n)):
-        raise ValueError(f"queries must be a 1-D list of positions in [0, {n}), got {queries.tolist()}")
+    queries = _query_rows(queries, n)
     counts = torch.zeros(num_heads, len(queries), n, dtype=torch.long)
     for w, r in branches:
         counts += branch_mask(n, w, r, num_heads, causal=causal, head_offsets=head_offsets, queries=queries)
@@ -132,9 +230,7 @@ def geometric_mixture(w0, ratio, *, seq_len=None, branches=None) -> tuple[list[i
     Give exactly one of `seq_len` (branches until one segment covers the sequence: the last w
     is the first one >= N) or `branches` (that many branches).
     """
-    w0, a = as_positive_int("w0", w0), as_positive_int("ratio", ratio)
-    if a < 2:
-        raise ValueError(f"ratio must be an integer >= 2, got {ratio!r}")
+    w0, a = as_positive_int("w0", w0), as_ratio(ratio)
     if (seq_len is None) == (branches is None):
         raise ValueError(f"give exactly one of seq_len and branches, got seq_len={seq_len!r}, branches={branches!r}")
     if branches is not None:

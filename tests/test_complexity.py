@@ -10,12 +10,16 @@ from longnet_ref import attention_pattern, geometric_mixture, head_offset, keeps
 from longnet_ref.analysis.complexity import (
     TABLE2_DILATION_RATES,
     TABLE2_SEGMENT_LENGTHS,
+    BranchCost,
     attended_pairs,
+    branch_cost,
     branch_flops,
     cost_table,
     dense_flops,
     flop_ratio,
+    format_table,
     geometric_bound,
+    human,
     main,
     mixture_flops,
     reduction,
@@ -118,6 +122,95 @@ def test_cost_table_bad_input():
         cost_table(1000, devices=3)
     with pytest.raises(ValueError, match="heads"):
         cost_table(1000, heads=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ratio=1), "ratio must be an integer >= 2, got 1"),  # was ZeroDivisionError
+        (dict(ratio=0), "ratio must be an integer >= 2, got 0"),  # was a negative bound
+        (dict(ratio=1.5), "ratio must be an integer >= 2, got 1.5"),
+        (dict(seq_len=0), "seq_len must be a positive integer, got 0"),  # was ZeroDivisionError
+        (dict(seq_len=-64), "seq_len must be a positive integer, got -64"),
+        (dict(w0=0), "w0 must be a positive integer, got 0"),
+    ],
+)
+def test_geometric_bound_refuses_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        geometric_bound(**{**dict(seq_len=64, w0=4, ratio=2), **kwargs})
+
+
+BRANCH = dict(name="b", seq_len=64, w=16, r=2, batch=1, heads=1, head_dim=1, causal=False, devices=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(w=0), ValueError, "w must be a positive integer, got 0"),  # was ZeroDivisionError
+        (dict(w=-16), ValueError, "w must be a positive integer, got -16"),  # was "segment_length[0]"
+        (dict(r=0), ValueError, "r must be a positive integer, got 0"),
+        (dict(r=64), ValueError, r"r 64 is larger than min\(w, seq_len\) = 16"),  # was "dilation_rate[0]"
+        (dict(devices=0), ValueError, "devices must be a positive integer, got 0"),
+        (dict(devices=3), ValueError, "seq_len 64 must be a multiple of devices 3"),
+        (dict(seq_len=0), ValueError, "seq_len must be a positive integer, got 0"),
+        (dict(batch=-1), ValueError, "batch must be a positive integer, got -1"),
+        (dict(causal="False"), TypeError, "causal must be True or False, got 'False'"),
+    ],
+)
+def test_branch_cost_refuses_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        branch_cost(**{**BRANCH, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: dense_flops(64, batch="2"), "batch must be a positive integer, got '2'"),  # returned a string
+        (lambda: dense_flops(64, heads=-1), "heads must be a positive integer, got -1"),
+        (lambda: branch_flops(64, 16, 2, batch=2.5), "batch must be a positive integer, got 2.5"),
+        (lambda: branch_flops(64, 16, 2, heads=float("nan")), "heads must be a positive integer, got nan"),
+        (lambda: branch_flops(64, 16, 2, head_dim=-1), "head_dim must be a positive integer, got -1"),
+        (lambda: mixture_flops(64, [4, 8], [1, 2], batch=-1), "batch must be a positive integer, got -1"),
+        (lambda: cost_table(64, None, [1]), "segment_lengths must be a list of positive integers, got None"),
+        (lambda: cost_table(64, 5, [1]), "segment_lengths must be a list of positive integers, got 5"),
+        (lambda: cost_table(64, [4], None), "dilation_rates must be a list of positive integers, got None"),
+    ],
+)
+def test_flop_counts_refuse_bad_shapes(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("causal", ["False", None, 1, 0])
+def test_cost_table_causal_must_be_a_bool(causal):
+    with pytest.raises(TypeError, match="causal must be True or False"):  # "False" used to count as causal
+        cost_table(64, [4, 8], [1, 2], causal=causal)
+
+
+def test_format_table_and_human_refuse_bad_input():
+    table = cost_table(64, [4, 8], [1, 2])
+    for size in (0, -2, 2.5, "2", None):
+        with pytest.raises(ValueError, match="bytes_per_element must be a positive integer"):
+            format_table(table, size)
+    with pytest.raises(ValueError, match=r"table must be the dict cost_table returns; it has no \['seq_len'"):
+        format_table({})
+    with pytest.raises(TypeError, match="table must be the dict cost_table returns, got NoneType"):
+        format_table(None)
+    with pytest.raises(TypeError, match="unit must be a string, got None"):
+        human(1234.0, unit=None)
+    with pytest.raises(ValueError, match="x must be a finite number, got nan"):
+        human(float("nan"))
+    with pytest.raises(ValueError, match="x must be a finite number, got '1234'"):
+        human("1234")
+    assert human(1234.0) == "1.23 K" and human(2048, "B") == "2 KB"
+    assert "4 bytes per element" in format_table(table, 4)
+
+
+def test_branch_cost_fields_are_counts():
+    with pytest.raises(ValueError, match="flops must be a non-negative finite number, got 'lots'"):
+        BranchCost("x", 4, 1, "lots", 0.5, 5, 0)
+    with pytest.raises(ValueError, match="score_elements must be a non-negative integer, got -5"):
+        BranchCost("x", 4, 1, 1.0, 0.5, -5, 0)
 
 
 def test_cli_prints_the_table(capsys):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from longnet_ref import attention_pattern, geometric_mixture, head_offset, keeps
 from longnet_ref.analysis import dependency_paths
 from longnet_ref.analysis.dependency_paths import (
+    PathStats,
     branch_classes,
     distances_from,
     eq19_layers,
@@ -236,6 +237,73 @@ def test_paper_equations():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.timeout(10)  # w0 = 0 and ratio = 0.5 used to loop forever
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: eq19_layers(64, 0, 2), "w0 must be a positive integer, got 0"),
+        (lambda: eq19_layers(64, 4, 0.5), "ratio must be an integer >= 2, got 0.5"),
+        (lambda: eq19_layers(64, 4, 1), "ratio must be an integer >= 2, got 1"),  # was ZeroDivisionError
+        (lambda: eq19_layers(math.inf, 4, 2), "seq_len must be a positive finite number, got inf"),
+        (lambda: eq19_layers(math.nan, 4, 2), "seq_len must be a positive finite number, got nan"),
+        (lambda: eq19_layers(0, 4, 2), "seq_len must be a positive finite number, got 0"),
+        (lambda: eq19_reach(3, 4, 1), "ratio must be an integer >= 2, got 1"),
+        (lambda: eq19_reach(-1, 4, 2), "layers must be a non-negative integer, got -1"),  # was -2.0
+        (lambda: eq19_reach(2.5, 4, 2), "layers must be a non-negative integer, got 2.5"),
+        (lambda: eq19_reach(3, -4, 2), "w0 must be a positive integer, got -4"),
+        (lambda: eq20_max_path(64, 0, 2), "w0 must be a positive integer, got 0"),  # was ZeroDivisionError
+        (lambda: eq20_max_path(0, 4, 2), "seq_len must be a positive finite number, got 0"),  # math domain error
+        (lambda: eq20_max_path(64, 4, -2), "ratio must be an integer >= 2, got -2"),
+        (lambda: kept_offsets(4, 0), "dilation_rate must be a positive integer, got 0"),
+        (lambda: kept_offsets(0, 2), "num_heads must be a positive integer, got 0"),  # was []
+        (lambda: branch_classes(16, 0, 2, 2), "segment_length must be a positive integer, got 0"),
+        (lambda: branch_classes(16, 8, 16, 2), "dilation_rate 16 is larger than segment_length 8"),
+        (lambda: branch_classes(0, 8, 2, 2), "seq_len must be a positive integer, got 0"),
+    ],
+)
+def test_equations_and_classes_refuse_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_equations_take_a_float_sequence_length():
+    # the figures evaluate Eqs. 19-20 on a float grid of N
+    assert eq19_layers(1000.0, 4, 2) == eq19_layers(1000, 4, 2) and eq19_layers(1, 4, 2) == 0
+    assert eq20_max_path(np.float64(64.0), 4, 2) == pytest.approx(4) and eq19_reach(0, 4, 2) == 0
+
+
+@pytest.mark.parametrize("sources", [[1.5], [0.9], 3.7, [[0, 1], [2, 3]], "x", [True], [math.nan], None])
+def test_distances_from_refuses_non_integer_sources(sources):
+    # 1.5 used to be truncated to 1 and a 2-D list flattened: now refused
+    with pytest.raises(ValueError, match=r"sources must be an integer position or a 1-D list of them in \[0, 32\)"):
+        distances_from(32, [8, 16], [1, 2], 2, sources=sources)
+
+
+def test_distances_from_takes_integer_lists_arrays_and_one_position():
+    want = distances_from(32, [8, 16], [1, 2], 2, sources=[0, 5])
+    assert np.array_equal(distances_from(32, [8, 16], [1, 2], 2, sources=np.array([0, 5])), want)
+    assert np.array_equal(distances_from(32, [8, 16], [1, 2], 2, sources=torch.tensor([0, 5])), want)
+    assert np.array_equal(distances_from(32, [8, 16], [1, 2], 2, sources=5), want[1:])
+    assert distances_from(32, [8, 16], [1, 2], 2, sources=[]).shape == (0, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(counts=np.array([0, 5])), ValueError, "counts .* and unreachable .* must add up to the 12 pairs"),
+        (dict(counts=[0, 12]), TypeError, r"counts must be a 1-D integer numpy array, got \[0, 12\]"),
+        (dict(counts=np.array([0.0, 12.0])), TypeError, "counts must be a 1-D integer numpy array"),
+        (dict(counts=np.array([0, 14, -2])), ValueError, "counts must not be negative"),
+        (dict(seq_len=-3), ValueError, "seq_len must be a positive integer, got -3"),
+        (dict(unreachable=-1, counts=np.array([0, 13])), ValueError, "unreachable must be a non-negative integer"),
+        (dict(causal="False"), TypeError, "causal must be True or False"),
+    ],
+)
+def test_path_stats_refuses_inconsistent_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PathStats(**{**dict(seq_len=4, causal=False, counts=np.array([0, 12]), unreachable=0), **kwargs})
 
 
 def test_max_layers_stops_early():

@@ -1,6 +1,7 @@
 """Head offsets, the keep rule and the multiplicity pattern c(h, q, k), checked against hand-written
 cases; the gathered forms of the keep rule (dilated.py's sparsify, fast.py's pieces) checked equal to it."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ def test_head_offset_rules():
     # torchscale: blocks of ceil(6/4) = 2 heads; residue 3 is never covered
     assert [head_offset(j, 6, 4, "torchscale") for j in range(6)] == [0, 0, 1, 1, 2, 2]
     assert [head_offset(j, 6, 4, "none") for j in range(6)] == [0] * 6
-    with pytest.raises(ValueError, match="head_offsets"):
+    with pytest.raises(ValueError, match="rule must be one of .* got 'diagonal'"):
         head_offset(0, 2, 2, "diagonal")
 
 
@@ -136,3 +137,90 @@ def test_geometric_mixture():
         geometric_mixture(4, 2, seq_len=8, branches=2)
     with pytest.raises(ValueError, match="branches must be a positive integer, got 0"):
         geometric_mixture(4, 2, branches=0)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((1, 4, 0), "dilation_rate must be a positive integer, got 0"),  # was ZeroDivisionError
+        ((1, 4, -2), "dilation_rate must be a positive integer, got -2"),
+        ((1, 4, 2.5), "dilation_rate must be a positive integer, got 2.5"),
+        ((1, 0, 2, "torchscale"), "num_heads must be a positive integer, got 0"),  # was ZeroDivisionError
+        ((1, None, 2), "num_heads must be a positive integer, got None"),
+        (("1", 4, 2), r"head must be an integer in \[0, 4\), got '1'"),
+        ((-1, 4, 2), r"head must be an integer in \[0, 4\), got -1"),
+        ((7, 4, 2), r"head must be an integer in \[0, 4\), got 7"),
+        ((1.5, 4, 2), r"head must be an integer in \[0, 4\), got 1.5"),
+        ((True, 4, 2), r"head must be an integer in \[0, 4\), got True"),
+        ((1, 4, 2, "bogus"), "rule must be one of .* got 'bogus'"),
+    ],
+)
+def test_head_offset_refuses_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        head_offset(*args)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((4, 0), "dilation_rate must be a positive integer, got 0"),
+        ((4, float("nan")), "dilation_rate must be a positive integer, got nan"),  # was IndexError
+        ((0, 2), "num_heads must be a positive integer, got 0"),  # was [] silently
+        ((4, 2, None), "rule must be one of .* got None"),
+    ],
+)
+def test_head_groups_refuses_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        head_groups(*args)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((3, 1, 0, 2, 1), "segment_length must be a positive integer, got 0"),
+        ((3, 1, 4, 0, 1), "dilation_rate must be a positive integer, got 0"),
+        ((torch.arange(4), torch.arange(4), 0, 1, 0), "segment_length must be a positive integer, got 0"),
+        ((3, 1, 4, 8, 1), "dilation_rate 8 is larger than segment_length 4"),
+        ((3, 1, 4, 2, 5), r"offset must be an integer position in \[0, 2\), got 5"),
+        ((3, 1, 4, 2, None), r"offset must be an integer position in \[0, 2\), got None"),
+        ((3, 1, 4, 2, torch.tensor([0, 2])), r"offset must hold integer positions in \[0, 2\), got values from 0 to 2"),
+        ((-1, 1, 4, 2, 1), "query must be an integer position >= 0, got -1"),
+        ((2.5, 1, 4, 2, 1), "query must be an integer position >= 0, got 2.5"),
+        ((3, torch.tensor([0.5]), 4, 2, 1), "key must hold integer positions >= 0, got dtype torch.float32"),
+        ((3, np.array([True]), 4, 2, 1), "key must hold integer positions >= 0, got dtype bool"),
+    ],
+)
+def test_keeps_refuses_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        keeps(*args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(segment_length=0), "segment_length must be a positive integer, got 0"),
+        (dict(dilation_rate=0), "dilation_rate must be a positive integer, got 0"),
+        (dict(num_heads=0), "num_heads must be a positive integer, got 0"),  # was an empty (0, N, N) mask
+        (dict(queries=[9]), r"queries must be .* in \[0, 8\), got \[9\]"),
+        (dict(queries=[1.5]), r"queries must be .* got \[1.5\] of dtype torch.float32"),
+    ],
+)
+def test_branch_mask_refuses_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        branch_mask(**{**dict(seq_len=8, segment_length=4, dilation_rate=2, num_heads=2), **kwargs})
+
+
+@pytest.mark.parametrize(
+    "queries", [[1.5], [0.9], [True], torch.tensor([2.7]), np.array([1.9]), [float("nan")], [[0, 1]], "x", None]
+)
+def test_pattern_rows_refuses_non_integer_queries(queries):
+    # 1.5 used to be truncated to row 1 and True read as row 1: now refused, never guessed
+    with pytest.raises(ValueError, match=r"queries must be a 1-D list of integer positions in \[0, 8\)"):
+        pattern_rows(8, queries, [4, 8], [1, 2], 2)
+
+
+def test_pattern_rows_takes_integer_lists_tensors_and_arrays():
+    want = pattern_rows(8, [1, 6], [4, 8], [1, 2], 2)
+    for queries in (torch.tensor([1, 6]), np.array([1, 6]), torch.tensor([1, 6], dtype=torch.int32)):
+        assert torch.equal(pattern_rows(8, queries, [4, 8], [1, 2], 2), want)
+    assert pattern_rows(8, [], [4], [1], 2).shape == (2, 0, 8)

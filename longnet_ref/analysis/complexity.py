@@ -31,15 +31,35 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 
 from ..checks import as_positive_int, check_branches, check_flag, check_head_offsets
-from ..patterns import head_offset
+from ..patterns import as_ratio, head_offset
 
 # The paper's language-model mixture (Sec. 4.1, the LongNet rows of Table 2): w_i and r_i.
 TABLE2_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 TABLE2_DILATION_RATES = (1, 2, 4, 6, 12)
+# What `format_table` reads from a `cost_table` dict.
+TABLE_KEYS = (
+    "seq_len",
+    "batch",
+    "heads",
+    "head_dim",
+    "causal",
+    "devices",
+    "branches",
+    "total",
+    "dense",
+    "local",
+    "activation_elements",
+)
+
+
+def _check_shape(batch, heads, head_dim) -> tuple[int, int, int]:
+    """B, H, D: positive integers; a negative, NaN or fractional one would give a meaningless FLOP count."""
+    return as_positive_int("batch", batch), as_positive_int("heads", heads), as_positive_int("head_dim", head_dim)
 
 
 def branch_flops(seq_len, segment_length, dilation_rate, *, batch=1, heads=1, head_dim=1, causal=False) -> float:
@@ -47,6 +67,7 @@ def branch_flops(seq_len, segment_length, dilation_rate, *, batch=1, heads=1, he
     n = as_positive_int("seq_len", seq_len)
     check_flag("causal", causal)
     w, r = check_branches([segment_length], [dilation_rate])[0]
+    batch, heads, head_dim = _check_shape(batch, heads, head_dim)
     flops = 4 * batch * heads * head_dim * n * min(w, n) / r**2
     return flops / 2 if causal else flops
 
@@ -55,6 +76,7 @@ def dense_flops(seq_len, *, batch=1, heads=1, head_dim=1, causal=False) -> float
     """4 B H D N^2 FLOPs of dense attention; causal halves it."""
     n = as_positive_int("seq_len", seq_len)
     check_flag("causal", causal)
+    batch, heads, head_dim = _check_shape(batch, heads, head_dim)  # batch="2" would repeat a string
     flops = 4 * batch * heads * head_dim * n * n
     return flops / 2 if causal else flops
 
@@ -76,7 +98,8 @@ def reduction(seq_len, segment_length, dilation_rate) -> float:
 
 def geometric_bound(seq_len, w0, ratio) -> float:
     """Eq. 18 as a ratio to dense: 2a / (a - 1) * w0 / (2 N) bounds any geometric mixture from w0."""
-    return ratio / (ratio - 1) * w0 / seq_len
+    n, w0, a = as_positive_int("seq_len", seq_len), as_positive_int("w0", w0), as_ratio(ratio)
+    return a / (a - 1) * w0 / n
 
 
 def attended_pairs(seq_len, segment_length, dilation_rate, num_heads=1, *, causal=False, head_offsets="paper") -> int:
@@ -116,9 +139,28 @@ class BranchCost:
     score_elements: int  # readable path: B H S K^2
     gathered_elements: int  # sequence-parallel path: K/V all-gathered per device
 
+    def __post_init__(self):
+        # Counts, not free-form values: a string or a negative number here would print as a cost.
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a string, got {self.name!r}")
+        for field_name in ("segment_length", "dilation_rate", "flops", "ratio", "score_elements", "gathered_elements"):
+            value, real = getattr(self, field_name), field_name in ("flops", "ratio")
+            kind = numbers.Real if real else numbers.Integral
+            if isinstance(value, bool) or not isinstance(value, kind) or not 0 <= value < math.inf:
+                what = "finite number" if real else "integer"
+                raise ValueError(f"{field_name} must be a non-negative {what}, got {value!r}")
+
 
 def branch_cost(name, seq_len, w, r, *, batch, heads, head_dim, causal, devices) -> BranchCost:
-    n = seq_len
+    """Cost of the branch `(w, r)` (w clipped to N) in one layer's forward over `devices` chunks of N / P tokens."""
+    n, w, r = as_positive_int("seq_len", seq_len), as_positive_int("w", w), as_positive_int("r", r)
+    batch, heads, head_dim = _check_shape(batch, heads, head_dim)
+    check_flag("causal", causal)
+    devices = as_positive_int("devices", devices)
+    if n % devices:
+        raise ValueError(f"seq_len {n} must be a multiple of devices {devices} (chunks of N / P tokens)")
+    if r > min(w, n):  # named here: branch_flops would call them segment_length[0] and dilation_rate[0]
+        raise ValueError(f"r {r} is larger than min(w, seq_len) = {min(w, n)}; each segment must keep a row")
     w = min(w, n)
     S, K = math.ceil(n / w), math.ceil(w / r)  # segments, kept rows per segment
     local_length = n // devices
@@ -142,12 +184,12 @@ def cost_table(
 ) -> dict:
     """Per-branch costs of the mixture, its total, dense attention and local attention (one branch (w, 1))."""
     n = as_positive_int("seq_len", seq_len)
-    branches = check_branches(list(segment_lengths), list(dilation_rates))
+    branches = check_branches(segment_lengths, dilation_rates)  # names None or 5, which list() would not
     shape = dict(
         batch=as_positive_int("batch", batch),
         heads=as_positive_int("heads", heads),
         head_dim=as_positive_int("head_dim", head_dim),
-        causal=bool(causal),
+        causal=check_flag("causal", causal),  # bool("False") is True
         devices=as_positive_int("devices", devices),
     )
     if n % shape["devices"]:
@@ -176,6 +218,10 @@ def cost_table(
 
 def human(x: float, unit: str = "") -> str:
     """1234567 -> '1.23 M' (powers of 1000; bytes use 1024 and 'B')."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+        raise ValueError(f"x must be a finite number, got {x!r}")
+    if not isinstance(unit, str):
+        raise TypeError(f"unit must be a string, got {unit!r}")
     base = 1024 if unit == "B" else 1000
     for prefix in ("", "K", "M", "G", "T", "P"):
         if abs(x) < base or prefix == "P":
@@ -185,7 +231,13 @@ def human(x: float, unit: str = "") -> str:
 
 
 def format_table(table: dict, bytes_per_element: int = 2) -> str:
-    bytes_per = bytes_per_element
+    """The `cost_table` dict as text; memory in bytes at `bytes_per_element` (2 for fp16 / bf16, 4 for fp32)."""
+    if not isinstance(table, dict):
+        raise TypeError(f"table must be the dict cost_table returns, got {type(table).__name__}")
+    missing = [key for key in TABLE_KEYS if key not in table]
+    if missing:
+        raise ValueError(f"table must be the dict cost_table returns; it has no {missing}")
+    bytes_per = as_positive_int("bytes_per_element", bytes_per_element)  # 2.5 or 0 bytes is no element size
     lines = [
         f"LongNet cost model, one layer forward: N = {table['seq_len']}, B = {table['batch']}, "
         f"H = {table['heads']}, D = {table['head_dim']}, causal = {table['causal']}, "

@@ -34,15 +34,51 @@ are 0 .. Noff - 1), A classes one hop works on, Nsrc sources, Wd words of source
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checks import as_positive_int, check_branches, check_flag, check_head_offsets
-from ..patterns import head_offset
+from ..checks import as_positive_int, check_branch, check_branches, check_flag, check_head_offsets
+from ..patterns import as_ratio, head_offset
 
 DENSE_FRACTION = 0.25  # above this fraction of busy classes, a hop runs on strided views instead of gathers
+
+
+def _as_count(name: str, value) -> int:
+    """`value` as a non-negative int (0 allowed, unlike `as_positive_int`); bools and floats refused."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return count
+
+
+def _as_length(name: str, value) -> float:
+    """A positive finite number. Eqs. 19-20 are formulas in N: the figures evaluate them on a float grid."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def _as_sources(sources, n: int) -> np.ndarray:
+    """`sources` as int64 positions in [0, n): one int or a 1-D list / array of them; never floats or bools."""
+    message = f"sources must be an integer position or a 1-D list of them in [0, {n}), got {sources!r}"
+    try:
+        array = np.asarray(sources)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(message) from None
+    if array.size == 0:
+        array = array.astype(np.int64)  # [] is a float array, but holds no position to truncate
+    if array.ndim > 1 or not np.issubdtype(array.dtype, np.integer):  # [[0, 1], [2, 3]] is not flattened
+        raise ValueError(message)
+    if array.size and (array.min() < 0 or array.max() >= n):
+        raise ValueError(message)
+    return array.astype(np.int64).reshape(-1)  # (Nsrc,)
 
 
 @dataclass
@@ -61,9 +97,20 @@ class PathStats:
     pairs: int = field(init=False)
 
     def __post_init__(self):
-        n = self.seq_len
+        n = self.seq_len = as_positive_int("seq_len", self.seq_len)
+        check_flag("causal", self.causal)
+        counts = self.counts
+        if not isinstance(counts, np.ndarray) or counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
+            raise TypeError(f"counts must be a 1-D integer numpy array, got {counts!r}")
+        if counts.size and counts.min() < 0:
+            raise ValueError(f"counts must not be negative, got {counts.tolist()}")
+        self.unreachable = _as_count("unreachable", self.unreachable)
         self.pairs = n * (n - 1) // 2 if self.causal else n * (n - 1)
-        assert int(self.counts.sum()) + self.unreachable == self.pairs, "every counted pair has one distance"
+        if int(counts.sum()) + self.unreachable != self.pairs:  # every counted pair has one distance
+            raise ValueError(
+                f"counts (sum {int(counts.sum())}) and unreachable ({self.unreachable}) must add up to the "
+                f"{self.pairs} pairs of seq_len {n} (causal={self.causal})"
+            )
 
     @property
     def max(self) -> float:
@@ -88,11 +135,14 @@ class PathStats:
 
 def eq19_reach(layers, w0, ratio) -> float:
     """Eq. 19: distance a token's information travels in L = `layers` layers, w0 (a^L - 1) / (a - 1)."""
+    layers, w0, ratio = _as_count("layers", layers), as_positive_int("w0", w0), as_ratio(ratio)
     return w0 * (ratio**layers - 1) / (ratio - 1)
 
 
 def eq19_layers(seq_len, w0, ratio) -> int:
     """Fewest layers L whose Eq. 19 reach spans the sequence, reach(L) >= N - 1."""
+    # the loop ends only if the reach grows without bound: w0 >= 1, a >= 2 and N finite
+    seq_len, w0, ratio = _as_length("seq_len", seq_len), as_positive_int("w0", w0), as_ratio(ratio)
     layers = 0
     while eq19_reach(layers, w0, ratio) < seq_len - 1:
         layers += 1
@@ -101,11 +151,15 @@ def eq19_layers(seq_len, w0, ratio) -> int:
 
 def eq20_max_path(seq_len, w0, ratio) -> float:
     """Eq. 20: maximum path length L = log_a(N (a - 1) / w0)."""
+    seq_len, w0, ratio = _as_length("seq_len", seq_len), as_positive_int("w0", w0), as_ratio(ratio)
     return math.log(seq_len * (ratio - 1) / w0, ratio)
 
 
 def kept_offsets(num_heads, dilation_rate, head_offsets="paper") -> list[int]:
     """Offsets o some head keeps for dilation rate r (union over heads): always 0, 1, ..., Noff - 1."""
+    num_heads = as_positive_int("num_heads", num_heads)  # 0 heads would keep no offset: an empty branch
+    dilation_rate = as_positive_int("dilation_rate", dilation_rate)
+    check_head_offsets(head_offsets)
     return sorted({head_offset(h, num_heads, dilation_rate, head_offsets) for h in range(num_heads)})
 
 
@@ -117,8 +171,9 @@ def branch_classes(seq_len, segment_length, dilation_rate, num_heads, head_offse
     exactly those with `keeps(pos, pos, w, r, o)`, in increasing order; `keeps(q, k, w, r, o)` holds
     for every two of them, and for no pair outside a class. Tested equal to `keeps`.
     """
-    n, w, r = seq_len, segment_length, dilation_rate
-    offsets = np.array(kept_offsets(num_heads, r, head_offsets))  # (Noff,)
+    n = as_positive_int("seq_len", seq_len)
+    w, r = check_branch(segment_length, dilation_rate)
+    offsets = np.array(kept_offsets(num_heads, r, head_offsets))  # (Noff,); checks num_heads, head_offsets
     S, K = -(-n // w), -(-w // r)
     m = np.arange(S)[:, None, None]  # (S, 1, 1) segment index
     within = offsets[None, :, None] + r * np.arange(K)[None, None, :]  # (1, Noff, K) position inside the segment
@@ -265,9 +320,7 @@ def distances_from(
     """
     n, _, plans = _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets)
     check_flag("causal", causal)
-    sources = np.asarray(sources, dtype=np.int64).reshape(-1)  # (Nsrc,)
-    if sources.size and (sources.min() < 0 or sources.max() >= n):
-        raise ValueError(f"sources must be positions in [0, {n}), got {sources.tolist()}")
+    sources = _as_sources(sources, n)  # (Nsrc,)
     dist = np.full((len(sources), n), -1, dtype=np.int64)  # (Nsrc, N)
     dist[np.arange(len(sources)), sources] = 0
     for first in range(0, len(sources), 64):
