@@ -15,6 +15,11 @@ HEAD_OFFSET_RULES = ("paper", "torchscale", "none")
 IMPLEMENTATIONS = ("fast", "readable")
 
 
+def is_number(value) -> bool:
+    """An int or float: not a bool (True is not 1.0 here) and not a string (no float("1e4") parsing)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def as_positive_int(name: str, value) -> int:
     """Return `value` as an int, or raise if it is not a positive integer (bools and floats refused)."""
     if isinstance(value, bool):

@@ -1,5 +1,6 @@
 """The standard-library corpus (split by file, deterministic) and the recall task."""
 
+import re
 import zlib
 
 import pytest
@@ -15,6 +16,7 @@ from longnet_ref.lm.data import (
     recall_batch,
     split_of,
     stdlib_files,
+    uniform,
 )
 
 
@@ -167,3 +169,85 @@ def test_bad_recall_eval_sets_are_named(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         recall_eval_set(**args)
+
+
+# --- Bad arguments are refused by name, before any work (none of them may hang) ---------------
+
+
+def test_query_distances_refuses_more_distinct_distances_than_exist():
+    """Asking for more different distances than [1, seq_len - 2] holds once looped forever."""
+    from longnet_ref.lm.data import query_distances
+
+    with pytest.raises(ValueError, match=r"count 3 different distances do not exist .* seq_len 3: at most 1 do"):
+        query_distances(3, 3)
+    with pytest.raises(ValueError, match=r"count 70 different distances .* seq_len 64: at most 62 do"):
+        query_distances(64, 70)
+    every = query_distances(64, 62, generator=torch.Generator().manual_seed(0))  # the most there are: all of them
+    assert sorted(every) == list(range(1, 63))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(count=-1), ValueError, r"count must be a positive integer, got -1"),
+        (dict(count=2.5), ValueError, r"count must be a positive integer, got 2.5"),
+        (dict(seq_len="64"), ValueError, r"seq_len must be a positive integer, got '64'"),
+        (dict(distances=[]), ValueError, r"distances must hold at least 3 different values .*got \[\]"),
+        (dict(distances=[5]), ValueError, r"distances must hold at least 3 different values"),
+        (dict(distances="abc"), TypeError, r"distances must be None or a list of ints, got 'abc'"),
+        (dict(distances=[1.5, 2.5, 3.5]), TypeError, r"distances must be None or a list of ints"),
+        (dict(generator="g"), TypeError, r"generator must be None or a torch.Generator, got 'g' \(str\)"),
+    ],
+)
+def test_bad_query_distances_are_named(kwargs, error, match):
+    from longnet_ref.lm.data import query_distances
+
+    args = dict(seq_len=64, count=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        query_distances(**args)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: uniform(0), ValueError, r"n must be a positive integer, got 0"),
+        (lambda: uniform(-3), ValueError, r"n must be a positive integer, got -3"),
+        (lambda: uniform("5"), ValueError, r"n must be a positive integer, got '5'"),
+        (lambda: uniform(5, "g"), TypeError, r"generator must be None or a torch.Generator"),
+        (lambda: random_windows(torch.zeros(100, dtype=torch.uint8), 16, 2, "g"), TypeError, r"generator must be None"),
+        (lambda: recall_batch(1, 64, 5, num_pairs=2, queries_per_pair=2), TypeError, r"generator .*got 5 \(int\)"),
+        (lambda: recall_batch(1, 64, num_pairs=2, queries_per_pair=2, distances=iter([1, 2, 3])), TypeError,
+         r"distances must be None or a list of ints"),  # an iterator would be used up by the first draw
+        (lambda: split_of(None), TypeError, r"path must be a str .*got None"),
+        (lambda: split_of(123), TypeError, r"path must be a str .*got 123"),
+        (lambda: split_of(b"a.py"), TypeError, r"path must be a str .*got b'a.py'"),
+        (lambda: split_of("a.py", 2.0), ValueError, r"val_fraction must be a number in \[0, 1\], got 2.0"),
+        (lambda: split_of("a.py", -1.0), ValueError, r"val_fraction must be a number in \[0, 1\], got -1.0"),
+        (lambda: split_of("a.py", float("nan")), ValueError, r"val_fraction must be a number in \[0, 1\], got nan"),
+        (lambda: split_of("a.py", "0.1"), ValueError, r"val_fraction must be a number in \[0, 1\], got '0.1'"),
+        (lambda: stdlib_files(123), TypeError, r"root must be None or a folder path .*got 123 \(int\)"),
+        (lambda: stdlib_files(b"\xff"), TypeError, r"root must be None or a folder path .*\(bytes\)"),
+        (lambda: load_corpus(123), TypeError, r"root must be None or a folder path .*got 123"),
+    ],
+)  # fmt: skip
+def test_bad_data_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("val_fraction", ["0.1", None, True, [0.1], float("nan")])
+def test_a_val_fraction_that_is_not_a_number_is_named(library, val_fraction):
+    message = r"val_fraction must be a number in \(0, 1\), got " + re.escape(repr(val_fraction))
+    with pytest.raises(ValueError, match=message):
+        load_corpus(library[0], val_fraction=val_fraction)
+
+
+def test_split_of_takes_the_whole_range_of_fractions():
+    assert split_of("os.py", 0) == "train" and split_of("os.py", 1) == "val"
+
+
+def test_recall_batch_says_how_many_pairs_fit():
+    with pytest.raises(ValueError, match=r"num_pairs 4 x queries_per_pair 8 must fit .*seq_len 64 .*at most 3 pairs"):
+        recall_batch(1, 64, num_pairs=4, queries_per_pair=8)
+    assert recall_batch(1, 64, num_pairs=3, queries_per_pair=8)[1].ne(IGNORE).sum() == 24  # and 3 do

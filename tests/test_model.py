@@ -177,3 +177,103 @@ def test_padded_batches_real_tokens_do_not_see_the_padding(side):
     for block in model.blocks:
         block.attn.implementation = "readable"
     torch.testing.assert_close(model(idx, key_padding_mask=padding), logits, rtol=0, atol=1e-12)
+
+
+# --- Bad configurations and inputs are refused by name, before any work ------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        *[(dict(rope_base=bad), rf"rope_base must be a positive finite number, got {bad!r}") for bad in
+          (0, -1.0, float("nan"), float("inf"), "1e4", None)],
+        *[(dict(dropout=bad), rf"dropout must be a number in \[0, 1\), got {bad!r}") for bad in
+          (float("nan"), -1.0, 1.5, 1, "0.1", None, True)],
+        *[(dict(head_offsets=bad), rf"head_offsets must be one of .*, got {bad!r}") for bad in ("bogus", None, 1)],
+        *[(dict(implementation=bad), rf"implementation must be one of .*, got {bad!r}") for bad in ("bogus", None, 1)],
+    ],
+)  # fmt: skip
+def test_bad_model_config_fields_are_named_at_the_config(overrides, match):
+    """Refused by ModelConfig itself, so a bad config never reaches a model or a checkpoint."""
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**overrides)
+    with pytest.raises(ValueError, match=match):
+        LongNetLM(**overrides)
+
+
+def test_valid_rope_bases_and_dropouts_are_kept():
+    config = ModelConfig(rope_base=500, dropout=0)  # ints are numbers
+    assert config.rope_base == 500 and LongNetLM(config).rotary.base == 500.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(head_dim=7), r"head_dim must be even .*got 7"),
+        (dict(head_dim=0), r"head_dim must be a positive integer, got 0"),
+        (dict(head_dim=-8), r"head_dim must be a positive integer, got -8"),
+        (dict(head_dim="8"), r"head_dim must be a positive integer, got '8'"),
+        (dict(head_dim=8, base=0), r"base must be a positive finite number, got 0"),
+        (dict(head_dim=8, base=-1.0), r"base must be a positive finite number, got -1.0"),
+        (dict(head_dim=8, base=float("nan")), r"base must be a positive finite number, got nan"),
+        (dict(head_dim=8, base="1e4"), r"base must be a positive finite number, got '1e4'"),
+    ],
+)
+def test_bad_rotary_embeddings_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RotaryEmbedding(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "q, positions, match",
+    [
+        (torch.zeros(1, 2, 6, 7), torch.arange(6), r"q must have head_dim = 8 dims per head, got D = 7"),
+        (torch.zeros(1, 2, 6, 8).long(), torch.arange(6), r"q must be a 4-D floating tensor .*torch.int64"),
+        (None, torch.arange(6), r"q must be a 4-D floating tensor .*got NoneType"),
+        (torch.zeros(2, 6, 8), torch.arange(6), r"q must be a 4-D floating tensor .*shape \(2, 6, 8\)"),
+        (torch.zeros(1, 2, 6, 8), torch.arange(5), r"one per token of q: shape \(6,\).*got shape \(5,\)"),
+        (torch.zeros(1, 2, 6, 8), torch.arange(6)[None], r"positions must be one per token of q.*\(1, 6\)"),
+        (torch.zeros(1, 2, 6, 8), list(range(6)), r"positions must be an integer tensor .*got list"),
+        (torch.zeros(1, 2, 6, 8), torch.full((6,), float("nan")), r"positions must be an integer tensor .*float32"),
+    ],
+)  # fmt: skip
+def test_bad_rotary_inputs_are_named(q, positions, match):
+    rope = RotaryEmbedding(8)
+    with pytest.raises(ValueError, match=match):
+        rope(q, torch.zeros(1, 2, 6, 8), positions)
+    with pytest.raises(ValueError, match=match.replace("q", "x", 1)):
+        rope.rotate(q, positions)
+
+
+def test_bad_rotary_keys_are_named():
+    with pytest.raises(ValueError, match=r"positions must be one per token of k: shape \(3,\)"):
+        RotaryEmbedding(8)(torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 3, 8), torch.arange(6))
+
+
+@pytest.mark.parametrize("config", ["cfg", {"embed_dim": 16}, 5])
+def test_a_config_that_is_not_a_model_config_is_a_type_error(config):
+    with pytest.raises(TypeError, match=rf"config must be None or a ModelConfig .*got {type(config).__name__}"):
+        LongNetLM(config)
+
+
+def test_a_config_and_overrides_together_are_refused():
+    with pytest.raises(TypeError, match=r"pass config or keyword overrides, not both; got config and \['dropout'\]"):
+        LongNetLM(ModelConfig(), dropout=0.1)  # the dropout would have been ignored
+
+
+@pytest.mark.parametrize("vocab_size", [0, -1, "256", None])
+def test_check_tokens_blames_a_bad_vocab_size_not_the_ids(vocab_size):
+    from longnet_ref.lm.model import check_tokens
+
+    with pytest.raises(ValueError, match=rf"vocab_size must be a positive integer, got {vocab_size!r}"):
+        check_tokens("idx", torch.zeros(1, 4, dtype=torch.long), vocab_size)
+
+
+def test_bad_attend_and_sequence_parallel_arguments_are_named():
+    model = tiny_lm()
+    with pytest.raises(TypeError, match=r"attend must be None or a callable .*got 'x'"):
+        model(torch.zeros(1, 4, dtype=torch.long), attend="x")
+    with pytest.raises(TypeError, match=r"model must be a LongNetLM, got str"):
+        sequence_parallel("m")
+    with pytest.raises(ValueError, match=r"group must be None, a torch.distributed ProcessGroup or a Communicator"):
+        sequence_parallel(model, group="bogus")

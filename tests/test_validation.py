@@ -224,3 +224,131 @@ def test_meta_tensors_are_refused_by_name():
     meta = torch.zeros(1, 2, 8, 4, device="meta")
     with pytest.raises(ValueError, match="q is on the meta device: it has a shape but no values"):
         dilated_attention(meta, meta, meta, [4], [1])
+
+
+# --- The language model's training config and evaluation (longnet_ref.lm) ----------------------
+
+TRAIN = dict(seq_len=64, steps=5, batch_size=2, embed_dim=16, num_heads=2, num_layers=1)
+NAN, INF = float("nan"), float("inf")
+NOT_A_LIST = r"must be a list of positive integers \(empty: the default mixture\), got "
+
+
+def train_config(**overrides):
+    from longnet_ref.lm.config import TrainConfig
+
+    return TrainConfig(**dict(TRAIN, **overrides))
+
+
+@pytest.mark.parametrize(
+    "field, values, match",
+    [
+        ("warmup", [-5, "50", None, 2.5, True], r"--warmup must be an integer >= 0, got "),
+        ("seed", ["s", None, -1, 2.5], r"--seed must be an integer >= 0, got "),
+        ("seed", [2**63], r"--seed must be below 2\*\*63, got "),
+        ("eval_size", [0, -1, "16", None, 2.5], r"--eval-size must be a positive integer, got "),
+        ("num_pairs", [0, -1, "4"], r"--num-pairs must be a positive integer, got "),
+        ("num_pairs", [17, 100], r"--num-pairs must be at most 16 \(the recall task's keys\), got "),
+        ("queries_per_pair", [0, -1, "8"], r"--queries-per-pair must be a positive integer, got "),
+        ("lr", [0, -1.0, NAN, INF, "1e-3", None, True], r"--lr must be a positive finite number, got "),
+        ("grad_clip", [0, NAN, INF, "1", None], r"--grad-clip must be a positive finite number, got "),
+        ("weight_decay", [-0.1, NAN, INF, "0.1", None], r"--weight-decay must be a finite number >= 0, got "),
+        ("device", ["bogus", None, 5, "cuda:0"], r"--device must be one of \('auto', 'cpu', 'cuda'\), got "),
+        ("segment_lengths", [None, 64, "abc"], r"--segment-lengths " + NOT_A_LIST),  # None is not the default
+        ("dilation_rates", [None, 2], r"--dilation-rates " + NOT_A_LIST),
+    ],
+)
+def test_bad_train_config_fields_name_the_flag_and_the_value(field, values, match):
+    import re
+
+    for value in values:
+        with pytest.raises(ValueError, match=match + re.escape(repr(value))):
+            train_config(**{field: value})
+
+
+def test_train_config_keeps_valid_values():
+    config = train_config(warmup=0, weight_decay=0, seed=0, segment_lengths=(16, 64), dilation_rates=(1, 2))
+    assert config.segment_lengths == [16, 64] and config.dilation_rates == [1, 2]  # lists, as a checkpoint holds
+    assert train_config(segment_lengths=[], dilation_rates=[]).segment_lengths == [16, 32, 64]  # empty: the default
+    assert train_config(lr=1, grad_clip=5).lr == 1  # ints are numbers
+    # the code task ignores the recall fields, so the tiny preset's 4 x 8 queries in 64 bytes stay valid
+    assert train_config(task="code", num_pairs=4, queries_per_pair=8).task == "code"
+
+
+def test_a_recall_config_that_cannot_fit_says_what_fits():
+    with pytest.raises(ValueError, match=r"--task recall: --num-pairs 16 needles, .*144 positions.*at most 3 pairs"):
+        train_config(task="recall", num_pairs=16)
+    with pytest.raises(ValueError, match=r"--task recall needs --seq-len >= 8 .*got 4"):
+        train_config(task="recall", seq_len=4, num_pairs=1, queries_per_pair=1)
+    assert train_config(task="recall", num_pairs=3, queries_per_pair=8).num_pairs == 3  # 3 x 9 = 27 <= 32
+
+
+@pytest.fixture
+def lm_and_data():
+    from conftest import tiny_lm
+
+    return tiny_lm(), torch.randint(0, 256, (200,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "device, error, match",
+    [
+        ("bogus", ValueError, r"device must name a torch device such as 'cpu' or 'cuda:0', got 'bogus'"),
+        ("cuda:x", ValueError, r"device must name a torch device .*got 'cuda:x'"),
+        (5, TypeError, r"device must be a str such as 'cpu' or 'cuda:0', or a torch.device, got 5"),
+        (None, TypeError, r"device must be a str .*got None"),
+        ("cuda:99", ValueError, r"device 'cuda:99' was asked for, but torch sees \d+ CUDA GPUs"),
+    ],
+)
+def test_bad_evaluation_devices_are_named(lm_and_data, device, error, match):
+    from longnet_ref.lm.evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_eval_set
+
+    model, data = lm_and_data
+    with pytest.raises(error, match=match):
+        autocast_for(device)
+    with pytest.raises(error, match=match):
+        bits_per_byte(model, data, 16, 64, device=device)
+    with pytest.raises(error, match=match):
+        recall_accuracy(model, recall_eval_set(64, 1, num_pairs=2, queries_per_pair=2), device=device)
+
+
+def test_bad_evaluation_arguments_are_named(lm_and_data):
+    from longnet_ref.lm.evaluate import bits_per_byte, bucket_name, recall_accuracy, recall_eval_set
+
+    model, data = lm_and_data
+    eval_set = recall_eval_set(64, 1, num_pairs=2, queries_per_pair=2)
+    x, y, dist = eval_set
+    calls = [
+        (lambda: bits_per_byte(model, data, 16, 64, by_position="no"), TypeError, r"by_position must be True or False"),
+        (lambda: bits_per_byte(model, data, 16, 64, by_position=None), TypeError, r"by_position must be True or False"),
+        (lambda: bits_per_byte("m", data, 16, 64), TypeError, r"model must be a torch.nn.Module .*got str"),
+        (lambda: recall_accuracy(None, eval_set), TypeError, r"model must be a torch.nn.Module .*got NoneType"),
+        (lambda: recall_accuracy(model, "abc"), TypeError, r"eval_set must be the 3 tensors .*got str"),
+        (lambda: recall_accuracy(model, None), TypeError, r"eval_set must be the 3 tensors .*got NoneType"),
+        (lambda: recall_accuracy(model, (x, y)), TypeError, r"eval_set must be the 3 tensors .*got 2 items"),
+        (lambda: recall_accuracy(model, (x.float(), y, dist)), ValueError, r"eval_set's x must be a \(M, N\) integer"),
+        (lambda: recall_accuracy(model, (x, y[:, :5], dist)), ValueError,
+         r"eval_set's x, y and dist must have one shape \(M, N\), got \(6, 64\), \(6, 5\), \(6, 64\)"),
+        (lambda: recall_accuracy(model, eval_set, buckets=[(4, 1)]), ValueError,
+         r"buckets\[0\] must be a pair \(a, b\) of ints with 1 <= a <= b, got \(4, 1\)"),
+        (lambda: recall_accuracy(model, eval_set, buckets=5), ValueError, r"buckets must be a non-empty list"),
+        (lambda: recall_eval_set(64, 1, buckets=[]), ValueError, r"buckets must be a non-empty list of pairs .*\[\]"),
+        (lambda: recall_eval_set(64, 1, queries_per_pair="2"), ValueError, r"queries_per_pair must be a positive"),
+        (lambda: recall_eval_set(64, 1, num_pairs=16), ValueError, r"num_pairs 16 x queries_per_pair 8 .*at most 3"),
+        (lambda: bucket_name(5), ValueError, r"bucket must be a pair \(a, b\) of ints with 1 <= a <= b, got 5"),
+        (lambda: bucket_name((1, 2, 3)), ValueError, r"bucket must be a pair .*got \(1, 2, 3\)"),
+        (lambda: bucket_name((2, 1)), ValueError, r"bucket must be a pair .*got \(2, 1\)"),
+    ]  # fmt: skip
+    for seed in ("s", None, 2.5, -1, 2**70):
+        calls.append((lambda seed=seed: recall_eval_set(64, 1, seed=seed), ValueError, r"seed must be an integer in"))
+    for call, error, match in calls:
+        with pytest.raises(error, match=match):
+            call()
+    assert model.training  # a refused call leaves the model as it was
+
+
+def test_evaluation_on_the_wrong_device_is_named(lm_and_data):
+    from longnet_ref.lm.evaluate import bits_per_byte
+
+    model, data = lm_and_data
+    with pytest.raises(ValueError, match=r"model is on cpu but device is 'meta'; pass device='cpu'"):
+        bits_per_byte(model, data, 16, 64, device="meta")

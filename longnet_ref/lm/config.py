@@ -4,11 +4,19 @@ and the presets "cpu", "gpu" and "tiny". `train.py` runs one; `experiment.py` de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from ..checks import check_branches, is_number
+from .data import NUM_KEYS, recall_capacity
 from .model import ATTENTION_KINDS, ModelConfig
 
 TASKS = ("code", "recall")
+DEVICES = ("auto", "cpu", "cuda")  # what --device offers; preflight.pick_device checks that it is there
+INT_FIELDS = (
+    "seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "num_pairs", "queries_per_pair",
+    "eval_every", "eval_size", "warmup", "seed", "threads",
+)  # fmt: skip
 # fields that define the model or the data stream: a resumed run must agree on them
 MODEL_FIELDS = ("attention", "seq_len", "embed_dim", "num_heads", "num_layers", "segment_lengths", "dilation_rates")
 RESUME_FIELDS = MODEL_FIELDS + ("task", "num_pairs", "queries_per_pair", "seed", "batch_size")
@@ -44,15 +52,43 @@ class TrainConfig:
             raise ValueError(f"--attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
-        for name in ("seq_len", "steps", "batch_size", "embed_dim", "num_heads", "num_layers", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"--threads must be 0 (torch's default) or a positive integer, got {self.threads!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        self.check_numbers()
+        self.fill_and_check_mixture()
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads {self.num_heads}")
+        if self.task == "recall":
+            self.check_recall_fits()
+        self.model_config()  # validates the branches and head size with ModelConfig's messages
+
+    def check_numbers(self):
+        """Ints are ints (not bools, floats or strings); NaN fails every range below, and inf trains to NaN."""
+        for name in INT_FIELDS:
+            value, low = getattr(self, name), (0 if name in ("warmup", "seed", "threads") else 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "a positive integer" if low else "an integer >= 0"
+                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+        if self.num_pairs > NUM_KEYS:  # needles have distinct keys
+            raise ValueError(f"--num-pairs must be at most {NUM_KEYS} (the recall task's keys), got {self.num_pairs}")
+        if self.seed >= 2**63:  # torch.manual_seed's range, with room for the data stream's seed + 1
+            raise ValueError(f"--seed must be below 2**63, got {self.seed}")
         for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (is_number(value) and 0 < value < math.inf):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value!r}")
+        if not (is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+
+    def fill_and_check_mixture(self):
+        """Empty lists: the default mixture [N/4, N/2, N] x [1, 2, 4]; given lists: valid branches covering N."""
+        for name in ("segment_lengths", "dilation_rates"):  # None is not the default; the empty list is
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be a list of positive integers (empty: the default mixture), "
+                    f"got {getattr(self, name)!r}"
+                )
+            setattr(self, name, list(getattr(self, name)))  # a tuple would differ from a checkpoint's list
         N = self.seq_len
         if not self.segment_lengths and not self.dilation_rates:
             self.segment_lengths = [max(1, N // 4), max(2, N // 2), max(4, N)]
@@ -62,6 +98,7 @@ class TrainConfig:
                 f"--segment-lengths {self.segment_lengths} and --dilation-rates {self.dilation_rates} "
                 "must have the same number of entries"
             )
+        check_branches(self.segment_lengths, self.dilation_rates)  # ints with r <= w, before max() compares them
         if self.attention == "dilated" and max(self.segment_lengths) < N:
             # Every branch's segments nest inside the largest one, so no information crosses a
             # largest-segment boundary in any number of layers: training would see chunks.
@@ -70,9 +107,20 @@ class TrainConfig:
                 f"segment length must be >= the training length, or tokens {max(self.segment_lengths)} "
                 "apart in different segments never exchange information"
             )
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads {self.num_heads}")
-        self.model_config()  # validates the branches and head size with ModelConfig's messages
+
+    def check_recall_fits(self):
+        """The recall task's needles and queries fit in --seq-len (`recall_capacity`); its distance buckets exist."""
+        N, pairs, per_pair = self.seq_len, self.num_pairs, self.queries_per_pair
+        if N < 8:  # evaluate.recall_buckets
+            raise ValueError(f"--task recall needs --seq-len >= 8 for its distance buckets, got {N}")
+        most = recall_capacity(N, per_pair)
+        if pairs > most:
+            raise ValueError(
+                f"--task recall: --num-pairs {pairs} needles, each asked --queries-per-pair {per_pair} times, "
+                f"take {pairs} x (1 + {per_pair}) = {pairs * (1 + per_pair)} positions; they must fit in half "
+                f"of --seq-len {N} ({N // 2}), with at most {NUM_KEYS} keys: at most {most} pairs fit. "
+                "Lower --num-pairs or --queries-per-pair, or raise --seq-len"
+            )
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(

@@ -18,25 +18,43 @@ Shape legend (the package's, plus): M = num_bytes // N evaluation windows.
 from __future__ import annotations
 
 import math
+import os
 import sysconfig
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..checks import as_positive_int
+from ..checks import as_positive_int, is_number
 
 VOCAB_SIZE = 256
 IGNORE = -100  # target value that F.cross_entropy skips
+
+
+def check_generator(generator):
+    """None or a torch.Generator; else a TypeError naming `generator` (torch's own names no parameter)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {generator!r} ({type(generator).__name__})")
+    return generator
 
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def as_root(root) -> Path:
+    """The corpus folder: None for the standard library's, else a str or os.PathLike path."""
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(
+            f"root must be None or a folder path (str or os.PathLike), got {root!r} ({type(root).__name__})"
+        )
+    return stdlib_root() if root is None else Path(root)
+
+
 def stdlib_files(root=None) -> list[str]:
     """Relative POSIX paths of the library's .py files, sorted; third-party packages excluded."""
-    root = stdlib_root() if root is None else Path(root)
+    root = as_root(root)
     if not root.is_dir():
         raise ValueError(f"root must be a directory of .py files, got {str(root)!r}")
     skip = {"site-packages", "dist-packages", "__pycache__"}
@@ -46,6 +64,10 @@ def stdlib_files(root=None) -> list[str]:
 
 def split_of(path: str, val_fraction: float = 0.05) -> str:
     """ "train" or "val" for a relative path: CRC32 of the path, not Python's salted hash()."""
+    if not isinstance(path, str):  # the CRC is of the POSIX string stdlib_files returns, so nothing else
+        raise TypeError(f"path must be a str (a relative POSIX path, as stdlib_files returns), got {path!r}")
+    if not (is_number(val_fraction) and 0 <= val_fraction <= 1):  # NaN fails the comparison too
+        raise ValueError(f"val_fraction must be a number in [0, 1], got {val_fraction!r}")
     return "val" if zlib.crc32(path.encode()) % 10_000 < val_fraction * 10_000 else "train"
 
 
@@ -54,9 +76,9 @@ def load_corpus(root=None, val_fraction: float = 0.05) -> dict[str, torch.Tensor
 
     Each file ends with a newline (one is added if missing), so files never run together.
     """
-    if not 0.0 < float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    root = stdlib_root() if root is None else Path(root)
+    if not (is_number(val_fraction) and 0 < val_fraction < 1):  # both splits must get files
+        raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
+    root = as_root(root)
     chunks = {"train": [], "val": []}
     for path in stdlib_files(root):
         text = (root / path).read_bytes()
@@ -85,6 +107,7 @@ def random_windows(data, seq_len, batch_size, generator=None):
     """A training batch: random windows of the byte stream, inputs (B, N) and next-byte targets (B, N)."""
     check_bytes(data)
     N, B = as_positive_int("seq_len", seq_len), as_positive_int("batch_size", batch_size)
+    check_generator(generator)
     if data.numel() < N + 1:
         raise ValueError(f"seq_len {N} needs at least {N + 1} bytes of data, got {data.numel()}")
     starts = torch.randint(0, data.numel() - N, (B,), generator=generator)  # (B,)
@@ -136,22 +159,15 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
     """
     B, N = as_positive_int("batch_size", batch_size), as_positive_int("seq_len", seq_len)
     num_pairs, per_pair = as_positive_int("num_pairs", num_pairs), as_positive_int("queries_per_pair", queries_per_pair)
-    if num_pairs > NUM_KEYS or num_pairs * (1 + per_pair) > N // 2:
+    check_generator(generator)
+    most = recall_capacity(N, per_pair)
+    if num_pairs > most:
         raise ValueError(
             f"num_pairs {num_pairs} x queries_per_pair {per_pair} must fit in half of seq_len {N} "
-            f"(and num_pairs <= {NUM_KEYS})"
+            f"(and num_pairs <= {NUM_KEYS}): at most {most} pairs fit"
         )
-    if distances is not None and (
-        isinstance(distances, (str, bytes))
-        or not hasattr(distances, "__iter__")
-        or not all(isinstance(d, int) and not isinstance(d, bool) for d in distances)
-    ):
-        raise TypeError(f"distances must be None or a list of ints, got {distances!r}")
-    if distances is not None and (len(set(distances)) < per_pair or min(distances) < 1 or max(distances) > N - 2):
-        raise ValueError(
-            f"distances must hold at least queries_per_pair = {per_pair} different values in "
-            f"[1, seq_len - 2 = {N - 2}], got {distances!r}"
-        )
+    if distances is not None:
+        distances = check_distances(distances, per_pair, N)
     x = FILLER[torch.randint(0, len(FILLER), (B, N), generator=generator)]  # (B, N) haystack
     y = torch.full((B, N), IGNORE, dtype=torch.long)
     dist = torch.zeros((B, N), dtype=torch.long)
@@ -161,7 +177,7 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
         for key in torch.randperm(NUM_KEYS, generator=generator)[:num_pairs].tolist():
             value = uniform(NUM_VALUES, generator)
             for _ in range(1000):  # rejection sampling of free positions; fails only if crowded
-                ds = query_distances(N, per_pair, distances, generator)
+                ds = _draw_distances(N, per_pair, distances, generator)  # arguments checked above
                 needle = uniform(N - 1 - max(ds), generator)  # every query q = needle + d <= N - 2
                 taken = {needle} | {needle + d for d in ds}
                 if len(taken) == 1 + per_pair and not taken & used:
@@ -177,14 +193,57 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
     return x, y, dist
 
 
+def recall_capacity(seq_len, queries_per_pair):
+    """The most needles `recall_batch` places in seq_len when each is asked queries_per_pair times.
+
+    A needle and its queries take 1 + queries_per_pair positions, all of them within half of the
+    sequence (so the rejection sampling of free positions finds room), and keys are distinct.
+    """
+    return min(NUM_KEYS, (seq_len // 2) // (1 + queries_per_pair))
+
+
+def check_distances(distances, count, seq_len):
+    """`distances` as a list of ints, at least `count` different ones in [1, seq_len - 2]; else an error naming it."""
+    # a list, tuple or range; not an iterator, which the first of many draws would use up
+    if isinstance(distances, (str, bytes)) or not isinstance(distances, Sequence):
+        raise TypeError(f"distances must be None or a list of ints, got {distances!r}")
+    distances = list(distances)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in distances):
+        raise TypeError(f"distances must be None or a list of ints, got {distances!r}")
+    if len(set(distances)) < count or min(distances, default=0) < 1 or max(distances, default=0) > seq_len - 2:
+        raise ValueError(
+            f"distances must hold at least {count} different values (one per query of a needle) in "
+            f"[1, seq_len - 2 = {seq_len - 2}], got {distances!r}"
+        )
+    return distances
+
+
 def uniform(n, generator=None):
     """An int in [0, n), drawn from `generator`."""
+    n = as_positive_int("n", n)  # [0, n) must hold an int
+    check_generator(generator)
     return int(torch.randint(0, n, (1,), generator=generator))
 
 
 def query_distances(seq_len, count, distances=None, generator=None):
-    """`count` different distances of queries from their needle (see `recall_batch`), drawn from `generator`."""
-    N = seq_len
+    """`count` different distances of queries from their needle (see `recall_batch`), drawn from `generator`.
+
+    From `distances` when given, else from all of [1, seq_len - 2].
+    """
+    N, count = as_positive_int("seq_len", seq_len), as_positive_int("count", count)
+    check_generator(generator)
+    if distances is not None:
+        distances = check_distances(distances, count, N)
+    elif count > N - 2:  # the draw of distinct distances would never finish
+        raise ValueError(
+            f"count {count} different distances do not exist in [1, seq_len - 2] for seq_len {N}: "
+            f"at most {max(0, N - 2)} do"
+        )
+    return _draw_distances(N, count, distances, generator)
+
+
+def _draw_distances(N, count, distances, generator):
+    """`query_distances` without its checks (`recall_batch` checks once, then draws many times)."""
     if distances is not None:
         choices = sorted(set(distances))
         return [choices[i] for i in torch.randperm(len(choices), generator=generator)[:count].tolist()]

@@ -10,14 +10,37 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..checks import as_positive_int
-from .data import IGNORE, eval_windows, recall_batch
+from ..checks import as_positive_int, check_flag
+from .data import IGNORE, NUM_KEYS, eval_windows, recall_batch, recall_capacity
+
+
+def as_device(device) -> torch.device:
+    """`device` (a str such as "cpu" or "cuda:0", or a torch.device) as a torch.device that exists here."""
+    if not isinstance(device, (str, torch.device)):  # an int would mean a CUDA index: say "cuda:0"
+        raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', or a torch.device, got {device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPUs")
+    return device
+
+
+def check_model(model, device):
+    """`model` is a module whose parameters are on `device` (the batches are moved there)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a LongNetLM), got {type(model).__name__}")
+    param = next(model.parameters(), None)
+    if param is not None and (param.device.type, param.device.index or 0) != (device.type, device.index or 0):
+        raise ValueError(f"model is on {param.device} but device is {str(device)!r}; pass device={str(param.device)!r}")
 
 
 def autocast_for(device):
     """bf16 autocast on a GPU that has it natively (fp16 on older GPUs such as the T4); none on CPU."""
-    device = torch.device(device)
+    device = as_device(device)
     if device.type != "cuda":
         return contextlib.nullcontext()
     native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -33,10 +56,12 @@ def bits_per_byte(model, data, seq_len, num_bytes, *, batch_size=8, device="cpu"
     average, which is how a longer test length can help (Table 2). `by_position=True` also
     returns the mean over windows at each position (N,): how the loss changes with context.
     """
-    batch_size = as_positive_int("batch_size", batch_size)
+    batch_size, device = as_positive_int("batch_size", batch_size), as_device(device)
+    check_model(model, device)
+    check_flag("by_position", by_position)
+    x, y = eval_windows(data, seq_len, num_bytes)  # (M, N) each; checks data, seq_len and num_bytes
     was_training = model.training
     model.eval()
-    x, y = eval_windows(data, seq_len, num_bytes)  # (M, N) each
     per_position = torch.zeros(seq_len, dtype=torch.float64)  # (N,) summed over windows
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
@@ -68,9 +93,29 @@ def recall_buckets(seq_len):
     return [(a, b) for a, b in zip([1] + [end + 1 for end in ends[:-1]], ends)]
 
 
+def check_bucket(name, bucket, seq_len=None):
+    """A distance bucket: a pair (a, b) of ints with 1 <= a <= b (<= seq_len - 2, the longest distance, if given)."""
+    top = "" if seq_len is None else f" <= seq_len - 2 = {seq_len - 2}"
+    if not (
+        isinstance(bucket, (tuple, list))
+        and len(bucket) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) for d in bucket)
+        and 1 <= bucket[0] <= bucket[1] <= (math.inf if seq_len is None else seq_len - 2)
+    ):
+        raise ValueError(f"{name} must be a pair (a, b) of ints with 1 <= a <= b{top}, got {bucket!r}")
+    return tuple(bucket)
+
+
+def check_buckets(buckets, seq_len=None):
+    """A non-empty list of buckets (`check_bucket`), as a list of tuples; an empty one would measure nothing."""
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, (list, tuple)) or not buckets:
+        raise ValueError(f"buckets must be a non-empty list of pairs (a, b), got {buckets!r}")
+    return [check_bucket(f"buckets[{i}]", bucket, seq_len) for i, bucket in enumerate(buckets)]
+
+
 def bucket_name(bucket):
     """ "d=a-b", the name of a bucket's column in the tables (and its key in test.json)."""
-    a, b = bucket
+    a, b = check_bucket("bucket", bucket)
     return f"d={a}-{b}"
 
 
@@ -85,28 +130,44 @@ def recall_eval_set(seq_len, sequences_per_bucket, buckets=None, *, num_pairs=4,
     """
     N = as_positive_int("seq_len", seq_len)
     as_positive_int("sequences_per_bucket", sequences_per_bucket)
-    buckets = recall_buckets(N) if buckets is None else list(buckets)
-    for i, bucket in enumerate(buckets):
-        if not (
-            isinstance(bucket, (tuple, list))
-            and len(bucket) == 2
-            and all(isinstance(d, int) and not isinstance(d, bool) for d in bucket)
-            and 1 <= bucket[0] <= bucket[1] <= N - 2
-        ):
-            raise ValueError(
-                f"buckets[{i}] must be a pair (a, b) of ints with 1 <= a <= b <= seq_len - 2 = {N - 2}, got {bucket!r}"
-            )
+    buckets = recall_buckets(N) if buckets is None else check_buckets(buckets, N)
+    num_pairs = as_positive_int("num_pairs", num_pairs)
+    queries_per_pair = as_positive_int("queries_per_pair", queries_per_pair)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")  # torch.Generator's range
+    # a narrow bucket asks each needle fewer queries; checked for the widest now, not after the first buckets
+    per_pairs = [min(queries_per_pair, b - a + 1) for a, b in buckets]
+    most = recall_capacity(N, max(per_pairs))
+    if num_pairs > most:
+        raise ValueError(
+            f"num_pairs {num_pairs} x queries_per_pair {max(per_pairs)} must fit in half of seq_len {N} "
+            f"(and num_pairs <= {NUM_KEYS}): at most {most} pairs fit"
+        )
     generator = torch.Generator().manual_seed(seed)
     parts = []
-    for a, b in buckets:
+    for (a, b), per_pair in zip(buckets, per_pairs):
         distances = list(range(a, b + 1))
-        per_pair = min(queries_per_pair, len(distances))
         parts.append(
             recall_batch(
                 sequences_per_bucket, N, generator, num_pairs=num_pairs, queries_per_pair=per_pair, distances=distances
             )
         )
     return tuple(torch.cat(tensors) for tensors in zip(*parts))  # x, y, dist: (M, N) each
+
+
+def check_eval_set(eval_set):
+    """(x, y, dist): three (M, N) integer tensors of one shape, as `recall_eval_set` returns."""
+    if not (isinstance(eval_set, (tuple, list)) and len(eval_set) == 3):
+        what = f"{len(eval_set)} items" if isinstance(eval_set, (tuple, list)) else type(eval_set).__name__
+        raise TypeError(f"eval_set must be the 3 tensors (x, y, dist) of recall_eval_set, got {what}")
+    for name, t in zip(("x", "y", "dist"), eval_set):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point() or t.dtype == torch.bool:
+            what = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"eval_set's {name} must be a (M, N) integer tensor, got {what}")
+    if not eval_set[0].shape == eval_set[1].shape == eval_set[2].shape:
+        shapes = ", ".join(str(tuple(t.shape)) for t in eval_set)
+        raise ValueError(f"eval_set's x, y and dist must have one shape (M, N), got {shapes}")
+    return eval_set
 
 
 @torch.no_grad()
@@ -116,10 +177,12 @@ def recall_accuracy(model, eval_set, *, batch_size=8, device="cpu", buckets=None
     buckets: [(a, b), ...]; a query at distance d counts in the bucket with a <= d <= b (queries
     in no bucket are not counted). None: one entry per distance, named "d=d-d".
     """
-    batch_size = as_positive_int("batch_size", batch_size)
+    batch_size, device = as_positive_int("batch_size", batch_size), as_device(device)
+    check_model(model, device)
+    x, y, dist = check_eval_set(eval_set)
+    buckets = None if buckets is None else check_buckets(buckets)
     was_training = model.training
     model.eval()
-    x, y, dist = eval_set
     correct, count, loss_sum = {}, {}, 0.0
     for i in range(0, x.shape[0], batch_size):
         xb, yb, db = (t[i : i + batch_size].to(device) for t in (x, y, dist))

@@ -113,15 +113,22 @@ def train_run(name, config, runs, corpus=None, progress=True, init_from=None):
     return model
 
 
+def where(model):
+    """The device the model was trained on (a gpu run's model is tested on the gpu)."""
+    return str(next(model.parameters()).device)
+
+
 def table2(runs, threads=1, progress=True):
     corpus = load_corpus()
     for name, run in TABLE2_RUNS.items():
         config = run_config(TABLE2_COMMON, run, threads)
         model = train_run(name, config, runs, corpus, progress)
         start = time.perf_counter()
-        bpb = {n: bits_per_byte(model, corpus["val"], n, TEST_BYTES) for n in TEST_LENGTHS[:-1]}
+        bpb = {n: bits_per_byte(model, corpus["val"], n, TEST_BYTES, device=where(model)) for n in TEST_LENGTHS[:-1]}
         longest = TEST_LENGTHS[-1]
-        bpb[longest], per_position = bits_per_byte(model, corpus["val"], longest, TEST_BYTES, by_position=True)
+        bpb[longest], per_position = bits_per_byte(
+            model, corpus["val"], longest, TEST_BYTES, by_position=True, device=where(model)
+        )
         # bits per byte against the context a byte has: positions [2^i, 2^(i+1)) of the longest windows
         by_context = {2**i: per_position[2**i : 2 ** (i + 1)].mean().item() for i in range(longest.bit_length() - 1)}
         print(f"{name}: bits per byte {bpb} ({time.perf_counter() - start:.0f} s)")
@@ -150,7 +157,7 @@ def recall_model(name, runs, threads=1, progress=True):
         model = train_run(stage_name, config, runs, None, progress, previous)
         previous = Path(runs) / stage_name / "checkpoint.pt"
     eval_set = recall_eval_set(RECALL_LENGTH, RECALL_TEST_SEQUENCES, num_pairs=8, queries_per_pair=4)
-    accuracy, loss = recall_accuracy(model, eval_set, buckets=recall_buckets(RECALL_LENGTH))
+    accuracy, loss = recall_accuracy(model, eval_set, buckets=recall_buckets(RECALL_LENGTH), device=where(model))
     by_residue = residue_accuracy(
         model, eval_set, far=recall_branches("recall-local", RECALL_LENGTH)["segment_lengths"][0]
     )
@@ -166,7 +173,9 @@ def residue_accuracy(model, eval_set, far, modulus=4):
     With r = 4, distances that 4 divides are one hop away through the sparse branches; the
     others need layer 1 to have copied the needle into the neighbour of the query's residue.
     """
-    per_distance, _ = recall_accuracy(model, eval_set)  # {"d=d-d": accuracy}; one or few queries each
+    per_distance, _ = recall_accuracy(
+        model, eval_set, device=where(model)
+    )  # {"d=d-d": accuracy}; one or few queries each
     hits, counts = [0.0] * modulus, [0] * modulus
     for bucket, value in per_distance.items():
         d = int(bucket.split("-")[1])

@@ -34,11 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import as_positive_int, check_branches
+from ..checks import as_positive_int, check_branches, check_head_offsets, check_implementation, is_number
 from ..layer import MultiheadDilatedAttention
 
 ATTENTION_KINDS = ("dilated", "dense", "local")
 UNBOUNDED = sys.maxsize  # "dense" attention: one segment longer than any sequence
+
+
+def check_rope_base(name, value) -> float:
+    """RoPE's base as a float; 0, negative, NaN or inf would make every angle NaN or 0."""
+    if not (is_number(value) and 0 < value < math.inf):  # NaN fails the comparison too
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -65,6 +72,12 @@ class ModelConfig:
         self.segment_lengths, self.dilation_rates = list(self.segment_lengths), list(self.dilation_rates)
         for name in ("vocab_size", "embed_dim", "num_heads", "num_layers", "mlp_ratio"):
             as_positive_int(name, getattr(self, name))
+        # checked here, not when a model is built: a bad config must not reach a checkpoint
+        if not (is_number(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        check_rope_base("rope_base", self.rope_base)
+        check_head_offsets(self.head_offsets)
+        check_implementation(self.implementation)
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
             raise ValueError(
                 f"embed_dim {self.embed_dim} must split into num_heads {self.num_heads} heads of even size (RoPE)"
@@ -92,10 +105,37 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        self.head_dim, self.base = head_dim, float(base)
+        head_dim = as_positive_int("head_dim", head_dim)
+        if head_dim % 2:  # dims are rotated in pairs (i, i + D/2)
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs of dims), got {head_dim}")
+        self.head_dim, self.base = head_dim, check_rope_base("base", base)
+
+    def check(self, name, x, positions):
+        """x: a (B, H, N, head_dim) floating tensor; positions: N integer positions on its device."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            what = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a 4-D floating tensor (B, H, N, D), got {what}")
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"{name} must have head_dim = {self.head_dim} dims per head, got D = {x.shape[-1]}")
+        if (
+            not isinstance(positions, torch.Tensor)
+            or positions.dtype.is_floating_point
+            or positions.dtype == torch.bool
+        ):
+            what = f"dtype {positions.dtype}" if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise ValueError(f"positions must be an integer tensor (N,) of token positions, got {what}")
+        if tuple(positions.shape) != (x.shape[2],) or positions.device != x.device:
+            raise ValueError(
+                f"positions must be one per token of {name}: shape ({x.shape[2]},) on {x.device}, "
+                f"got shape {tuple(positions.shape)} on {positions.device}"
+            )
 
     def rotate(self, x, positions):
         """x (B, H, N, D) at positions (N,) -> rotated x, same shape and dtype."""
+        self.check("x", x, positions)
+        return self._rotate(x, positions)
+
+    def _rotate(self, x, positions):
         D = x.shape[-1]
         # float64 angles for float64 inputs (exact tests), float32 otherwise (bf16 would lose the angle)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -106,7 +146,9 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, N, D)
 
     def forward(self, q, k, positions):
-        return self.rotate(q, positions), self.rotate(k, positions)
+        self.check("q", q, positions)
+        self.check("k", k, positions)
+        return self._rotate(q, positions), self._rotate(k, positions)
 
     def extra_repr(self):
         return f"head_dim={self.head_dim}, base={self.base}"
@@ -117,6 +159,8 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         E = config.embed_dim
         segment_lengths, dilation_rates = config.branches()
         self.ln_attn = nn.LayerNorm(E)
@@ -153,6 +197,9 @@ class Block(nn.Module):
 
 def check_tokens(name, tokens, vocab_size, ignore=None):
     """tokens: a (B, N) integer tensor of ids in [0, vocab_size) (or `ignore`); else a ValueError naming them."""
+    vocab_size = as_positive_int("vocab_size", vocab_size)  # a bad size must not be blamed on the ids
+    if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int)):
+        raise ValueError(f"ignore must be None or an int token id to skip, got {ignore!r}")
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"{name} must be a (B, N) tensor of token ids, got {shape}")
@@ -169,6 +216,12 @@ class LongNetLM(nn.Module):
 
     def __init__(self, config: ModelConfig | None = None, **overrides):
         super().__init__()
+        if config is not None and not isinstance(config, ModelConfig):
+            raise TypeError(
+                f"config must be None or a ModelConfig (ModelConfig(**d) for a dict), got {type(config).__name__}"
+            )
+        if config is not None and overrides:  # they would be ignored silently
+            raise TypeError(f"pass config or keyword overrides, not both; got config and {sorted(overrides)}")
         config = ModelConfig(**overrides) if config is None else config
         self.config = config
         E = config.embed_dim
@@ -200,6 +253,8 @@ class LongNetLM(nn.Module):
         logits of real tokens do not depend on what the padding holds. Give padding targets -100.
         """
         check_tokens("idx", idx, self.config.vocab_size)
+        if attend is not None and not callable(attend):
+            raise TypeError(f"attend must be None or a callable (layer_index, attn, hidden) -> output, got {attend!r}")
         if key_padding_mask is not None and attend is not None:
             raise ValueError("key_padding_mask is not supported with attend (cached decoding decodes one sequence)")
         if targets is not None:
@@ -233,7 +288,12 @@ def sequence_parallel(model, group=None):
     communicator per call: `parallel(chunk, attend=lambda i, attn, hidden: attn(hidden, group=comm))`.
     """
     from ..parallel import SequenceParallelDilatedAttention  # imported here: the model itself needs no parallel code
+    from ..parallel.comm import as_communicator
 
+    if not isinstance(model, LongNetLM):
+        raise TypeError(f"model must be a LongNetLM, got {type(model).__name__}")
+    if group is not None:
+        as_communicator(group)  # a ValueError naming group now, not at the first forward
     parallel = copy.deepcopy(model)
     for block in parallel.blocks:
         block.attn = SequenceParallelDilatedAttention.from_layer(block.attn, group)
