@@ -243,3 +243,27 @@ def test_sample_refuses_what_generate_refuses():
         sample(torch.zeros(4), 1.0, None)
     with pytest.raises(ValueError, match="logits must not be NaN"):
         sample(torch.full((1, 4), float("nan")), 1.0, None)
+
+
+def test_cached_decoding_of_a_grouped_query_model_equals_the_full_forward():
+    """num_kv_heads = 2 of 4: the cache holds 2 kv heads; every decoded step's logits equal the full forward's."""
+    from longnet_ref.lm.model import LongNetLM
+
+    torch.manual_seed(0)
+    model = LongNetLM(embed_dim=32, num_heads=4, num_layers=2, num_kv_heads=2, segment_lengths=[4, 8, 16],
+                      dilation_rates=[1, 2, 4]).double().eval()  # fmt: skip
+    assert model.blocks[0].attn.k_proj.out_features == 16
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    tokens, logits = generate(model, prompt, 30, temperature=0, return_logits=True)
+    torch.testing.assert_close(logits, model(tokens)[:, :-1], rtol=0, atol=1e-10)
+
+
+def test_train_config_checks_num_kv_heads():
+    from longnet_ref.lm.config import TrainConfig
+
+    for bad in (3, 0, True, 2.0):
+        with pytest.raises(
+            ValueError, match=f"--num-kv-heads must be a positive integer dividing --num-heads 4, got {bad!r}"
+        ):
+            TrainConfig(num_kv_heads=bad)
+    assert TrainConfig(num_kv_heads=2).model_config().num_kv_heads == 2

@@ -18,7 +18,8 @@ INT_FIELDS = (
     "eval_every", "eval_size", "warmup", "seed", "threads",
 )  # fmt: skip
 # fields that define the model or the data stream: a resumed run must agree on them
-MODEL_FIELDS = ("attention", "seq_len", "embed_dim", "num_heads", "num_layers", "segment_lengths", "dilation_rates")
+MODEL_FIELDS = ("attention", "seq_len", "embed_dim", "num_heads", "num_layers", "segment_lengths", "dilation_rates",
+                "num_kv_heads")  # fmt: skip
 RESUME_FIELDS = MODEL_FIELDS + ("task", "num_pairs", "queries_per_pair", "seed", "batch_size")
 
 
@@ -31,6 +32,7 @@ class TrainConfig:
     embed_dim: int = 128
     num_heads: int = 4
     num_layers: int = 4
+    num_kv_heads: int | None = None  # grouped-query attention (None: num_heads)
     segment_lengths: list = field(default_factory=list)  # empty: [N/4, N/2, N]
     dilation_rates: list = field(default_factory=list)  # empty: [1, 2, 4]
     task: str = "code"
@@ -58,6 +60,12 @@ class TrainConfig:
         self.fill_and_check_mixture()
         if self.embed_dim % self.num_heads:
             raise ValueError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads {self.num_heads}")
+        if self.num_kv_heads is not None:
+            kv = self.num_kv_heads
+            if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.num_heads % kv:
+                raise ValueError(
+                    f"--num-kv-heads must be a positive integer dividing --num-heads {self.num_heads}, got {kv!r}"
+                )
         if self.task == "recall":
             self.check_recall_fits()
         self.model_config()  # validates the branches and head size with ModelConfig's messages
@@ -130,6 +138,7 @@ class TrainConfig:
             embed_dim=self.embed_dim,
             num_heads=self.num_heads,
             num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
         )
 
 

@@ -64,6 +64,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     head_offsets: str = "paper"
     implementation: str = "fast"
+    num_kv_heads: int | None = None  # grouped-query attention: kv heads, dividing num_heads (None: num_heads)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -78,6 +79,8 @@ class ModelConfig:
         check_rope_base("rope_base", self.rope_base)
         check_head_offsets(self.head_offsets)
         check_implementation(self.implementation)
+        if self.num_kv_heads is not None and self.num_heads % as_positive_int("num_kv_heads", self.num_kv_heads):
+            raise ValueError(f"num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads}")
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
             raise ValueError(
                 f"embed_dim {self.embed_dim} must split into num_heads {self.num_heads} heads of even size (RoPE)"
@@ -174,6 +177,7 @@ class Block(nn.Module):
             head_offsets=config.head_offsets,
             implementation=config.implementation,
             rotary=rotary,
+            num_kv_heads=config.num_kv_heads,
         )
         self.ln_mlp = nn.LayerNorm(E)
         self.mlp = nn.Sequential(

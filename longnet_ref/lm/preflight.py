@@ -76,6 +76,6 @@ def check_run(config, out=None, *, resume=None, init_from=None, pause_at=None, o
 def check_agrees(config, saved, names, whose):
     """A ValueError naming the first flag in `names` on which `config` and a checkpoint's config differ."""
     for name in names:
-        if saved[name] != getattr(config, name):
+        if saved.get(name) != getattr(config, name):  # a field newer than the checkpoint: its default, None
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {getattr(config, name)!r} differs from {whose} checkpoint's {saved[name]!r}")
+            raise ValueError(f"{flag} {getattr(config, name)!r} differs from {whose} checkpoint's {saved.get(name)!r}")

@@ -290,6 +290,7 @@ OVERRIDES = (
     ("embed_dim", int, "E, the model width"),
     ("num_heads", int, "H, attention heads (E divisible by H)"),
     ("num_layers", int, "Transformer blocks"),
+    ("num_kv_heads", int, "grouped-query attention: k, v heads, dividing H (None: H)"),
     ("num_pairs", int, "recall task: key-value pairs per sequence"),
     ("queries_per_pair", int, "recall task: supervised queries per pair"),
     ("warmup", int, "steps of linear learning-rate warm-up"),
