@@ -21,11 +21,13 @@ import math
 
 import torch
 
-from .checks import check_flag, check_qkv
+from .checks import as_count, check_flag, check_qkv
 
 
 def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
     """Boolean (Nq, Nk) mask, True where key `j` is not in the future of query `i` (j <= i)."""
+    as_count("n_queries", n_queries)
+    as_count("n_keys", n_keys)
     i = torch.arange(n_queries, device=device)[:, None]  # (Nq, 1)
     j = torch.arange(n_keys, device=device)[None, :]  # (1, Nk)
     return j <= i
@@ -39,6 +41,7 @@ def lse_dtype(q):
 
 def softmax_scale(head_dim):
     """1/sqrt(D), the scale of the scores; 1 for D = 0, where every score is an empty sum, 0, at any scale."""
+    as_count("head_dim", head_dim)
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
@@ -47,6 +50,26 @@ def repeat_kv_heads(k, v, num_heads):
     H / H_kv consecutive query heads c * H / H_kv, ... (SDPA's enable_gqa rule). A copy: for the readable paths."""
     group = num_heads // k.shape[1] if k.shape[1] else 1
     return (k, v) if group == 1 else (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+
+
+def check_bias(bias, q, shape):
+    """An additive float bias broadcastable to `shape` (B, H, Nq, Nk). A bool mask is refused: added
+    to the scores it would shift them by 1 or 0, not mask them."""
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be None or a float tensor, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(
+            f"bias must be a floating-point tensor added to the scores (-inf masks a pair), got dtype {bias.dtype}; "
+            "for a bool mask use torch.zeros(mask.shape).masked_fill(~mask, -inf), or causal=True"
+        )
+    try:
+        fits = bias.dim() <= 4 and torch.broadcast_shapes(bias.shape, shape) == shape
+    except RuntimeError:  # not broadcastable at all
+        fits = False
+    if not fits:
+        raise ValueError(f"bias must broadcast to (B, H, Nq, Nk) = {shape}, got shape {tuple(bias.shape)}")
+    if bias.device != q.device:
+        raise ValueError(f"bias is on device {bias.device} but q is on device {q.device}")
 
 
 def dense_attention(q, k, v, *, causal=False, bias=None):
@@ -65,6 +88,8 @@ def dense_attention(q, k, v, *, causal=False, bias=None):
     check_qkv(q, k, v, same_length=False, causal=check_flag("causal", causal))
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    if bias is not None:
+        check_bias(bias, q, (B, H, Nq, Nk))
 
     # Scores, scaled by 1/sqrt(D) so their variance does not grow with the head dim.
     scores = (q @ k.transpose(-2, -1)) * softmax_scale(D)  # (B, H, Nq, Nk)

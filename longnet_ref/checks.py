@@ -20,6 +20,20 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def as_count(name: str, value) -> int:
+    """`value` as an int >= 0 (bools and floats refused): lengths that may be empty."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def as_positive_number(name: str, value) -> float:
+    """`value` as a positive finite float (bools and strings refused)."""
+    if not (is_number(value) and 0 < value < float("inf")):  # NaN fails the comparison too
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def as_positive_int(name: str, value) -> int:
     """Return `value` as an int, or raise if it is not a positive integer (bools and floats refused)."""
     if isinstance(value, bool):

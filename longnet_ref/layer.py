@@ -23,6 +23,13 @@ from .checks import as_positive_int, check_branches, check_flag, check_head_offs
 from .mixture import dilated_attention
 
 
+def _autocast_on(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated attention over (B, N, E) inputs (LongNet Sec. 2.3); see the module docstring
     for what it is a drop-in for.
@@ -153,6 +160,15 @@ class MultiheadDilatedAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, N, {self.embed_dim}), got shape {shape}")
+        weight = self.q_proj.weight
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        mismatch = x.device != weight.device or (x.dtype != weight.dtype and not _autocast_on(x.device.type))
+        if mismatch:  # under autocast the projections take mixed dtypes by design
+            raise ValueError(
+                f"x is {x.dtype} on {x.device} but the layer's parameters are {weight.dtype} on {weight.device}; "
+                "convert one of them (layer.to(x.dtype) or x.to(...))"
+            )
         B, N, E = x.shape
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D)
         if self.rotary is not None:

@@ -352,3 +352,76 @@ def test_evaluation_on_the_wrong_device_is_named(lm_and_data):
     model, data = lm_and_data
     with pytest.raises(ValueError, match=r"model is on cpu but device is 'meta'; pass device='cpu'"):
         bits_per_byte(model, data, 16, 64, device="meta")
+
+
+def test_second_audit_pass_names_the_parameter():
+    """Helpers and entry points the first pass missed: each bad input raises naming its parameter."""
+    from longnet_ref import MultiheadDilatedAttention, dense_attention, merge_branches
+    from longnet_ref.analysis.viz import plot_branches, plot_multiplicity
+    from longnet_ref.attention import causal_mask, softmax_scale
+    from longnet_ref.lm.generate import KVCache, generate
+    from longnet_ref.parallel import SequenceParallelDilatedAttention, SimulatedGroup, plan_branches
+
+    q = k = v = torch.randn(1, 2, 8, 4)
+    layer = MultiheadDilatedAttention(8, 2, [4], [1])
+    cases = [
+        (lambda: causal_mask(-1, 4), ValueError, "n_queries must be a non-negative integer, got -1"),
+        (lambda: causal_mask(4, 2.5), ValueError, "n_keys must be a non-negative integer, got 2.5"),
+        (lambda: softmax_scale(-4), ValueError, "head_dim must be a non-negative integer, got -4"),
+        (
+            lambda: dense_attention(q, k, v, bias=torch.ones(8, 8, dtype=torch.bool).tril()),
+            TypeError,
+            "bias must be a floating-point",
+        ),
+        (
+            lambda: dense_attention(q, k, v, bias=torch.zeros(3, 3)),
+            ValueError,
+            r"bias must broadcast to \(B, H, Nq, Nk\)",
+        ),
+        (lambda: dense_attention(q, k, v, bias=torch.zeros(1, 1, 1, 1, 1)), ValueError, "bias must broadcast"),
+        (
+            lambda: merge_branches([q, q], [torch.zeros(1, 2, 8), torch.full((1, 2, 8), torch.inf)]),
+            ValueError,
+            r"lses\[1\] holds NaN or \+inf",
+        ),
+        (lambda: KVCache(0), ValueError, "num_layers must be a positive integer, got 0"),
+        (lambda: KVCache(1).advance(-5), ValueError, "num_tokens must be a non-negative integer, got -5"),
+        (
+            lambda: generate("m", torch.zeros(1, 2, dtype=torch.long), 3),
+            TypeError,
+            "model must be a longnet_ref.lm.model.LongNetLM, got str",
+        ),
+        (
+            lambda: layer(torch.zeros(1, 4, 8, dtype=torch.long)),
+            TypeError,
+            "x must be a floating-point tensor, got dtype torch.int64",
+        ),
+        (
+            lambda: layer(torch.zeros(1, 4, 8, dtype=torch.float64)),
+            ValueError,
+            "x is torch.float64 on cpu but the layer's parameters are torch.float32",
+        ),
+        (lambda: SimulatedGroup(2, timeout=-1), ValueError, "timeout must be a positive finite number, got -1"),
+        (lambda: SimulatedGroup(2, timeout="1"), ValueError, "timeout must be a positive finite number, got '1'"),
+        (lambda: SimulatedGroup(2).run(5), TypeError, "fn must be a callable fn\\(comm\\), got int"),
+        (lambda: SimulatedGroup(2).run(lambda comm: 0, return_exceptions="yes"), TypeError, "return_exceptions"),
+        (lambda: plan_branches(5, 2, 4, [(4, 1)]), ValueError, r"rank must be an integer in \[0, 2\), got 5"),
+        (lambda: plan_branches(0, 0, 4, [(4, 1)]), ValueError, "world_size must be a positive integer, got 0"),
+        (lambda: plan_branches(0, 2, 4, [(4, 8)]), ValueError, "dilation_rate"),
+        (lambda: plan_branches(0, 2, 4, [(4,)]), ValueError, "branches must be a list of"),
+        (lambda: SequenceParallelDilatedAttention(8, 2, [4], [1], group="bogus"), (TypeError, ValueError), "group"),
+        (
+            lambda: SequenceParallelDilatedAttention.from_layer("x"),
+            TypeError,
+            "layer must be a MultiheadDilatedAttention, got str",
+        ),
+        (lambda: plot_branches(16, [4], [1], union="no"), TypeError, "union"),
+        (
+            lambda: plot_multiplicity(16, [4], [1], ax="bogus"),
+            TypeError,
+            "ax must be None or a matplotlib Axes, got str",
+        ),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()

@@ -192,6 +192,7 @@ def plot_branches(
 ):
     """One panel per branch (its colour) for head `head`, then their union: the paper's Figure 2."""
     branches = check_branches(segment_lengths, dilation_rates)
+    check_flag("union", union)
     head = check_head(head, as_positive_int("num_heads", num_heads))
     colors = [BRANCH_COLORS[i % len(BRANCH_COLORS)] for i in range(len(branches))]
     per_branch = [
@@ -240,6 +241,8 @@ def plot_multiplicity(
 ):
     """c(h, q, k) for one head: 0 masked, 2 = seen by two branches (it weighs twice in the merge)."""
     branches = check_branches(segment_lengths, dilation_rates)
+    if ax is not None and not isinstance(ax, plt.Axes):
+        raise TypeError(f"ax must be None or a matplotlib Axes, got {type(ax).__name__}")
     head = check_head(head, as_positive_int("num_heads", num_heads))
     c = pattern_blocks(seq_len, segment_lengths, dilation_rates, num_heads, causal=causal, head_offsets=head_offsets)
     fig, (ax,) = _axes(1, size=3.6, ax=ax)

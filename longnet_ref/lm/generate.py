@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..attention import dense_attention, repeat_kv_heads
-from ..checks import check_flag
+from ..checks import as_count, as_positive_int, check_flag
 from ..cli import HelpFormatter
 from ..mixture import dilated_attention, merge_branches
 from ..patterns import head_offset, keeps
@@ -41,6 +41,7 @@ class KVCache:
     """Keys (after RoPE) and values of every layer, in buffers that grow as tokens arrive."""
 
     def __init__(self, num_layers: int):
+        num_layers = as_positive_int("num_layers", num_layers)
         self.keys = [None] * num_layers  # each (B, H_kv, N, D): H_kv = H unless grouped-query
         self.values = [None] * num_layers
         self.length = 0  # tokens cached so far (all layers agree once a forward has finished)
@@ -78,7 +79,7 @@ class KVCache:
         return attn.out_proj(out)
 
     def advance(self, num_tokens: int):
-        self.length += num_tokens
+        self.length += as_count("num_tokens", num_tokens)
 
 
 def cached_attention(q, keys, values, pos, attn):
@@ -116,6 +117,10 @@ def generate(model, prompt, max_new_tokens, *, temperature=1.0, top_k=None, gene
     (B, T + max_new_tokens - 1, V) that produced every position after the first (the
     prompt's from the prefill forward, then one per decoding step).
     """
+    from .model import LongNetLM  # here: the module's decoding above works on any layer
+
+    if not isinstance(model, LongNetLM):
+        raise TypeError(f"model must be a longnet_ref.lm.model.LongNetLM, got {type(model).__name__}")
     check_tokens("prompt", prompt, model.config.vocab_size)
     if prompt.shape[1] == 0:
         raise ValueError(f"prompt must be (B, T) token ids with T >= 1, got shape {tuple(prompt.shape)}")

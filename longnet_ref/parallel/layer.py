@@ -30,11 +30,15 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
 
     def __init__(self, *args, group=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if group is not None:
+            as_communicator(group)  # a bad group fails here, not at the first forward
         self.group = group
 
     @classmethod
     def from_layer(cls, layer, group=None):
         """A sequence-parallel copy of a `MultiheadDilatedAttention` (same configuration, copied parameters)."""
+        if not isinstance(layer, MultiheadDilatedAttention):
+            raise TypeError(f"layer must be a MultiheadDilatedAttention, got {type(layer).__name__}")
         parallel = cls(
             layer.embed_dim,
             layer.num_heads,

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..checks import as_positive_int, check_branches
+
 
 @dataclass(frozen=True)
 class BranchPlan:
@@ -44,7 +46,16 @@ def plan_branches(rank, world_size, local_length, branches):
     `ranks` are the ranks j with `keeps(j * l, rank * l, w, 1, 0)`: chunks start on segment
     borders or inside one segment, so a chunk's first position decides its segment (Eq. 3).
     """
-    l, N = local_length, local_length * world_size
+    world_size = as_positive_int("world_size", world_size)
+    l = as_positive_int("local_length", local_length)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
+    if not isinstance(branches, (list, tuple)) or not all(
+        isinstance(b, (list, tuple)) and len(b) == 2 for b in branches
+    ):
+        raise ValueError(f"branches must be a list of (segment_length, dilation_rate) pairs, got {branches!r}")
+    check_branches([w for w, _ in branches], [r for _, r in branches])
+    N = l * world_size
     plans = []
     for index, (w, r) in enumerate(branches):
         w = min(w, N)  # w >= N: the whole sequence is one segment

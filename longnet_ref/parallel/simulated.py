@@ -30,7 +30,14 @@ import time
 
 import torch
 
-from ..checks import as_positive_int, check_flag, check_implementation, check_key_padding_mask, check_qkv
+from ..checks import (
+    as_positive_int,
+    as_positive_number,
+    check_flag,
+    check_implementation,
+    check_key_padding_mask,
+    check_qkv,
+)
 from .algorithm import sequence_parallel_attention
 from .comm import CommStats, Communicator
 
@@ -40,7 +47,7 @@ class SimulatedGroup:
 
     def __init__(self, world_size, *, timeout=120.0):
         self.world_size = as_positive_int("world_size", world_size)
-        self.timeout = float(timeout)
+        self.timeout = as_positive_number("timeout", timeout)
         self.records = CommStats()  # shared by every rank's communicator, in the order of the calls
         self.comms = [SimulatedComm(self, rank) for rank in range(self.world_size)]
         self._reset()
@@ -127,6 +134,9 @@ class SimulatedGroup:
         error (not a consequence of the abort) is raised; `return_exceptions=True` returns
         every rank's exception in place of its result instead.
         """
+        if not callable(fn):
+            raise TypeError(f"fn must be a callable fn(comm), got {type(fn).__name__}")
+        check_flag("return_exceptions", return_exceptions)
         if self._holder is not None:  # a rank computes: this call comes from inside it (or runs alongside)
             raise ValueError(
                 "group.run was called from inside one of its own ranks (or while the group runs); "
@@ -252,6 +262,7 @@ def simulate_sequence_parallel(
     check_qkv(q, k, v)
     check_flag("causal", causal)
     check_key_padding_mask(key_padding_mask, k)
+    as_positive_number("timeout", timeout)
     P = as_positive_int("world_size", world_size)
     if q.shape[2] % P:
         raise ValueError(f"the sequence length N = {q.shape[2]} is not divisible by world_size {P}")
