@@ -103,11 +103,13 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
-def check_tensor(name: str, x) -> torch.Tensor:
+def check_tensor(name: str, x, dims: int | None = 4) -> torch.Tensor:
+    """A floating-point tensor with values (not meta) and `dims` dimensions (None: any)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
+    if dims is not None and x.dim() != dims:
+        layout = {4: " (B, H, N, D)", 5: " (B, H, S, W, D)"}.get(dims, "")
+        raise ValueError(f"{name} must be {dims}-D{layout}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.device.type == "meta":

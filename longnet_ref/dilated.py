@@ -33,7 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from .attention import dense_attention, repeat_kv_heads
+from .checks import as_positive_int, check_key_padding_mask, check_qkv, check_tensor
 from .patterns import head_offset
+
+
+def check_offsets(offsets, num_heads, dilation_rate):
+    """offsets: an (H,) integer tensor of head offsets in [0, r) (`patterns.head_offset`)."""
+    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.dtype.is_floating_point:
+        raise ValueError(f"offsets must be a 1-D integer tensor of head offsets, got {offsets!r}")
+    if offsets.shape[0] != num_heads or (offsets.numel() and (offsets.min() < 0 or offsets.max() >= dilation_rate)):
+        raise ValueError(f"offsets must be {num_heads} head offsets in [0, {dilation_rate}), got {offsets.tolist()}")
 
 
 def segment(x, segment_length):
@@ -41,8 +50,9 @@ def segment(x, segment_length):
 
     The padding rows are never attended: `kept_row_mask` marks them as not kept.
     """
+    check_tensor("x", x, dims=4)
+    W = as_positive_int("segment_length", segment_length)
     B, H, N, D = x.shape
-    W = segment_length
     S = math.ceil(N / W)
     x = F.pad(x, (0, 0, 0, S * W - N))  # (B, H, S*W, D)
     return x.view(B, H, S, W, D)
@@ -54,8 +64,10 @@ def sparsify(x_seg, dilation_rate, offsets):
     Padding W up to K*R lets one reshape line the candidates up as (K, R); each head then
     picks its residue o_h along the R axis.
     """
+    check_tensor("x_seg", x_seg, dims=5)
     B, H, S, W, D = x_seg.shape
-    R = dilation_rate
+    R = as_positive_int("dilation_rate", dilation_rate)
+    check_offsets(offsets, H, R)
     K = math.ceil(W / R)
     x = F.pad(x_seg, (0, 0, 0, K * R - W)).view(B, H, S, K, R, D)
     index = offsets.view(1, H, 1, 1, 1, 1).expand(B, H, S, K, 1, D)
@@ -64,7 +76,9 @@ def sparsify(x_seg, dilation_rate, offsets):
 
 def kept_row_mask(seq_len, segment_length, dilation_rate, offsets):
     """Boolean (H, S, K): row i of segment m is a real position kept by head h (not padding)."""
-    N, W, R = seq_len, segment_length, dilation_rate
+    N = as_positive_int("seq_len", seq_len)
+    W, R = as_positive_int("segment_length", segment_length), as_positive_int("dilation_rate", dilation_rate)
+    check_offsets(offsets, offsets.shape[0] if isinstance(offsets, torch.Tensor) else -1, R)
     S, K = math.ceil(N / W), math.ceil(W / R)
     within = torch.arange(K)[None, :] * R + offsets[:, None]  # (H, K) position inside the segment
     position = torch.arange(S)[None, :, None] * W + within[:, None, :]  # (H, S, K) absolute position
@@ -73,9 +87,14 @@ def kept_row_mask(seq_len, segment_length, dilation_rate, offsets):
 
 def scatter(rows, dilation_rate, offsets, seq_len, fill=0.0):
     """Eqs. 6-8, the inverse of `sparsify`: (B, H, S, K, *rest) back to (B, H, N, *rest), `fill` elsewhere."""
+    check_tensor("rows", rows, dims=None)
+    if rows.dim() < 4:
+        raise ValueError(f"rows must be (B, H, S, K, *rest), got shape {tuple(rows.shape)}")
     B, H, S, K = rows.shape[:4]
     extra = rows.shape[4:]  # (D,) for outputs, () for log-sum-exps
-    R = dilation_rate
+    R = as_positive_int("dilation_rate", dilation_rate)
+    check_offsets(offsets, H, R)
+    as_positive_int("seq_len", seq_len)
     full = rows.new_full((B, H, S, K, R, *extra), fill)
     index = offsets.view(1, H, 1, 1, 1, *[1] * len(extra)).expand(B, H, S, K, 1, *extra)
     full = full.scatter(4, index, rows.unsqueeze(4))  # (B, H, S, K, R, *rest)
@@ -93,6 +112,10 @@ def readable_branch(
     out is in q's dtype; lse one precision up (`READABLE_ACCUMULATION`), for the merge.
     key_padding_mask: None or (B, N) bool, True for the keys to ignore.
     """
+    check_qkv(q, k, v, grouped=True)  # cheap, and this step-by-step path is called directly too
+    as_positive_int("segment_length", segment_length)  # r may exceed min(w, N): the mixture clips w to N
+    as_positive_int("dilation_rate", dilation_rate)
+    check_key_padding_mask(key_padding_mask, k)
     B, H, N, D = q.shape
     k, v = repeat_kv_heads(k, v, H)  # grouped-query keys: kv head c serves query heads c * H / H_kv, ...
     W = min(segment_length, N)  # w >= N: the whole sequence is one segment

@@ -425,3 +425,30 @@ def test_second_audit_pass_names_the_parameter():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def test_the_readable_steps_check_their_inputs():
+    """segment, sparsify, kept_row_mask, scatter and readable_branch: the notebooks' building blocks."""
+    from longnet_ref.dilated import kept_row_mask, readable_branch, scatter, segment, sparsify
+
+    x = torch.randn(1, 2, 8, 4)
+    offsets = torch.tensor([0, 1])
+    cases = [
+        (lambda: segment(x[0], 4), r"x must be 4-D \(B, H, N, D\), got shape \(2, 8, 4\)"),
+        (lambda: segment(x, 0), "segment_length must be a positive integer, got 0"),
+        (lambda: sparsify(x, 2, offsets), r"x_seg must be 5-D \(B, H, S, W, D\)"),
+        (lambda: sparsify(segment(x, 4), 0, offsets), "dilation_rate must be a positive integer, got 0"),
+        (
+            lambda: sparsify(segment(x, 4), 2, torch.tensor([0, 2])),
+            r"offsets must be 2 head offsets in \[0, 2\), got \[0, 2\]",
+        ),
+        (lambda: sparsify(segment(x, 4), 2, [0, 1]), "offsets must be a 1-D integer tensor"),
+        (lambda: kept_row_mask(8, 0, 2, offsets), "segment_length must be a positive integer, got 0"),
+        (lambda: scatter(torch.zeros(1, 2, 2), 2, offsets, 8), r"rows must be \(B, H, S, K, \*rest\)"),
+        (lambda: scatter(torch.zeros(1, 2, 2, 2), 2, offsets, 0), "seq_len must be a positive integer, got 0"),
+        (lambda: readable_branch(x, x[:, :, :5], x, 4, 2), "q, k and v must have the same shape"),
+        (lambda: readable_branch(x, x, x, 0, 2), "segment_length must be a positive integer, got 0"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
