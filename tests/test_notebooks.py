@@ -63,12 +63,18 @@ def python_of(cell):
 
 
 def configured_repo_url():
+    """pyproject.toml's [project.urls] Repository, which notebooks/README.md repeats after <!-- repo-url -->."""
+    pyproject = (NOTEBOOK_DIR.parent / "pyproject.toml").read_text()
+    urls = re.search(
+        r'^\[project\.urls\]\n(?:#.*\n)*Repository = "(https://github\.com/[\w.-]+/[\w.-]+)"', pyproject, re.M
+    )
+    assert urls, 'pyproject.toml must set the repository: [project.urls] Repository = "https://github.com/OWNER/NAME"'
     match = re.search(
         r'<!-- repo-url -->\n`REPO_URL = "(https://github\.com/[\w.-]+/[\w.-]+)"`',
         (NOTEBOOK_DIR / "README.md").read_text(),
     )
-    assert match, 'notebooks/README.md must configure the repository: <!-- repo-url --> then `REPO_URL = "..."`'
-    return match.group(1)
+    assert match and match.group(1) == urls.group(1), "notebooks/README.md's REPO_URL must be pyproject's Repository"
+    return urls.group(1)
 
 
 def notebook_ids():
@@ -168,12 +174,20 @@ def test_title_badge_abstract(path):
 def test_setup_cell(path):
     setup_cell = text(cells(path, "code")[0])
     assert f'REPO_URL = "{configured_repo_url()}"' in setup_cell
-    assert 'if "google.colab" in sys.modules:\n    %pip install --quiet "git+{REPO_URL}"\n' in setup_cell
+    assert 'if "google.colab" in sys.modules:' in setup_cell
+    assert 'pip = [sys.executable, "-m", "pip", "install", "--quiet", f"git+{REPO_URL}"]' in setup_cell
+    assert "if failed.returncode:\n        raise RuntimeError(" in setup_cell  # a failed install stops the cell
     assert 'SMOKE = "CI" in os.environ' in setup_cell
     assert re.search(r"^DEVICE = setup\(seed=\d+, smoke=SMOKE\)", setup_cell, re.M)
     # the only install anywhere in the notebook, and it installs only this package
-    installs = [line for c in cells(path, "code") for line in text(c).splitlines() if "pip install" in line]
-    assert installs == ['    %pip install --quiet "git+{REPO_URL}"']
+    installs = [
+        line for c in cells(path, "code") for line in text(c).splitlines() if "install" in line and "pip" in line
+    ]
+    assert installs == [
+        'if "google.colab" in sys.modules:  # install this package (and only it) with pip, or stop with pip\'s reason',
+        '    pip = [sys.executable, "-m", "pip", "install", "--quiet", f"git+{REPO_URL}"]',
+        '            f"pip could not install git+{REPO_URL} (exit {failed.returncode}):\\n{failed.stderr[-1500:]}\\n"',
+    ]
 
 
 def test_every_badge_points_at_the_configured_repository_and_an_existing_notebook():
@@ -309,3 +323,16 @@ def test_setup_seeds_picks_the_device_and_prints_versions(capsys):
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "longnet_ref" in out and "SMOKE (small CI sizes): True" in out
+
+
+def test_a_failed_colab_install_stops_the_setup_cell_with_pip_reason(monkeypatch, tmp_path):
+    """The setup cell's Colab branch, run with a URL pip cannot install: one RuntimeError naming the URL."""
+    import sys
+    import types
+
+    setup_cell = text(cells(NOTEBOOKS[0], "code")[0])
+    branch = setup_cell[setup_cell.index('if "google.colab" in sys.modules:') : setup_cell.index("else:  # a checkout")]
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    missing = f"file://{tmp_path}/no-such-repo"
+    with pytest.raises(RuntimeError, match=f"(?s)pip could not install git\\+{missing} .*Check that this URL opens"):
+        exec(compile(branch, "setup cell", "exec"), {"sys": sys, "REPO_URL": missing})
