@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -71,7 +72,9 @@ def read_checkpoint(path, map_location="cpu", flag="--resume"):
         # weights_only stops at the first object that is not a tensor or a plain container,
         # before anything is called; its message names that object ("GLOBAL ... was not an
         # allowed global"). Any other unpickling error means bytes that are no pickle at all.
+        # (torch < 2.4 says "WeightsUnpickler error: Unsupported class ...", on one line)
         named = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+        named += re.findall(r"Unsupported (?:class|global) [^.\n]*", str(error))
         if named:
             raise ValueError(
                 f"{where} was refused, and nothing in it was run: it holds an object other than tensors and "
