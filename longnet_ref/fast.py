@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .attention import lse_dtype, softmax_scale
-from .kernels import FusedAttention, attention_backward, attention_forward
+from .kernels import FusedAttention, attention_backward, attention_forward, nan_unless_finite
 from .patterns import head_groups
 
 
@@ -155,10 +155,12 @@ def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_of
             causal,
             softmax_scale(D),
             piece_key_mask(call.queries, key_padding_mask, H, axis),
+            False,  # finiteness: checked once below, not per piece
         )
         call.queries.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 6-8 (autograd records the copy)
         call.queries.view(lse).copy_(unfold(lse_p, axis, B))
-    return out, lse
+    poison = nan_unless_finite((q, k, v))  # NaN in, NaN out (`kernels.nan_unless_finite`)
+    return out + poison.to(out.dtype), lse + poison.to(lse.dtype)
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,9 @@ class RunningMerge(torch.autograd.Function):
             merge.add(call.queries, unfold(out_c, axis, B), unfold(lse_c, axis, B))
             saved.append((lse_c, *kernel_saved))
         out_acc, lse = merge.result()  # out_acc in float32 for half inputs
+        poison = nan_unless_finite((q, k, v, *kv))  # NaN in, NaN out (`kernels.nan_unless_finite`)
+        out_acc.add_(poison.to(out_acc.dtype))
+        lse.add_(poison.to(lse.dtype))
         ctx.calls, ctx.scale, ctx.batch = calls, scale, B
         ctx.saved_sizes = [len(group) for group in saved]
         # The backward's Delta = dO.O takes the merged O before its rounding to q's dtype: from

@@ -68,6 +68,20 @@ def _unit_last_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def nan_unless_finite(inputs):
+    """A 0-dim tensor: 0 if every element of `inputs` is finite, else NaN; add it to the outputs.
+
+    The fused CPU kernel turns a NaN in q, k or v into rows of zeros (and lse 0), silently, where
+    dense attention gives NaN: a broken model would train on plausible numbers. One sum per
+    tensor, accumulated in float64 (float32 for half inputs, which cannot overflow it), is NaN
+    or inf exactly when some element is (inf - inf is NaN); no device sync, no bool copies.
+    """
+    total = sum(
+        x.sum(dtype=torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32) for x in inputs
+    )
+    return (total * 0).detach()  # 0 * inf and 0 * NaN are NaN
+
+
 def no_rows_or_keys(q, k):
     """B, H or Nq is 0 (no query row) or Nk is 0 (no key): shapes the kernels must not see."""
     B, H, Nq, _ = q.shape
@@ -125,12 +139,6 @@ def attention_forward(q, k, v, causal: bool, scale: float, key_mask=None):
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale
         )
         out, saved = out[..., :D], (lse, bias)
-    # The fused CPU kernel turns a NaN in q, k or v into rows of zeros (and lse 0), silently; dense
-    # attention gives NaN. Keep it loud: a call whose inputs are not all finite gives NaN
-    # throughout (three reductions of the call's own rows, no device sync).
-    finite = torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
-    out = torch.where(finite, out, torch.full((), math.nan, dtype=out.dtype, device=out.device))
-    lse = torch.where(finite, lse, torch.full((), math.nan, dtype=lse.dtype, device=lse.device))
     if key_mask is not None:
         # A row whose keys are all masked: the kernels give lse 0 (CPU) or +-inf and out 0 or NaN.
         # The definition is out 0, lse -inf; the backward keeps the kernel's own lse (`saved`),
@@ -201,10 +209,14 @@ class FusedAttention(torch.autograd.Function):
     """(q, k, v) -> (out, lse) through the fused kernel, differentiable in both outputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, key_mask):
+    def forward(ctx, q, k, v, causal: bool, scale: float, key_mask, check_finite=True):
         # Unused outputs then get a None gradient instead of zeros, so an unused LSE costs nothing.
         ctx.set_materialize_grads(False)
+        ctx.check_finite = check_finite  # fast_branch checks its whole inputs once instead
         out, lse, saved = attention_forward(q, k, v, causal, scale, key_mask)
+        if ctx.check_finite:
+            poison = nan_unless_finite((q, k, v))
+            out, lse = out + poison.to(out.dtype), lse + poison.to(lse.dtype)
         ctx.save_for_backward(q, k, v, out, *saved)
         ctx.causal, ctx.scale = causal, scale
         return out, lse
@@ -215,7 +227,7 @@ class FusedAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = attention_backward(dout, q, k, v, out, saved, ctx.causal, ctx.scale, dlse=dlse)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def fused_attention(q, k, v, *, causal: bool = False, scale: float | None = None, key_padding_mask=None):
