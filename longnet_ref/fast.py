@@ -159,8 +159,8 @@ def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_of
         )
         call.queries.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 6-8 (autograd records the copy)
         call.queries.view(lse).copy_(unfold(lse_p, axis, B))
-    poison = nan_unless_finite((q, k, v))  # NaN in, NaN out (`kernels.nan_unless_finite`)
-    return out + poison.to(out.dtype), lse + poison.to(lse.dtype)
+    poison = nan_unless_finite((q, k, v))  # (B,): NaN in, NaN out (`kernels.nan_unless_finite`)
+    return out + poison.to(out.dtype)[:, None, None, None], lse + poison.to(lse.dtype)[:, None, None]
 
 
 @dataclass(frozen=True)
@@ -263,9 +263,9 @@ class RunningMerge(torch.autograd.Function):
             merge.add(call.queries, unfold(out_c, axis, B), unfold(lse_c, axis, B))
             saved.append((lse_c, *kernel_saved))
         out_acc, lse = merge.result()  # out_acc in float32 for half inputs
-        poison = nan_unless_finite((q, k, v, *kv))  # NaN in, NaN out (`kernels.nan_unless_finite`)
-        out_acc.add_(poison.to(out_acc.dtype))
-        lse.add_(poison.to(lse.dtype))
+        poison = nan_unless_finite((q, k, v, *kv), [0, 0, 0] + [1] * len(kv))  # (B,): kv are (2, B, ...)
+        out_acc.add_(poison.to(out_acc.dtype)[:, None, None, None])  # NaN in, NaN out (`kernels.nan_unless_finite`)
+        lse.add_(poison.to(lse.dtype)[:, None, None])
         ctx.calls, ctx.scale, ctx.batch = calls, scale, B
         ctx.saved_sizes = [len(group) for group in saved]
         # The backward's Delta = dO.O takes the merged O before its rounding to q's dtype: from

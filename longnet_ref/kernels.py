@@ -57,28 +57,43 @@ def _widen(x, width, column=None):
     D = x.shape[-1]
     if width == D:
         return x
-    wide = torch.nn.functional.pad(x, (0, width - D))  # a new tensor: the in-place write below is safe
+    # A fresh tensor with standard strides: F.pad may keep odd strides of size-1 dims, and the
+    # kernels read the last dim as if its stride were 1 (D = 1 inputs came out wrong).
+    wide = x.new_zeros(*x.shape[:-1], width)
+    wide[..., :D] = x
     if column is not None:
         wide[..., D] = column.to(x.dtype)
     return wide
 
 
+def _standard_strides(x):
+    """x when it is contiguous with last stride 1, else a fresh contiguous copy (dout and out)."""
+    return (
+        x if x.is_contiguous() and x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+    )
+
+
 def _unit_last_stride(x):
     """x itself when its last dim has stride 1 (what the kernels assume), else a contiguous copy."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    # not x.contiguous(): with D = 1 a tensor counts as contiguous whatever its last stride
+    return x if x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
-def nan_unless_finite(inputs):
-    """A 0-dim tensor: 0 if every element of `inputs` is finite, else NaN; add it to the outputs.
+def nan_unless_finite(inputs, batch_dims=None):
+    """(B,): 0 for each batch element whose inputs are all finite, else NaN; add it to the outputs.
 
     The fused CPU kernel turns a NaN in q, k or v into rows of zeros (and lse 0), silently, where
-    dense attention gives NaN: a broken model would train on plausible numbers. One sum per
-    tensor, accumulated in float64 (float32 for half inputs, which cannot overflow it), is NaN
-    or inf exactly when some element is (inf - inf is NaN); no device sync, no bool copies.
+    dense attention gives NaN: a broken model would train on plausible numbers. A sum per batch
+    element and tensor, accumulated in float64 (float32 for half inputs: fp16 cannot overflow
+    it, and a bf16 sum that did would be a model already lost), is NaN or inf exactly when
+    some element is (inf - inf is NaN); no device sync, no bool copies. Per batch element, so
+    one bad sequence does not poison the others. `batch_dims`: each tensor's batch dim (0).
     """
-    total = sum(
-        x.sum(dtype=torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32) for x in inputs
-    )
+    total = 0
+    for x, dim in zip(inputs, batch_dims or [0] * len(inputs)):
+        acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
+        others = [d for d in range(x.dim()) if d != dim]
+        total = total + (x.sum(dim=others, dtype=acc) if others else x.to(acc))  # (B,)
     return (total * 0).detach()  # 0 * inf and 0 * NaN are NaN
 
 
@@ -177,13 +192,21 @@ def attention_backward(dout, q, k, v, out, saved, causal: bool, scale: float, dl
     """
     if no_rows_or_keys(q, k):  # the forward's empty case: no gradient flows anywhere
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dout = dout.to(q.dtype).contiguous()
+    dout = _standard_strides(dout.to(q.dtype))
+    D, multiple = q.shape[-1], head_dim_multiple(q)
+    # On CUDA the column may push D past an aligned block (D = 128 -> 136), off the fast kernels:
+    # there the correction is skipped (the rounded out's Delta, as before) unless a column is needed anyway.
+    affordable = (
+        q.device.type == "cpu" or dlse is not None or _padded_width(D + 1, multiple) == _padded_width(D, multiple)
+    )
+    if out.dtype != q.dtype and not affordable:
+        out = out.to(q.dtype)
     if out.dtype != q.dtype:
         rounded = out.to(q.dtype)
         lost = (dout.to(out.dtype) * (out - rounded.to(out.dtype))).sum(-1)  # (B, H, N): dO.(out - rounded)
         dlse = -lost if dlse is None else dlse.to(out.dtype) - lost  # the kernel's Delta - dlse gains `lost`
         out = rounded
-    out = out.contiguous()
+    out = _standard_strides(out)
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
     D = q.shape[-1]
     # One extra column carries the LSE gradient through the kernel (module docstring); the kernel's
@@ -215,8 +238,8 @@ class FusedAttention(torch.autograd.Function):
         ctx.check_finite = check_finite  # fast_branch checks its whole inputs once instead
         out, lse, saved = attention_forward(q, k, v, causal, scale, key_mask)
         if ctx.check_finite:
-            poison = nan_unless_finite((q, k, v))
-            out, lse = out + poison.to(out.dtype), lse + poison.to(lse.dtype)
+            poison = nan_unless_finite((q, k, v))  # (B,)
+            out, lse = out + poison.to(out.dtype)[:, None, None, None], lse + poison.to(lse.dtype)[:, None, None]
         ctx.save_for_backward(q, k, v, out, *saved)
         ctx.causal, ctx.scale = causal, scale
         return out, lse

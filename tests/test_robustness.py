@@ -188,3 +188,41 @@ def test_a_nan_in_fused_attention_is_nan():
     q[0, 0, 3] = float("nan")
     out, lse = fused_attention(q, k, v)
     assert torch.isnan(out[0, 0, 3]).all() and torch.isnan(lse[0, 0, 3])
+
+
+def test_a_nan_poisons_only_its_own_batch_element_on_the_fast_path():
+    q, k, v = rand_qkv(3, 4, 32, 8)
+    k[1, 2, 7] = float("nan")
+    for detach in (False, True):
+        out = dilated_attention(q, k, v, WS, RS, detach_weights=detach)
+        assert torch.isnan(out[1]).any() and torch.isfinite(out[[0, 2]]).all(), detach
+
+
+def test_merge_branches_passes_a_nan_lse_on_as_nan():
+    from longnet_ref import merge_branches
+
+    outs = [torch.randn(1, 1, 3, 2) for _ in range(2)]
+    lses = [torch.zeros(1, 1, 3), torch.tensor([[[0.0, float("nan"), float("inf")]]])]
+    out, lse = merge_branches(outs, lses)
+    assert torch.isfinite(out[0, 0, 0]).all() and torch.isnan(out[0, 0, 1:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_a_head_dim_of_one_with_odd_strides_is_exact(dtype):
+    """D = 1: a tensor counts as contiguous whatever its last stride, which the kernels read as 1."""
+    from longnet_ref import oracle_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 4, 1, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, 1, 1, 4, generator=g, dtype=torch.float64).transpose(
+        -1, -2
+    )  # (1, 1, 4, 1), strides (4, 4, 1, 4)
+    inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    exact = [x.detach().double().requires_grad_() for x in inputs]
+    out, lse = dilated_attention(*inputs, [1, 4], [1, 2], return_lse=True)
+    (out.double().sum() + lse.double().sum()).backward()
+    want, want_lse = oracle_attention(*exact, [1, 4], [1, 2])
+    (want.sum() + want_lse.sum()).backward()
+    tol = 1e-12 if dtype == torch.float64 else 5e-2
+    for got, ref in zip(inputs, exact):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=0, atol=tol)
