@@ -75,20 +75,21 @@ def _check_positions(name: str, value, size: int | None = None):
     return value
 
 
-def _query_rows(queries, n: int) -> torch.Tensor:
-    """`queries` as a 1-D LongTensor of positions in [0, n): ints or an integer tensor / array, never floats."""
-    message = f"queries must be a 1-D list of integer positions in [0, {n}), got"
+def as_positions(name: str, positions, n: int) -> torch.Tensor:
+    """`positions` as a 1-D LongTensor of positions in [0, n): an int, or a 1-D list / array / tensor
+    of ints; never floats or bools (1.5 is no row, and truncating it would hide the mistake)."""
+    message = f"{name} must be an integer position or a 1-D list of them in [0, {n}), got"
     try:
-        rows = torch.as_tensor(queries)
+        rows = torch.as_tensor(positions)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{message} {queries!r}") from None
+        raise ValueError(f"{message} {positions!r}") from None
     if rows.numel() == 0:
         rows = rows.long()  # [] is a float tensor, but holds no position to truncate
-    if rows.dtype == torch.bool or rows.dtype.is_floating_point or rows.dtype.is_complex:  # 1.5 is no row
+    if rows.dtype == torch.bool or rows.dtype.is_floating_point or rows.dtype.is_complex:
         raise ValueError(f"{message} {rows.tolist()} of dtype {rows.dtype}")
-    if rows.dim() != 1 or (rows.numel() and (rows.min() < 0 or rows.max() >= n)):
+    if rows.dim() > 1 or (rows.numel() and (rows.min() < 0 or rows.max() >= n)):  # [[0, 1], [2, 3]] is not flattened
         raise ValueError(f"{message} {rows.tolist()}")
-    return rows.long()
+    return rows.long().reshape(-1)
 
 
 def as_ratio(ratio) -> int:
@@ -186,7 +187,7 @@ def branch_mask(seq_len, segment_length, dilation_rate, num_heads, *, causal=Fal
     check_head_offsets(head_offsets)
     check_flag("causal", causal)
     pos = torch.arange(n)  # (N,) key positions
-    qpos = pos if queries is None else _query_rows(queries, n)  # (Q,)
+    qpos = pos if queries is None else as_positions("queries", queries, n)  # (Q,)
     offsets = torch.tensor([head_offset(j, num_heads, dilation_rate, head_offsets) for j in range(num_heads)])  # (H,)
     return keeps(
         qpos[None, :, None],  # (1, Q, 1)
@@ -205,7 +206,7 @@ def pattern_rows(seq_len, queries, segment_lengths, dilation_rates, num_heads, *
     check_head_offsets(head_offsets)
     check_flag("causal", causal)
     n = as_positive_int("seq_len", seq_len)
-    queries = _query_rows(queries, n)
+    queries = as_positions("queries", queries, n)
     counts = torch.zeros(num_heads, len(queries), n, dtype=torch.long)
     for w, r in branches:
         counts += branch_mask(n, w, r, num_heads, causal=causal, head_offsets=head_offsets, queries=queries)

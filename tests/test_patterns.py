@@ -215,7 +215,7 @@ def test_branch_mask_refuses_bad_input(kwargs, match):
 )
 def test_pattern_rows_refuses_non_integer_queries(queries):
     # 1.5 used to be truncated to row 1 and True read as row 1: now refused, never guessed
-    with pytest.raises(ValueError, match=r"queries must be a 1-D list of integer positions in \[0, 8\)"):
+    with pytest.raises(ValueError, match=r"queries must be an integer position or a 1-D list of them in \[0, 8\)"):
         pattern_rows(8, queries, [4, 8], [1, 2], 2)
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..checks import as_positive_int, check_branch, check_branches, check_flag, check_head_offsets
-from ..patterns import as_ratio, head_offset
+from ..patterns import as_positions, as_ratio, head_offset
 
 DENSE_FRACTION = 0.25  # above this fraction of busy classes, a hop runs on strided views instead of gathers
 
@@ -63,22 +63,6 @@ def _as_length(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value
-
-
-def _as_sources(sources, n: int) -> np.ndarray:
-    """`sources` as int64 positions in [0, n): one int or a 1-D list / array of them; never floats or bools."""
-    message = f"sources must be an integer position or a 1-D list of them in [0, {n}), got {sources!r}"
-    try:
-        array = np.asarray(sources)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(message) from None
-    if array.size == 0:
-        array = array.astype(np.int64)  # [] is a float array, but holds no position to truncate
-    if array.ndim > 1 or not np.issubdtype(array.dtype, np.integer):  # [[0, 1], [2, 3]] is not flattened
-        raise ValueError(message)
-    if array.size and (array.min() < 0 or array.max() >= n):
-        raise ValueError(message)
-    return array.astype(np.int64).reshape(-1)  # (Nsrc,)
 
 
 @dataclass
@@ -320,7 +304,7 @@ def distances_from(
     """
     n, _, plans = _setup(seq_len, segment_lengths, dilation_rates, num_heads, head_offsets)
     check_flag("causal", causal)
-    sources = _as_sources(sources, n)  # (Nsrc,)
+    sources = as_positions("sources", sources, n).numpy()  # (Nsrc,) int64
     dist = np.full((len(sources), n), -1, dtype=np.int64)  # (Nsrc, N)
     dist[np.arange(len(sources)), sources] = 0
     for first in range(0, len(sources), 64):
