@@ -1,8 +1,8 @@
 """One dilated branch `(w, r)`, the readable way: segment, sparsify, attend, scatter (LongNet Eqs. 3-8).
 
 The paper (arXiv 2307.02486, Sec. 2.2) splits Q, K, V into segments of length w (Eq. 3),
-keeps every r-th row of each segment (Eq. 4), attends inside each sparsified segment
-(Eq. 5), and scatters the results back to their positions, zeros elsewhere (Eqs. 6-8).
+keeps every r-th row of each segment (Eqs. 3-5), attends inside each sparsified segment
+(Eq. 6), and scatters the results back to their positions, zeros elsewhere (Eqs. 7-8).
 Sec. 2.3: head j starts at offset o_j (`patterns.head_offset`), so different heads keep
 different rows.
 
@@ -59,7 +59,7 @@ def segment(x, segment_length):
 
 
 def sparsify(x_seg, dilation_rate, offsets):
-    """Eq. 4: keep rows o_h, o_h + R, o_h + 2R, ... of each segment: (B, H, S, W, D) -> (B, H, S, K, D).
+    """Eqs. 3-5: keep rows o_h, o_h + R, o_h + 2R, ... of each segment: (B, H, S, W, D) -> (B, H, S, K, D).
 
     Padding W up to K*R lets one reshape line the candidates up as (K, R); each head then
     picks its residue o_h along the R axis.
@@ -86,7 +86,7 @@ def kept_row_mask(seq_len, segment_length, dilation_rate, offsets):
 
 
 def scatter(rows, dilation_rate, offsets, seq_len, fill=0.0):
-    """Eqs. 6-8, the inverse of `sparsify`: (B, H, S, K, *rest) back to (B, H, N, *rest), `fill` elsewhere."""
+    """Eqs. 7-8, the inverse of `sparsify`: (B, H, S, K, *rest) back to (B, H, N, *rest), `fill` elsewhere."""
     check_tensor("rows", rows, dims=None)
     if rows.dim() < 4:
         raise ValueError(f"rows must be (B, H, S, K, *rest), got shape {tuple(rows.shape)}")
@@ -123,12 +123,12 @@ def readable_branch(
     S, K = math.ceil(N / W), math.ceil(W / R)
     offsets = torch.tensor([head_offset(j, H, R, head_offsets) for j in range(H)], device=q.device)  # (H,)
 
-    # Segment (Eq. 3) and sparsify (Eq. 4) queries, keys and values alike.
+    # Segment (Eq. 3) and sparsify (Eqs. 3-5) queries, keys and values alike.
     qs, ks, vs = (sparsify(segment(x, W), R, offsets) for x in (q, k, v))  # each (B, H, S, K, D)
     assert qs.shape == (B, H, S, K, D)
     kept = kept_row_mask(N, W, R, offsets.cpu()).to(q.device)  # (H, S, K)
 
-    # Attend (Eq. 5): every segment of every head is an independent attention over K rows,
+    # Attend (Eq. 6): every segment of every head is an independent attention over K rows,
     # so fold S into the head axis. Padding keys are masked with -inf; rows stay in position
     # order, so causal is the usual lower-triangular mask in K.
     # Attend one precision up (half -> float32, float32 -> float64): the merge (Eq. 10) weighs
@@ -149,7 +149,7 @@ def readable_branch(
     out = out.to(q.dtype).view(B, H, S, K, D).masked_fill(~kept[..., None], 0.0)
     lse = lse.view(B, H, S, K).masked_fill(~kept, -math.inf)
 
-    # Scatter (Eqs. 6-8): kept rows back to their positions; rows this branch skips get
+    # Scatter (Eqs. 7-8): kept rows back to their positions; rows this branch skips get
     # out 0 and lse -inf, so the merge gives them weight 0.
     out, padded_w = scatter(out, R, offsets, N)  # (B, H, S*K*R, D)
     lse, _ = scatter(lse, R, offsets, N, fill=-math.inf)  # (B, H, S*K*R)

@@ -6,11 +6,11 @@ a strided view, with no copy and no index tensor:
     x[:, heads]                       (B, h, N, D)       heads: a slice (patterns.head_groups)
       [:, :, start : start + S*W]     (B, h, S*W, D)     full segments (the ragged tail is its own piece)
       .unflatten(2, (S, W))           (B, h, S, W, D)    segment, Eq. 3
-      [:, :, :, o::r]                 (B, h, S, K, D)    sparsify, Eq. 4
+      [:, :, :, o::r]                 (B, h, S, K, D)    sparsify, Eqs. 3-5
 
 and one fused-kernel call reads it as a batch of B*h "sequences" of S "heads" of K rows (or
 B*S of h: `fold`, whichever the strides allow as a view). Outputs go back through the same
-views (scatter, Eqs. 6-8).
+views (scatter, Eqs. 7-8).
 
 `dilated_attention` merges branches as they finish (Eq. 10) in running sums, normalised once
 at the end (`RunningSums`), so memory does not grow with the number of branches: `RunningMerge`, one
@@ -157,7 +157,7 @@ def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_of
             piece_key_mask(call.queries, key_padding_mask, H, axis),
             False,  # finiteness: checked once below, not per piece
         )
-        call.queries.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 6-8 (autograd records the copy)
+        call.queries.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 7-8 (autograd records the copy)
         call.queries.view(lse).copy_(unfold(lse_p, axis, B))
     poison = nan_unless_finite((q, k, v))  # (B,): NaN in, NaN out (`kernels.nan_unless_finite`)
     return out + poison.to(out.dtype)[:, None, None, None], lse + poison.to(lse.dtype)[:, None, None]

@@ -151,8 +151,8 @@ def keeps(query, key, segment_length, dilation_rate, offset, *, causal=False):
     """THE keep rule: does branch `(w, r)` let `query` attend `key`, for a head with offset `o`?
 
     A branch cuts positions into segments [m w, (m + 1) w) (Eq. 3; the last may be shorter) and,
-    in each segment, keeps the positions whose distance to the segment start is o mod r (Eq. 4,
-    Sec. 2.3). A pair is kept when both positions are kept and lie in the same segment (Eq. 5);
+    in each segment, keeps the positions whose distance to the segment start is o mod r (Eqs. 3-5,
+    Sec. 2.3). A pair is kept when both positions are kept and lie in the same segment (Eq. 6);
     causal attention also drops keys after the query. A position pos is a row of the branch at
     all exactly when `keeps(pos, pos, ...)`.
 

@@ -105,3 +105,18 @@ def test_the_implementation_is_chosen_in_one_place():
                 and any(isinstance(x, ast.Name) and x.id == "implementation" for x in [n.left, *n.comparators])
             ]
             assert not compares, f"{path.name} compares `implementation` (line {compares[0].lineno})"
+
+
+def test_the_steps_of_a_branch_carry_the_papers_equation_numbers():
+    """Notebook 02 quotes Sec. 2.2: Q, K, V segmented and sparsified in Eqs. 3-5, attended in Eq. 6,
+    scattered and concatenated in Eqs. 7-8. The package says the same, in every module."""
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "longnet_ref"
+    stale = re.compile(r"\bEqs?\. (4|5)\b(?!-)|Eqs\. 6-8")  # the old numbering: sparsify 4, attend 5, scatter 6-8
+    found = [f"{p.relative_to(package.parent)}:{i}" for p in sorted(package.rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if stale.search(line)]  # fmt: skip
+    assert not found, f"old step numbering (use Eqs. 3-5, Eq. 6, Eqs. 7-8) at {found}"
+    notebook = (package.parent / "notebooks" / "02_dilated_branch.ipynb").read_text()
+    assert "## 4. Attend (Eq. 6)" in notebook and "## 5. Scatter (Eqs. 7–8)" in notebook

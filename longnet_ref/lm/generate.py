@@ -4,7 +4,7 @@ A causal dilated branch (w, r) is prefix-consistent: its output at a position de
 the positions up to it, through a rule of absolute positions alone. A branch cuts the sequence
 into segments [m w, (m + 1) w) (Eq. 3; m = pos // w, and one segment when w >= N) and keeps,
 in each, the positions whose distance to the segment start is o_j mod r, o_j head j's offset
-(Eq. 4, Sec. 2.3); a kept query attends the kept keys of its own segment (Eq. 5), causal: up
+(Eqs. 3-5, Sec. 2.3); a kept query attends the kept keys of its own segment (Eq. 6), causal: up
 to itself. That is `patterns.keeps(pos, key, w, r, o_j, causal=True)`, the one keep rule,
 which `cached_attention` calls. It never depends on positions after `pos`, so a new token's
 attention needs only the cached keys and values of its own segment, rotated (RoPE) once at

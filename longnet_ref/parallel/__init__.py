@@ -2,7 +2,7 @@
 
 The sequence is cut into P chunks of l = N / P tokens, one per rank. A branch (w, r) with
 w <= l is computed locally; one with w > l has segments spanning w / l ranks: each rank keeps
-its sparse rows of K and V (Eq. 4), all-gathers them among its segment's ranks only, attends
+its sparse rows of K and V (Eqs. 3-5), all-gathers them among its segment's ranks only, attends
 its own sparse queries to them, and the branches merge as on one device (Eq. 10). Exact,
 forward and backward (the all-gather's backward is a reduce-scatter).
 

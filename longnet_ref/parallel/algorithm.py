@@ -8,7 +8,7 @@ branch (w, r), with w clipped to N (`plan.plan_branches`):
 - w <= l: the chunk holds whole segments (l % w == 0), so the branch is computed locally by
   the single-device `dilated_branch` (Eqs. 3-8): no communication.
 - w > l: a segment spans g = w / l ranks (w % l == 0, so segments start on rank borders).
-  1. Sparsify (Eq. 4): each rank keeps the rows of its chunk that each head keeps,
+  1. Sparsify (Eqs. 3-5): each rank keeps the rows of its chunk that each head keeps,
      `plan.kept_run`, a gathered form of the keep rule `patterns.keeps` (positions count from
      the segment's start, not the chunk's).
   2. All-gather the sparse K and V among the segment's g ranks only: about w / r rows per
@@ -19,7 +19,7 @@ branch (w, r), with w clipped to N (`plan.plan_branches`):
      lower triangle), later ranks' (all in the future: dropped when causal). One fused-kernel
      call per block; the blocks are merged by their log-sum-exps, which is exactly one softmax
      over their union (the identity behind Eq. 10, used here inside a branch). The outputs are
-     scattered back to their rows (Eqs. 6-8).
+     scattered back to their rows (Eqs. 7-8).
 
 The branches are then merged as on one device (`merge_branches`, Eq. 10). The backward is
 autograd's; the all-gather's backward is a reduce-scatter (`comm.AllGather`). Together the
@@ -161,7 +161,7 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
     groups = head_groups(H, r, head_offsets)  # [(offset, heads slice)]
     n_kept = math.ceil(l / r)
 
-    # 1. Sparsify this rank's keys and values (Eq. 4) into one buffer. This chunk starts me * l
+    # 1. Sparsify this rank's keys and values (Eqs. 3-5) into one buffer. This chunk starts me * l
     # after the segment start; a head group that keeps fewer than n_kept rows here is
     # zero-padded (only when r does not divide l), and the padding is never attended.
     sparse = k.new_zeros(2, B, H, n_kept, D)
@@ -205,7 +205,7 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
         ]
         block_outs, block_lses = zip(*results)  # per block: (B, h, count, D), (B, h, count)
         out_h, lse_h = merge_branches(block_outs, block_lses)  # one softmax over the blocks' union
-        out[:, heads, rows] = out_h  # scatter (Eqs. 6-8): (B, h, count, D)
+        out[:, heads, rows] = out_h  # scatter (Eqs. 7-8): (B, h, count, D)
         lse[:, heads, rows] = lse_h  # (B, h, count)
     if g > 1 and gathered.requires_grad:
         out, lse = JoinBackward.apply(out, lse, gathered)  # every rank takes part in the backward's reduce-scatter

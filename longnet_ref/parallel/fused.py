@@ -11,7 +11,7 @@ Here the same work is one list of fused-kernel calls (`fast.Call`) merged as the
 one autograd node (`fast.RunningMerge`), exactly as the single-device fast path does:
 
 - a local branch (w <= l): its pieces, as on one device (`fast.branch_calls`);
-- a distributed branch: the rank's kept rows (Eq. 4, `plan.kept_run`, a gathered form of
+- a distributed branch: the rank's kept rows (Eqs. 3-5, `plan.kept_run`, a gathered form of
   `patterns.keeps`) of k and v gathered by index into a (2, B, H, n_kept, D) buffer,
   all-gathered among the segment's g ranks (`comm.all_gather`, the only collective; its
   backward is the reduce-scatter), laid out as one (2, B, H, g n_kept, D) key/value source;
@@ -45,7 +45,8 @@ from .plan import kept_run
 
 
 def sparse_rows(plan, rank, num_heads, head_offsets, device):
-    """Row index (H, n_kept) of the keys each head keeps on `rank` (Eq. 4); the groups' `(offset, heads, first, count)`.
+    """Row index (H, n_kept) of the keys each head keeps on `rank` (Eqs. 3-5), and the groups'
+    `(offset, heads, first, count)`.
 
     The rows of a group are its `kept_run`. A head group that keeps fewer than n_kept rows here
     (only when r does not divide l) is padded with row l - 1, whatever it holds: padding rows
@@ -114,7 +115,7 @@ def fused_rank_attention(q, k, v, plans, comm, *, causal, head_offsets, key_padd
         index, groups = sparse_rows(plan, comm.rank, H, head_offsets, q.device)
         n_kept, g = index.shape[1], len(plan.ranks)
         rows = index[None, :, :, None].expand(B, H, n_kept, D)
-        sparse = torch.stack([k.gather(2, rows), v.gather(2, rows)])  # (2, B, H, n_kept, D), Eq. 4
+        sparse = torch.stack([k.gather(2, rows), v.gather(2, rows)])  # (2, B, H, n_kept, D), Eqs. 3-5
         gathered = (
             all_gather(sparse, comm, plan.ranks, plan.index) if g > 1 else sparse[None]
         )  # (g, 2, B, H, n_kept, D)

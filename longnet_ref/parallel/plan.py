@@ -11,7 +11,7 @@ tests/test_parallel.py checks them equal to it:
 
 - `plan_branches`: the ranks sharing rank p's segment are the ranks j whose chunks lie in the
   same segment (Eq. 3), `keeps(j l, p l, w, 1, 0)`: the same-segment part of the rule;
-- `kept_run`: the rows of a chunk that a head keeps (Eq. 4), the positions pos of the chunk
+- `kept_run`: the rows of a chunk that a head keeps (Eqs. 3-5), the positions pos of the chunk
   with `keeps(pos, pos, w, r, o)`, as one strided run.
 
 Letters: the package legend (`longnet_ref/__init__.py`).
@@ -76,7 +76,7 @@ def kept_run(start, length, dilation_rate, offset):
     gathered form of `patterns.keeps`: for a chunk at positions [m w + start, m w + start +
     length) of segment m (start + length <= w), row i is in the run exactly when
     `keeps(x, x, w, r, o)` for its position x = m w + start + i, i.e. when its distance to the
-    segment start, start + i, is o mod r (Eq. 4). So first = (o - start) mod r, and count =
+    segment start, start + i, is o mod r (Eqs. 3-5). So first = (o - start) mod r, and count =
     ceil((length - first) / r), 0 when the chunk ends before first (r > l).
     """
     first = (offset - start) % dilation_rate
