@@ -17,7 +17,8 @@ Concept map (where each idea lives; the paper's sections and equations in bracke
     the merge                   mixture.py    merge_branches                      [Eq. 10]
     the entry points            mixture.py    dilated_branch, dilated_attention   (the one place that
                                               picks implementation="fast" or "readable")
-    the running merge           fast.py       RunningMerge, Piece, branch_calls   [Eq. 10, fused]
+    the running merge           fast.py       RunningMerge, RunningSums           [Eq. 10, fused]
+    the kernel calls' rows      fast_pieces.py Piece, Call, branch_calls (views; GQA runs)
     kernels, exact backward     kernels.py    fused_attention, attention_backward
     the layer                   layer.py      MultiheadDilatedAttention           [Sec. 2.3]
     input checks                checks.py     every ValueError names its parameter
@@ -34,7 +35,7 @@ Concept map (where each idea lives; the paper's sections and equations in bracke
 
 The top level imports nothing from lm/, analysis/ or bench/ (and so neither matplotlib nor
 ipywidgets); the readable path (attention, patterns, dilated, the merge) imports nothing from
-fast.py or kernels.py.
+fast.py, fast_pieces.py or kernels.py.
 
 Notation legend (every module uses these letters with these meanings; a module's own legend
 only adds letters):

@@ -159,7 +159,7 @@ def keeps(query, key, segment_length, dilation_rate, offset, *, causal=False):
     Works on ints and on broadcasting LongTensors of positions (then returns a bool tensor),
     like attention-gym's `mask_mod(b, h, q_idx, kv_idx)`. Every other place that knows which
     pairs a branch keeps either calls this function or is a gathered form of it that says so
-    and is tested equal to it (`dilated.sparsify`, `fast.Piece`, `parallel.plan.kept_run`,
+    and is tested equal to it (`dilated.sparsify`, `fast_pieces.Piece`, `parallel.plan.kept_run`,
     `parallel.plan.plan_branches`, `parallel.fused.distributed_calls`, `analysis.complexity`,
     `analysis.dependency_paths`).
     """

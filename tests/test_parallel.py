@@ -222,7 +222,7 @@ def test_distributed_key_blocks_are_the_keep_rule(causal):
 
 
 def piece_rows(piece):
-    """Rows of a one-segment `fast.Piece` (a run of a rank's rows, or of gathered rows)."""
+    """Rows of a one-segment `fast_pieces.Piece` (a run of a rank's rows, or of gathered rows)."""
     assert piece.num_segments == 1
     return list(range(piece.start + piece.offset, piece.start + piece.segment_length, piece.dilation_rate))
 

@@ -1,5 +1,5 @@
 """Head offsets, the keep rule and the multiplicity pattern c(h, q, k), checked against hand-written
-cases; the gathered forms of the keep rule (dilated.py's sparsify, fast.py's pieces) checked equal to it."""
+cases; the gathered forms of the keep rule (dilated.py's sparsify, fast_pieces.py) checked equal to it."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 from longnet_ref import attention_pattern, geometric_mixture, head_groups, head_offset, keeps, pattern_rows
 from longnet_ref.checks import HEAD_OFFSET_RULES
 from longnet_ref.dilated import kept_row_mask, segment, sparsify
-from longnet_ref.fast import branch_pieces
+from longnet_ref.fast_pieces import branch_pieces
 from longnet_ref.patterns import branch_mask
 
 
@@ -106,7 +106,7 @@ def test_readable_gather_is_the_keep_rule(rule):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("rule", HEAD_OFFSET_RULES)
 def test_fast_pieces_are_the_keep_rule(rule, causal):
-    """fast.branch_pieces: the (query, key) pairs that meet in one kernel call are exactly keeps()'s pairs."""
+    """fast_pieces.branch_pieces: the (query, key) pairs that meet in one kernel call are exactly keeps()'s pairs."""
     H = 5
     for N, w, r in CASES:
         positions = torch.arange(N).view(1, 1, N).expand(1, H, N)  # (B, H, N)

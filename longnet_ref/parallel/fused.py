@@ -7,10 +7,10 @@ records every slice and scatter of every head group and block, and each branch's
 takes a gradient of its own; on a CPU that glue costs more than the small kernels of the
 sparse branches.
 
-Here the same work is one list of fused-kernel calls (`fast.Call`) merged as they finish in
+Here the same work is one list of fused-kernel calls (`fast_pieces.Call`) merged as they finish in
 one autograd node (`fast.RunningMerge`), exactly as the single-device fast path does:
 
-- a local branch (w <= l): its pieces, as on one device (`fast.branch_calls`);
+- a local branch (w <= l): its pieces, as on one device (`fast_pieces.branch_calls`);
 - a distributed branch: the rank's kept rows (Eqs. 3-5, `plan.kept_run`, a gathered form of
   `patterns.keeps`) of k and v gathered by index into a (2, B, H, n_kept, D) buffer,
   all-gathered among the segment's g ranks (`comm.all_gather`, the only collective; its
@@ -38,7 +38,8 @@ import math
 
 import torch
 
-from ..fast import Call, Piece, RunningMerge, branch_calls
+from ..fast import RunningMerge
+from ..fast_pieces import Call, Piece, branch_calls
 from ..patterns import head_groups
 from .comm import all_gather
 from .plan import kept_run
