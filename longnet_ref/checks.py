@@ -21,10 +21,15 @@ def is_number(value) -> bool:
 
 
 def as_count(name: str, value) -> int:
-    """`value` as an int >= 0 (bools and floats refused): lengths that may be empty."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """`value` as an int >= 0 (0 allowed, unlike `as_positive_int`; bools and floats refused): counts
+    and lengths that may be empty."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)  # int, numpy ints; not 2.0
+    except TypeError:
+        count = None
+    if count is None or count < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
+    return count
 
 
 def as_positive_number(name: str, value) -> float:

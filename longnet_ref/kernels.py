@@ -66,17 +66,20 @@ def _widen(x, width, column=None):
     return wide
 
 
+def _fresh_copy(x):
+    """A copy with standard strides. Not x.contiguous(): with D = 1 a tensor counts as contiguous
+    whatever its last stride, which the kernels read as 1."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def _standard_strides(x):
-    """x when it is contiguous with last stride 1, else a fresh contiguous copy (dout and out)."""
-    return (
-        x if x.is_contiguous() and x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
-    )
+    """x when it is contiguous with last stride 1, else a fresh copy (dout and out)."""
+    return x if x.is_contiguous() and x.stride(-1) == 1 else _fresh_copy(x)
 
 
 def _unit_last_stride(x):
-    """x itself when its last dim has stride 1 (what the kernels assume), else a contiguous copy."""
-    # not x.contiguous(): with D = 1 a tensor counts as contiguous whatever its last stride
-    return x if x.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+    """x itself when its last dim has stride 1 (what the kernels assume), else a fresh copy."""
+    return x if x.stride(-1) == 1 else _fresh_copy(x)
 
 
 def nan_unless_finite(inputs, batch_dims=None):
@@ -208,10 +211,9 @@ def attention_backward(dout, q, k, v, out, saved, causal: bool, scale: float, dl
         out = rounded
     out = _standard_strides(out)
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
-    D = q.shape[-1]
     # One extra column carries the LSE gradient through the kernel (module docstring); the kernel's
     # head-dim alignment may add zero columns after it (`head_dim_multiple`).
-    width = _padded_width(D + (dlse is not None), head_dim_multiple(q))
+    width = _padded_width(D + (dlse is not None), multiple)
     if width == D:
         return _kernel_backward(dout, q, k, v, out, saved, causal, scale)
     ones = None if dlse is None else torch.ones_like(dlse)

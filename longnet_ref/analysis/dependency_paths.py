@@ -35,27 +35,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checks import as_positive_int, check_branch, check_branches, check_flag, check_head_offsets
+from ..checks import as_count, as_positive_int, check_branch, check_branches, check_flag, check_head_offsets
 from ..patterns import as_positions, as_ratio, head_offset
 
 DENSE_FRACTION = 0.25  # above this fraction of busy classes, a hop runs on strided views instead of gathers
-
-
-def _as_count(name: str, value) -> int:
-    """`value` as a non-negative int (0 allowed, unlike `as_positive_int`); bools and floats refused."""
-    try:
-        count = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        count = None
-    if count is None or count < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return count
 
 
 def _as_length(name: str, value) -> float:
@@ -88,7 +76,7 @@ class PathStats:
             raise TypeError(f"counts must be a 1-D integer numpy array, got {counts!r}")
         if counts.size and counts.min() < 0:
             raise ValueError(f"counts must not be negative, got {counts.tolist()}")
-        self.unreachable = _as_count("unreachable", self.unreachable)
+        self.unreachable = as_count("unreachable", self.unreachable)
         self.pairs = n * (n - 1) // 2 if self.causal else n * (n - 1)
         if int(counts.sum()) + self.unreachable != self.pairs:  # every counted pair has one distance
             raise ValueError(
@@ -119,7 +107,7 @@ class PathStats:
 
 def eq19_reach(layers, w0, ratio) -> float:
     """Eq. 19: distance a token's information travels in L = `layers` layers, w0 (a^L - 1) / (a - 1)."""
-    layers, w0, ratio = _as_count("layers", layers), as_positive_int("w0", w0), as_ratio(ratio)
+    layers, w0, ratio = as_count("layers", layers), as_positive_int("w0", w0), as_ratio(ratio)
     return w0 * (ratio**layers - 1) / (ratio - 1)
 
 

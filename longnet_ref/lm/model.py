@@ -34,18 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import as_positive_int, check_branches, check_head_offsets, check_implementation, is_number
+from ..checks import (
+    as_positive_int,
+    as_positive_number,
+    check_branches,
+    check_head_offsets,
+    check_implementation,
+    is_number,
+)
 from ..layer import MultiheadDilatedAttention
 
 ATTENTION_KINDS = ("dilated", "dense", "local")
 UNBOUNDED = sys.maxsize  # "dense" attention: one segment longer than any sequence
-
-
-def check_rope_base(name, value) -> float:
-    """RoPE's base as a float; 0, negative, NaN or inf would make every angle NaN or 0."""
-    if not (is_number(value) and 0 < value < math.inf):  # NaN fails the comparison too
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -76,7 +76,7 @@ class ModelConfig:
         # checked here, not when a model is built: a bad config must not reach a checkpoint
         if not (is_number(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        check_rope_base("rope_base", self.rope_base)
+        as_positive_number("rope_base", self.rope_base)  # 0, < 0, NaN or inf: every angle NaN or 0
         check_head_offsets(self.head_offsets)
         check_implementation(self.implementation)
         if self.num_kv_heads is not None and self.num_heads % as_positive_int("num_kv_heads", self.num_kv_heads):
@@ -111,7 +111,7 @@ class RotaryEmbedding(nn.Module):
         head_dim = as_positive_int("head_dim", head_dim)
         if head_dim % 2:  # dims are rotated in pairs (i, i + D/2)
             raise ValueError(f"head_dim must be even (RoPE rotates pairs of dims), got {head_dim}")
-        self.head_dim, self.base = head_dim, check_rope_base("base", base)
+        self.head_dim, self.base = head_dim, as_positive_number("base", base)
 
     def check(self, name, x, positions):
         """x: a (B, H, N, head_dim) floating tensor; positions: N integer positions on its device."""
