@@ -45,7 +45,7 @@ def fast_branch(q, k, v, segment_length, dilation_rate, *, causal=False, head_of
             fold(call.keys.view(v), axis),
             causal,
             softmax_scale(D),
-            piece_key_mask(call.queries, key_padding_mask, H, axis),
+            piece_key_mask(call.keys, key_padding_mask, H, axis),  # the keys' flags, as RunningMerge reads them
             False,  # finiteness: checked once below, not per piece
         )
         call.queries.view(out).copy_(unfold(out_p, axis, B))  # scatter, Eqs. 7-8 (autograd records the copy)
