@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from longnet_ref import MultiheadDilatedAttention, dilated_attention
-from longnet_ref.parallel import SequenceParallelDilatedAttention, sequence_parallel_attention
+from longnet_ref.parallel import SequenceParallelDilatedAttention, comm, sequence_parallel_attention
 
 
 def exact_case(rank, P, case):
@@ -108,7 +108,16 @@ def worker(rank, world_size, init_file, cases, queue, timeout_s=20.0):
             result = CASES[case["kind"]](rank, world_size, case)
             queue.put({"rank": rank, "case": index, **result})
         dist.barrier()
+        kept = comm.as_communicator(None)
         dist.destroy_process_group()
+        # Nothing of the package may keep a group alive past destroy_process_group: gloo groups
+        # destroyed at interpreter exit can abort the process after a successful run.
+        released = {"groups kept": len(comm._SUBGROUPS) + len(comm._COMMUNICATORS)}
+        try:
+            kept.all_gather_object(rank)
+        except RuntimeError as error:  # a communicator kept by the user says what happened
+            released["stale use"] = str(error)
+        queue.put({"rank": rank, "case": "released", **released})
     except BaseException as error:  # report, then fail the process
         queue.put(
             {

@@ -88,6 +88,9 @@ def test_gloo_processes_equal_single_device(P, tmp_path):
     crashes = [results[r, "crash"] for r in range(P) if (r, "crash") in results]
     assert not crashes, crashes[0]["trace"]
     assert codes == [0] * P, codes
+    for rank in range(P):  # the package kept no group alive past destroy_process_group
+        assert results[rank, "released"]["groups kept"] == 0
+        assert "process group was destroyed" in results[rank, "released"]["stale use"]
     assert_exact(results, P, n_exact, 1e-10)
     for rank in range(P):
         assert max(results[rank, n_exact]["errors"].values()) <= 1e-5  # float32

@@ -27,6 +27,7 @@ Letters: the package legend (`longnet_ref/__init__.py`); g = len(ranks), the ran
 from __future__ import annotations
 
 import pickle
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -146,9 +147,14 @@ def all_gather(x, comm, ranks, branch=None):
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
-# Sub-groups, created once per (default group, global ranks of the segment).
-_SUBGROUPS: dict = {}
-_COMMUNICATORS: dict = {}
+# Per default group: its segments' sub-groups, created once ({global ranks: sub-group}, or
+# new_group's NON_GROUP_MEMBER on a process outside it); and one communicator per group. Both
+# hold the groups weakly: torch.distributed owns a group until destroy_process_group, and a
+# group this package kept alive past it would be destroyed at interpreter exit instead, where
+# gloo's worker threads can abort the process (SIGABRT, "terminate called without an active
+# exception") after a run that succeeded.
+_SUBGROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMMUNICATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class TorchDistributed(Communicator):
@@ -165,7 +171,8 @@ class TorchDistributed(Communicator):
 
     def __init__(self, group=None):
         super().__init__()
-        self.group = dist.group.WORLD if group is None else group
+        group = dist.group.WORLD if group is None else group
+        self._group = weakref.ref(group)  # not ours to keep alive (see _SUBGROUPS)
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         if self.world_size != dist.get_world_size():
@@ -175,20 +182,31 @@ class TorchDistributed(Communicator):
                 "torch.distributed.new_group, which every process of the job must call)"
             )
 
-    def _key(self, ranks):
-        global_ranks = tuple(
-            rank if self.group is dist.group.WORLD else dist.get_global_rank(self.group, rank) for rank in ranks
-        )
-        return dist.group.WORLD, global_ranks
+    @property
+    def group(self):
+        group = self._group()
+        if group is None:
+            raise RuntimeError(
+                "this communicator's process group was destroyed (torch.distributed.destroy_process_group); "
+                "after a new init_process_group, pass group=None or the new group"
+            )
+        return group
+
+    def _global_ranks(self, ranks):
+        group = self.group
+        return tuple(rank if group is dist.group.WORLD else dist.get_global_rank(group, rank) for rank in ranks)
 
     def _subgroup(self, ranks):
-        return self.group if len(ranks) == self.world_size else _SUBGROUPS[self._key(ranks)]
+        if len(ranks) == self.world_size:
+            return self.group
+        return _SUBGROUPS[dist.group.WORLD][self._global_ranks(ranks)]
 
     def prepare(self, rank_sets):
+        subgroups = _SUBGROUPS.setdefault(dist.group.WORLD, {})
         for ranks in sorted(set(map(tuple, rank_sets))):  # the same list, in the same order, on every rank
-            key = self._key(ranks)
-            if 1 < len(ranks) < self.world_size and key not in _SUBGROUPS:
-                _SUBGROUPS[key] = dist.new_group(list(key[1]))  # every process calls, members or not
+            key = self._global_ranks(ranks)
+            if 1 < len(ranks) < self.world_size and key not in subgroups:
+                subgroups[key] = dist.new_group(list(key))  # every process calls, members or not
 
     def all_gather(self, x, ranks, branch=None):
         out = x.new_empty(len(ranks) * x.numel())  # (g * x.numel(),)
