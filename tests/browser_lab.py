@@ -82,6 +82,7 @@ def jupyter_lab(root: Path, workdir: Path, timeout: float = 90):
     """Start `jupyter lab` serving `root` with its own config, data and runtime folders; stop it after."""
     port, token = free_port(), secrets.token_hex(16)
     env = dict(os.environ)
+    env["LONGNET_REF_LIVE_WIDGETS"] = "1"  # a browser is attached: live widgets even under SMOKE (widgets.live_widgets)
     for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR"):
         folder = workdir / name.lower()
         folder.mkdir(exist_ok=True)

@@ -4,12 +4,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import ipywidgets as widgets  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from longnet_ref import attention_pattern, geometric_mixture  # noqa: E402
 from longnet_ref.analysis.dependency_paths import eq20_max_path, path_length_stats  # noqa: E402
-from longnet_ref.analysis.widgets import format_numbers, path_explorer, pattern_explorer  # noqa: E402
+from longnet_ref.analysis.widgets import (  # noqa: E402
+    explore,
+    format_numbers,
+    live_widgets,
+    path_explorer,
+    pattern_explorer,
+)
 from longnet_ref.checks import HEAD_OFFSET_RULES  # noqa: E402
 
 
@@ -109,3 +116,49 @@ def test_explorers_use_the_package_mixture_and_offset_rules():
         assert geometric_mixture(w0, a, branches=k) == ([w0 * a**i for i in range(k)], [a**i for i in range(k)])
     for explorer in (pattern_explorer(), path_explorer(seq_len=64)):
         assert tuple(explorer.controls["offsets"].options) == HEAD_OFFSET_RULES
+
+
+def recording_plot(calls):
+    def plot(w=16, r=4, causal=False):
+        calls.append(dict(w=w, r=r, causal=causal))
+
+    return plot
+
+
+def controls():
+    return {"w": widgets.IntSlider(value=16, min=2, max=44), "r": widgets.IntSlider(value=4, min=1, max=16)}
+
+
+def test_explore_under_smoke_calls_the_callback_and_makes_no_widget():
+    calls, made = [], []
+    explore(recording_plot(calls), lambda: made.append(1), tries=[{"w": 8}, {"r": 2, "causal": True}], live=False)
+    assert made == []  # no widget was created, so no comm was opened
+    assert calls == [dict(w=16, r=4, causal=False), dict(w=8, r=4, causal=False), dict(w=16, r=2, causal=True)]
+
+
+def test_explore_live_shows_controls_that_start_at_the_defaults():
+    calls = []
+    shown = explore(recording_plot(calls), controls, live=True)
+    assert set(shown) == {"w", "r"}
+    assert calls == [dict(w=16, r=4, causal=False)]  # interactive_output draws the first picture
+    shown["w"].value = 20
+    assert calls[-1] == dict(w=20, r=4, causal=False)
+
+
+def test_explore_refuses_controls_and_tries_the_plot_does_not_match():
+    with pytest.raises(ValueError, match="tries names \\['head'\\], which plot plot\\(\\) does not take"):
+        explore(recording_plot([]), controls, tries=[{"head": 1}], live=False)
+    with pytest.raises(ValueError, match="control 'w' starts at 30 but plot plot\\(\\) defaults to 16"):
+        explore(recording_plot([]), lambda: {"w": widgets.IntSlider(value=30, max=44)}, live=True)
+    with pytest.raises(ValueError, match="control 'head'"):
+        explore(recording_plot([]), lambda: {"head": widgets.IntSlider()}, live=True)
+
+
+def test_live_widgets_follows_ci_and_the_browser_switch(monkeypatch):
+    monkeypatch.delenv("LONGNET_REF_LIVE_WIDGETS", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert live_widgets()
+    monkeypatch.setenv("CI", "true")
+    assert not live_widgets()
+    monkeypatch.setenv("LONGNET_REF_LIVE_WIDGETS", "1")
+    assert live_widgets()

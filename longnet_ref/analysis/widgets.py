@@ -10,11 +10,20 @@ Each explorer is a plain function `view(**values) -> (figure, numbers)` plus an 
 widget that calls it whenever a control changes and shows the figure as a PNG
 (`ipywidgets.Image`) next to the numbers. Tests set a control's value and check that the
 picture and the numbers change; no browser needed (tests/test_browser.py does use one).
+
+`explore(plot, make_controls, tries=...)` is the notebooks' slider cell. Live, it shows the
+controls and redraws `plot(**values)` on every change. Under SMOKE (CI, headless runs) it makes
+no widget at all and calls `plot` itself, with its defaults and then each of `tries`: the calls
+a learner's slider moves would make. A live widget in a kernel with no browser attached can
+stall nbclient/nbconvert (jupyter/nbclient#312), and a widget that is never shown still opens
+a comm; `live_widgets()` says which case this is.
 """
 
 from __future__ import annotations
 
 import html
+import inspect
+import os
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -182,3 +191,46 @@ def path_explorer(seq_len=256, w0=4, ratio=2, heads=1, window=16) -> Explorer:
         offsets=widgets.Dropdown(options=HEAD_OFFSET_RULES, value="paper", description="offsets"),
     )
     return Explorer(path_view, controls, "Dependency paths", "longnet-path-explorer")
+
+
+def live_widgets() -> bool:
+    """Whether the notebook shows live widgets: yes, except under SMOKE (the CI variable set:
+    CI, headless runs), unless LONGNET_REF_LIVE_WIDGETS=1 says a browser is attached
+    (tests/test_browser.py drives JupyterLab in CI)."""
+    return "CI" not in os.environ or os.environ.get("LONGNET_REF_LIVE_WIDGETS") == "1"
+
+
+def explore(plot, make_controls, *, tries=(), per_row=3, live=None):
+    """Controls over `plot(**values)`: live sliders in a notebook, their callback alone under SMOKE.
+
+    make_controls() -> {parameter of plot: widget}; each widget starts at that parameter's
+    default, so the first picture is `plot()` either way. tries: dicts of parameter values,
+    drawn in turn when not live (what moving the sliders would draw). per_row: controls per
+    row. live: None asks `live_widgets()`. Returns the controls when live, else None.
+    """
+    parameters = inspect.signature(plot).parameters
+    for values in tries:
+        unknown = sorted(set(values) - set(parameters))
+        if unknown:
+            raise ValueError(f"tries names {unknown}, which plot {plot.__name__}() does not take: {list(parameters)}")
+    if not (live_widgets() if live is None else live):
+        plot()
+        for values in tries:
+            plot(**values)
+        return None
+    controls = make_controls()
+    for name, control in controls.items():
+        if name not in parameters:
+            raise ValueError(f"make_controls() returned a control {name!r}, which plot {plot.__name__}() does not take")
+        default = parameters[name].default
+        if default is inspect.Parameter.empty or default != control.value:
+            raise ValueError(
+                f"control {name!r} starts at {control.value!r} but plot {plot.__name__}() defaults to "
+                f"{default!r}: the first picture must be the same live and under SMOKE"
+            )
+    items = list(controls.values())
+    rows = [widgets.HBox(items[i : i + per_row]) for i in range(0, len(items), per_row)]
+    from IPython.display import display
+
+    display(widgets.VBox(rows), widgets.interactive_output(plot, controls))
+    return controls
