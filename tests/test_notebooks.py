@@ -218,6 +218,9 @@ def is_call_to(node, names):
     return name in names
 
 
+SLIDER_CALLS = {"interact", "interactive", "interactive_output", "explore"}  # explore: analysis.widgets
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
 def test_sliders_wrap_pure_plotting_functions_after_a_static_figure(path):
     defined = {}  # plotting function name -> its FunctionDef
@@ -230,7 +233,9 @@ def test_sliders_wrap_pure_plotting_functions_after_a_static_figure(path):
                 defined[statement.name] = statement
                 continue
             for node in ast.walk(statement):  # top-level code only: calls inside functions are not figures
-                if isinstance(node, ast.Call) and is_call_to(node, {"interact", "interactive", "interactive_output"}):
+                if isinstance(node, ast.Call) and is_call_to(
+                    node, {"interact", "interactive", "interactive_output", "explore"}
+                ):
                     sliders += 1
                     target = node.args[0]
                     assert isinstance(target, ast.Name) and target.id in defined, "a slider wraps a named function"
@@ -336,3 +341,41 @@ def test_a_failed_colab_install_stops_the_setup_cell_with_pip_reason(monkeypatch
     missing = f"file://{tmp_path}/no-such-repo"
     with pytest.raises(RuntimeError, match=f"(?s)pip could not install git\\+{missing} .*Check that this URL opens"):
         exec(compile(branch, "setup cell", "exec"), {"sys": sys, "REPO_URL": missing})
+
+
+PICTURE_MARK = "<!-- committed picture -->"
+
+
+def written_pictures(cell):
+    """The figures/ PNG names a code cell writes (save_fig(fig, "NAME"), save_as="NAME") or shows (show_result)."""
+    source = text(cell)
+    names = re.findall(r'save_fig\(fig, "(\w+)"\)', source) + re.findall(r'save_as="(\w+)"', source)
+    return list(dict.fromkeys(names + re.findall(r'show_result\("(\w+)"\)', source)))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_every_picture_is_on_the_page_after_the_cell_that_draws_it(path):
+    notebook = json.loads(path.read_text())["cells"]
+    shown = []
+    for cell, following in zip(notebook, notebook[1:] + [None]):
+        names = written_pictures(cell) if cell["cell_type"] == "code" else []
+        if not names:
+            continue
+        assert following is not None and following["cell_type"] == "markdown", f"{names}: no picture cell after"
+        assert text(following).startswith(PICTURE_MARK), f"{names}: the next cell is not a committed picture"
+        for name in names:
+            assert f"](../figures/{name}.png)" in text(following), f"{name}.png is not shown after its cell"
+            assert (ROOT / "figures" / f"{name}.png").is_file(), f"figures/{name}.png is not committed"
+        shown += names
+    assert shown, f"{path.name} shows no picture"
+    pictures = [c for c in notebook if c["cell_type"] == "markdown" and PICTURE_MARK in text(c)]
+    assert len(pictures) == len({text(c) for c in pictures}), "a picture cell is repeated"
+
+
+def test_the_readme_gallery_links_every_notebook_picture():
+    gallery = (ROOT / "README.md").read_text().split("<!-- gallery -->")[1].split("<!-- /gallery -->")[0]
+    for path in NOTEBOOKS:
+        row = next(line for line in gallery.splitlines() if f"(notebooks/{path.name})" in line)
+        for cell in cells(path, "code"):
+            for name in written_pictures(cell):
+                assert f"(figures/{name}.png)" in row, f"the gallery's {path.stem} row lacks {name}.png"
