@@ -92,8 +92,25 @@ def test_summarised_union_is_white_only_where_nothing_is_kept():
     n, ws, rs = 512, [32, 128, 512], [1, 4, 16]
     fig = viz.plot_branches(n, ws, rs, 1)
     union = fig.axes[-1].images[0].get_array()
-    means = block_mean(attention_pattern(n, ws, rs, 1), viz.block_size(n))[0].numpy()
+    means = block_mean(attention_pattern(n, ws, rs, 1), viz.alias_free_block(n, rs))[0].numpy()
     assert np.all((union < 1).any(axis=-1) == (means > 0))
+
+
+def test_summaries_use_tiles_that_every_rate_divides():
+    assert viz.block_size(2048) == 8 and viz.alias_free_block(2048, [1, 2, 4, 8, 16]) == 16
+    assert viz.alias_free_block(2048, [1, 3]) == 9 and viz.alias_free_block(256, [16]) == 1  # full detail stays
+    n, ws, rs = 2048, [128, 1024], [1, 16]
+    fig = viz.plot_branches(n, ws, rs, 1)
+    sparse = np.asarray(fig.axes[1].images[0].get_array())  # the r = 16 branch, colour scaled: (nb, nb, 3)
+    assert sparse.shape[:2] == (n // 16, n // 16)
+    tiles = np.arange(n // 16) * 16 // 1024  # the segment of each tile
+    inside = tiles[:, None] == tiles[None, :]  # tiles within one segment of w = 1024
+    tinted = (sparse < 1).any(axis=-1)
+    assert np.array_equal(tinted, inside)  # every tile of a segment tinted, none outside: no moire
+    assert len(np.unique(sparse[inside], axis=0)) == 1  # and evenly
+    labels = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
+    assert labels == ["w=128, r=1", "w=1024, r=16"]  # the union's colours are named
+    plt.close(fig)
 
 
 def test_bad_head():

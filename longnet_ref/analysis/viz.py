@@ -20,6 +20,7 @@ Shape legend (adds to the package's): blk tokens per pixel side, nb = ceil(N / b
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import ListedColormap, to_rgb
+from matplotlib.patches import Patch
 
 from ..checks import as_positive_int, check_branches, check_flag, check_head_offsets
 from ..files import write_atomic
@@ -108,6 +110,19 @@ def block_size(seq_len: int) -> int:
     return 1 if seq_len <= DETAIL_LIMIT else -(-seq_len // MAX_PIXELS)
 
 
+def alias_free_block(seq_len: int, dilation_rates) -> int:
+    """`block_size(seq_len)` rounded up to a multiple of every rate r (1 stays 1: full detail).
+
+    A tile whose side r divides holds the same number of a branch's kept rows and columns
+    wherever it lies, so a sparse branch shows as an even tint. With tiles smaller than r (8 x 8
+    tiles of an r = 16 branch) some tiles hold a kept pair and others none: a moire of the
+    stride, not the pattern.
+    """
+    blk = block_size(seq_len)
+    step = math.lcm(*(as_positive_int("dilation rate", r) for r in dilation_rates))
+    return 1 if blk == 1 else -(-blk // step) * step
+
+
 def pattern_blocks(
     seq_len, segment_lengths, dilation_rates, num_heads, *, causal=False, head_offsets="paper", block=None
 ) -> torch.Tensor:
@@ -170,8 +185,8 @@ def _axes(count, size=2.6, ax=None):
     return fig, axes[0]
 
 
-def _show(ax, image, seq_len, title, **kwargs):
-    blk = block_size(seq_len)
+def _show(ax, image, seq_len, title, blk=None, **kwargs):
+    blk = block_size(seq_len) if blk is None else blk
     extent = (-0.5, seq_len - 0.5, seq_len - 0.5, -0.5)  # axes in token positions, summarised or not
     ax.imshow(image, extent=extent, interpolation="nearest", **kwargs)
     ax.set_title(title + (f"\n(mean over {blk}x{blk} blocks)" if blk > 1 else ""), fontsize=9)
@@ -195,20 +210,33 @@ def plot_branches(
     check_flag("union", union)
     head = check_head(head, as_positive_int("num_heads", num_heads))
     colors = [BRANCH_COLORS[i % len(BRANCH_COLORS)] for i in range(len(branches))]
+    blk = alias_free_block(seq_len, [r for _, r in branches])  # tiles a multiple of every r: no moire
     per_branch = [
-        pattern_blocks(seq_len, [w], [r], num_heads, causal=causal, head_offsets=head_offsets)[head].numpy()
+        pattern_blocks(seq_len, [w], [r], num_heads, causal=causal, head_offsets=head_offsets, block=blk)[head].numpy()
         for w, r in branches
     ]  # each (nb, nb): the fraction of each tile this branch keeps
-    summarised = block_size(seq_len) > 1
+    summarised = blk > 1
     fig, axes = _axes(len(branches) + bool(union))
     for ax, density, color, (w, r) in zip(axes, per_branch, colors, branches):
         # summarised, a sparse branch keeps 1/r^2 of a tile: scale it to full colour to see where it acts
         scaled = density / density.max() if summarised and density.max() > 0 else density
-        _show(ax, blend([scaled], [color]), seq_len, f"w={w}, r={r}" + (" (colour scaled)" if summarised else ""))
-    if union and summarised:
-        _show(axes[-1], dominant(per_branch, colors), seq_len, "union, by pairs per branch")
-    elif union:
-        _show(axes[-1], blend(per_branch, colors), seq_len, "union (overlaps blend)")
+        title = f"w={w}, r={r}" + (" (colour scaled)" if summarised else "")
+        _show(ax, blend([scaled], [color]), seq_len, title, blk)
+    if union:
+        if summarised:
+            _show(axes[-1], dominant(per_branch, colors), seq_len, "union, by pairs per branch", blk)
+        else:
+            _show(axes[-1], blend(per_branch, colors), seq_len, "union (overlaps blend)", blk)
+        legend = [Patch(facecolor=color, label=f"w={w}, r={r}") for color, (w, r) in zip(colors, branches)]
+        how = "mixed by pairs kept" if summarised else "overlaps darken"
+        axes[-1].legend(
+            handles=legend,
+            title=f"branch ({how})",
+            fontsize=6,
+            title_fontsize=6,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1),
+        )
     fig.suptitle(f"dilated attention, head {head}, N={seq_len}" + (", causal" if causal else ""), fontsize=10)
     fig.tight_layout()
     return fig
