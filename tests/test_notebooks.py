@@ -273,8 +273,17 @@ def test_summary_and_two_to_four_exercises(path):
     assert "## Summary" in markdown
     exercises = markdown.split("## Exercises", 1)
     assert len(exercises) == 2, "an '## Exercises' section"
-    numbered = re.findall(r"^\d+\. ", exercises[1], re.M)
+    numbered = re.findall(r"^\d+\. ", exercises[1].split("## References")[0], re.M)
     assert 2 <= len(numbered) <= 4, f"{len(numbered)} exercises"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_ids())
+def test_references_close_the_notebook(path):
+    """The last cell: the paper's sections and equations, and the official code's files."""
+    last = text(cells(path)[-1])
+    assert last.startswith("## References"), "the last cell is '## References'"
+    assert "https://arxiv.org/abs/2307.02486" in last and re.search(r"Sec\. \d", last), "the paper, by section"
+    assert re.search(r"`torchscale/[\w/]+\.py`", last), "the official code's files"
 
 
 # -- the Colab install -----------------------------------------------------------------------
