@@ -71,6 +71,15 @@ def test_notebook_runs_headless_from_the_wheel_alone(notebook, round_, wheel_sit
         nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
     )
     client.execute(env=env, cwd=str(workdir))  # raises CellExecutionError or CellTimeoutError
+    # under SMOKE no widget was made: nbclient stores the state of every widget a kernel opened
+    assert "widgets" not in nb.metadata, f"a widget was created: {sorted(nb.metadata['widgets'])}"
+    views = [
+        o
+        for c in nb.cells
+        for o in c.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    assert not views, f"{len(views)} live widgets shown"
     probe = "".join(output.get("text", "") for output in nb.cells[-1].outputs).splitlines()
     assert probe[0].startswith(str(wheel_site["site"])), probe[0]  # the wheel's copy, not the checkout's
     assert str(ROOT) not in ast.literal_eval(probe[1]), "the checkout is on the kernel's sys.path"
