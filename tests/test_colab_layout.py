@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +52,26 @@ def wheel_site(tmp_path_factory):
     return {"site": site, "files": zipfile.ZipFile(wheel).namelist()}
 
 
+@pytest.fixture(scope="module")
+def kernel_name(tmp_path_factory):
+    """A kernelspec of this interpreter under a name of its own: the kernel is this environment's
+    Python whatever other "python3" kernelspecs the machine has (nbval's --nbval-current-env does the same)."""
+    data = tmp_path_factory.mktemp("jupyter")
+    spec = data / "kernels" / "longnet-ref-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "longnet_ref test", "language": "python"})
+    )
+    previous = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(data), *([previous] if previous else [])])
+    yield "longnet-ref-test"
+    if previous is None:
+        os.environ.pop("JUPYTER_PATH")
+    else:
+        os.environ["JUPYTER_PATH"] = previous
+
+
 def test_the_wheel_holds_the_package_and_nothing_of_the_checkout(wheel_site):
     names = wheel_site["files"]
     assert "longnet_ref/analysis/widgets.py" in names and "longnet_ref/lm/experiment.py" in names
@@ -59,7 +80,7 @@ def test_the_wheel_holds_the_package_and_nothing_of_the_checkout(wheel_site):
 
 @pytest.mark.parametrize("round_", range(1, ROUNDS + 1))
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_runs_headless_from_the_wheel_alone(notebook, round_, wheel_site, tmp_path):
+def test_notebook_runs_headless_from_the_wheel_alone(notebook, round_, wheel_site, kernel_name, tmp_path):
     workdir = tmp_path / "content"  # as Colab's /content: the notebook and nothing else
     workdir.mkdir()
     shutil.copy2(notebook, workdir / notebook.name)
@@ -68,7 +89,7 @@ def test_notebook_runs_headless_from_the_wheel_alone(notebook, round_, wheel_sit
     env = {key: value for key, value in os.environ.items() if not key.startswith(("LONGNET_REF_", "PYTHONPATH"))}
     env.update(CI="true", PYTHONPATH=str(wheel_site["site"]))
     client = NotebookClient(
-        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+        nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel_name, resources={"metadata": {"path": str(workdir)}}
     )
     client.execute(env=env, cwd=str(workdir))  # raises CellExecutionError or CellTimeoutError
     # under SMOKE no widget was made: nbclient stores the state of every widget a kernel opened
