@@ -86,18 +86,27 @@ def nan_unless_finite(inputs, batch_dims=None):
     """(B,): 0 for each batch element whose inputs are all finite, else NaN; add it to the outputs.
 
     The fused CPU kernel turns a NaN in q, k or v into rows of zeros (and lse 0), silently, where
-    dense attention gives NaN: a broken model would train on plausible numbers. A sum per batch
-    element and tensor, accumulated in float64 (float32 for half inputs: fp16 cannot overflow
-    it, and a bf16 sum that did would be a model already lost), is NaN or inf exactly when
-    some element is (inf - inf is NaN); no device sync, no bool copies. Per batch element, so
-    one bad sequence does not poison the others. `batch_dims`: each tensor's batch dim (0).
+    dense attention gives NaN: a broken model would train on plausible numbers. Per batch element
+    and tensor, the largest and the smallest element (amax, amin: read in place, no copy, and NaN
+    whenever an element is NaN) are both finite exactly when every element is, and x * 0 is 0 for
+    a finite x and NaN for inf or NaN. No device sync, no bool copies, no overflow of a sum.
+    Per batch element, so one bad sequence does not poison the others. `batch_dims`: each
+    tensor's batch dim (0). (A float64 sum did the same at 17x the cost: 52 ms against 3 ms for
+    one (1, 8, 16384, 64) fp32 tensor on one core, 10 % of a causal forward at N = 16384.)
     """
     total = 0
-    for x, dim in zip(inputs, batch_dims or [0] * len(inputs)):
-        acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
-        others = [d for d in range(x.dim()) if d != dim]
-        total = total + (x.sum(dim=others, dtype=acc) if others else x.to(acc))  # (B,)
-    return (total * 0).detach()  # 0 * inf and 0 * NaN are NaN
+    with torch.no_grad():
+        for x, dim in zip(inputs, batch_dims or [0] * len(inputs)):
+            others = [d for d in range(x.dim()) if d != dim]
+            if not others:
+                extremes = (x,)  # (B,) itself
+            elif x.numel() == 0:
+                extremes = (x.new_zeros(x.shape[dim]),)  # nothing to check (B may be 0 too)
+            else:
+                extremes = (x.amax(dim=others), x.amin(dim=others))  # (B,) each
+            for extreme in extremes:
+                total = total + extreme.float() * 0
+    return total * 0  # a Python 0 when there are no inputs
 
 
 def no_rows_or_keys(q, k):

@@ -198,6 +198,28 @@ def test_a_nan_poisons_only_its_own_batch_element_on_the_fast_path():
         assert torch.isnan(out[1]).any() and torch.isfinite(out[[0, 2]]).all(), detach
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")])
+def test_an_infinite_input_poisons_its_batch_element_on_the_fast_path(value):
+    q, k, v = rand_qkv(3, 4, 32, 8)
+    v[1, 0, 3] = value
+    out = dilated_attention(q, k, v, WS, RS)
+    assert torch.isnan(out[1]).any() and torch.isfinite(out[[0, 2]]).all()
+
+
+def test_the_finiteness_check_reads_extremes_exactly():
+    from longnet_ref.kernels import nan_unless_finite
+
+    huge = torch.full((2, 3, 4, 5), 3e38)  # finite, but a float32 sum of it would overflow
+    assert nan_unless_finite((huge, -huge)).tolist() == [0.0, 0.0]
+    bad = huge.clone()
+    bad[1, 2, 3, 4] = float("nan")
+    assert nan_unless_finite((bad,)).isnan().tolist() == [False, True]
+    kv = torch.zeros(2, 2, 3, 4)  # (2, B, ...): the batch is dim 1
+    kv[0, 1, 0, 0] = float("inf")
+    assert nan_unless_finite((kv,), [1]).isnan().tolist() == [False, True]
+    assert nan_unless_finite((torch.empty(2, 0, 4),)).tolist() == [0.0, 0.0]  # nothing to check
+
+
 def test_merge_branches_passes_a_nan_lse_on_as_nan():
     from longnet_ref import merge_branches
 
