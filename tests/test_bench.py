@@ -145,3 +145,28 @@ def test_an_interrupted_sweep_leaves_the_committed_csv_whole(tmp_path, monkeypat
     results = run_sweep(args, measured, lambda result: None)  # a complete sweep
     assert not (tmp_path / "bench.partial.csv").exists()  # it replaced bench.csv
     assert len((tmp_path / "bench.csv").read_text().splitlines()) == 1 + len(results)
+
+
+def test_lm_step_profile_counts_its_flops_and_splits_its_time():
+    from longnet_ref.bench.lm_step import profile_lm_steps, step_flops
+
+    results = {r["kind"]: r for r in profile_lm_steps(repeats=1, shapes=((64, 1),))}
+    assert set(results) == {"dense", "local", "dilated"}
+    E, L, N = 128, 2, 64
+    weights = L * 12 * E * E + 256 * E  # per layer: q, k, v, out (4 E^2) and the MLP (8 E^2); the tied head
+    dense_attention = L * 4 * 4 * 32 * N * N / 2 * 3.5  # 4 B H D N^2, causal halves, forward+backward x 3.5
+    from longnet_ref.lm.model import LongNetLM, ModelConfig
+
+    model = LongNetLM(ModelConfig(attention="dense", embed_dim=E, num_heads=4, num_layers=L))
+    assert step_flops(model, "dense", N, 1) == 6 * weights * N + dense_attention
+    for result in results.values():
+        assert abs(sum(result["shares"].values()) - 1) < 1e-9 and min(result["shares"].values()) >= 0
+        assert result["tokens_per_s"] == pytest.approx(N / result["seconds"])
+    assert results["dense"]["kernel_calls"] == 2 * L  # one forward and one backward kernel call per layer
+    assert results["dilated"]["kernel_calls"] > results["dense"]["kernel_calls"]  # a call per offset group
+
+
+def test_lm_section_refuses_quick_and_cuda():
+    for flags in (["--sections", "lm", "--quick"], ["--sections", "lm", "--device", "cuda"]):
+        with pytest.raises(SystemExit):
+            main(flags)

@@ -11,7 +11,9 @@ Reported as ratios measured in one run (the machine is shared and noisy):
   fast time / the kernel floor (one SDPA call per branch on contiguous rows; target <= 1.05);
 - ceiling: the fast path's GFLOP/s / the same run's matmul GFLOP/s (target >= 0.7);
 - scaling: t(2^20) / t(2^14) for forward+backward (target <= 64 x 1.25);
-- sequence parallelism: simulated P = 8 against one process at N = 2^18 (target <= +10 %).
+- sequence parallelism: simulated P = 8 against one process at N = 2^18 (target <= +10 %);
+- lm: one training step of the small LM (dense, local, dilated at N = 1024 and 4096): tokens/s,
+  where its time goes, and its GFLOP/s as a share of the same run's matmul (`lm_step.py`).
 
 `--quick` (CI) runs two small N in one process: timings are printed, outputs checked, no target.
 `--device cuda` runs the same configurations on the GPU (inputs made on the CPU from the same seed,
@@ -25,7 +27,8 @@ FLOP count (`analysis.complexity`, from Eqs. 16-17 of arXiv 2307.02486): a branc
 as 2.5 x the forward (5 matmuls against 2).
 
 Here: the sections and the command line. `measure.py` times and checks configurations, `floor.py`
-is the kernel floor, `report.py` writes the sweep's CSV, table and plot.
+is the kernel floor, `lm_step.py` profiles the LM's training step, `report.py` writes the sweep's
+CSV, table and plot.
 """
 
 from __future__ import annotations
@@ -190,7 +193,9 @@ def main(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="CI mode: N = 2^10, 2^11 in one process, checks only")
     parser.add_argument(
-        "--sections", default="glue,scaling,parallel,sweep", help="comma list of glue, scaling, parallel, sweep"
+        "--sections",
+        default="glue,scaling,parallel,sweep",
+        help="comma list of glue, scaling, parallel, sweep, lm (lm: not in the default)",
     )
     parser.add_argument("--min-log2", type=int, default=10, help="the sweep's shortest N, as log2 N")
     parser.add_argument("--max-log2", type=int, default=20, help="the sweep's longest N, as log2 N")
@@ -232,8 +237,10 @@ def main(argv=None):
     if not 4 <= args.min_log2 <= args.max_log2 <= 24:
         parser.error(f"need 4 <= --min-log2 <= --max-log2 <= 24, got {args.min_log2} and {args.max_log2}")
     sections = set(args.sections.split(","))
-    if not sections <= {"glue", "scaling", "parallel", "sweep"}:
-        parser.error(f"--sections must be a comma list of glue, scaling, parallel, sweep; got {args.sections!r}")
+    if not sections <= {"glue", "scaling", "parallel", "sweep", "lm"}:
+        parser.error(f"--sections must be a comma list of glue, scaling, parallel, sweep, lm; got {args.sections!r}")
+    if "lm" in sections and (args.device != "cpu" or args.quick):
+        parser.error("--sections lm profiles a CPU training step: not with --device cuda or --quick")
     if args.device == "cuda" and "parallel" in sections and not args.quick:
         parser.error(
             "--device cuda cannot run the parallel section (its simulated backward runs on cpu tensors only); "
@@ -274,9 +281,15 @@ def main(argv=None):
         if "sweep" in sections:
             run_sweep(args, run, log)  # writes figures/<args.csv>.csv as it goes
             report_sweep(args.csv)
+        if "lm" in sections:  # in this process, its threads as given (OMP_NUM_THREADS=1 for one)
+            from .lm_step import describe_lm, profile_lm_steps
+
+            for result in profile_lm_steps(repeats=args.repeats):
+                print(describe_lm(result), flush=True)
     for result in failures:
         print(f"CHECK FAILED: {describe(result)} (tolerance {tolerance(result):.0e})", file=sys.stderr)
-    print("all outputs match the oracle" if not failures else f"{len(failures)} outputs do NOT match the oracle")
+    if args.quick or sections - {"lm"}:  # the lm section times training steps; it checks no output
+        print("all outputs match the oracle" if not failures else f"{len(failures)} outputs do NOT match the oracle")
     return 1 if failures else 0
 
 

@@ -1,0 +1,127 @@
+"""One training step of the small LM, profiled: `python -m longnet_ref.bench --sections lm`.
+
+For each attention kind (dense, local, dilated: the recall experiment's models, E = 128, H = 4,
+2 layers; `lm.experiment.recall_branches`) at N = 1024 (B = 8) and N = 4096 (B = 2), one AdamW
+step (forward, backward, update) is timed `repeats` times after a warm-up, interleaved with the
+other kinds, median reported. One more step runs under torch.profiler, and its self CPU time is
+split three ways:
+- attention: the fused attention kernel, forward and backward;
+- matmul: `mm`, `addmm`, `bmm` (projections, MLP, the tied head);
+- other: the rest, what is not the model's arithmetic (elementwise ops, copies, the running
+  merge, LayerNorm, GELU, the loss and the optimizer's update).
+
+The step's arithmetic rate: its FLOPs (6 x the Linear and head weights x tokens: forward 2,
+backward 4 per weight and token; plus its attention, `measure.attention_flops` per layer,
+causal, forward+backward) over the median step time, against the same run's matmul GFLOP/s
+(`measure.matmul_gflops`), as a share: 1.0 would be a step that only multiplies matrices.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..lm.experiment import recall_branches
+from ..lm.model import LongNetLM, ModelConfig
+from .measure import attention_flops, matmul_gflops
+
+KINDS = ("dense", "local", "dilated")
+SHAPES = ((1024, 8), (4096, 2))  # (N, B): 8192 tokens per step
+SIZES = dict(embed_dim=128, num_heads=4, num_layers=2)
+KERNEL_OPS = ("scaled_dot_product", "_flash_attention")  # the fused attention kernel, forward and backward
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+
+
+def lm_setup(kind, seq_len, batch, seed=0):
+    """The model, its optimizer and one batch of random bytes (timing does not depend on the values)."""
+    branches = recall_branches(f"recall-{kind}", seq_len)
+    torch.manual_seed(seed)
+    model = LongNetLM(ModelConfig(**SIZES, **{key: value for key, value in branches.items()}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    x, y = (torch.randint(0, 256, (batch, seq_len), generator=generator) for _ in range(2))
+
+    def step():
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return model, step
+
+
+def step_flops(model, kind, seq_len, batch):
+    """FLOPs of one training step: the weights' matmuls (6 per weight and token) and the attention."""
+    config = model.config
+    weights = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+    weights += model.embed.weight.numel()  # the tied head: logits = x @ E^T
+    branches = recall_branches(f"recall-{kind}", seq_len)
+    attention = dict(
+        path="dense" if kind == "dense" else "fast",
+        B=batch,
+        H=config.num_heads,
+        D=config.embed_dim // config.num_heads,
+        N=seq_len,
+        ws=branches.get("segment_lengths", [seq_len]),
+        rs=branches.get("dilation_rates", [1]),
+        causal=True,
+        backward=True,
+    )
+    return 6 * weights * batch * seq_len + config.num_layers * attention_flops(attention)
+
+
+def split_profile(step):
+    """Self CPU seconds of one profiled step: {"attention", "matmul", "other"}, and the kernel calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    shares, calls = {"attention": 0.0, "matmul": 0.0, "other": 0.0}, 0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if any(op in event.key for op in KERNEL_OPS):
+            shares["attention"] += seconds
+            calls += event.count
+        elif event.key in MATMUL_OPS:
+            shares["matmul"] += seconds
+        else:
+            shares["other"] += seconds
+    return shares, calls
+
+
+def profile_lm_steps(repeats=3, shapes=SHAPES, kinds=KINDS):
+    """One result dict per (kind, N): tokens/s, step seconds, shares of the profiled step, GFLOP/s share."""
+    setups = {(kind, n, b): lm_setup(kind, n, b) for n, b in shapes for kind in kinds}
+    times = {key: [] for key in setups}
+    for _, step in setups.values():
+        step()  # warm-up: allocations, the optimizer's state
+    matmul = []
+    for _ in range(repeats):  # interleaved rounds: a noisy moment costs every kind alike
+        for key, (_, step) in setups.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+        matmul.append(matmul_gflops(repeats=3))
+    ceiling = statistics.median(matmul)
+    results = []
+    for (kind, n, b), (model, step) in setups.items():
+        seconds = statistics.median(times[(kind, n, b)])
+        shares, calls = split_profile(step)
+        total = sum(shares.values())
+        gflops = step_flops(model, kind, n, b) / seconds / 1e9
+        results.append(dict(kind=kind, N=n, B=b, seconds=seconds, tokens_per_s=b * n / seconds,
+                            shares={name: value / total for name, value in shares.items()}, kernel_calls=calls,
+                            gflops=gflops, matmul_gflops=ceiling, share_of_matmul=gflops / ceiling))  # fmt: skip
+    return results
+
+
+def describe_lm(result):
+    shares = result["shares"]
+    return (f"  lm {result['kind']:>7} N={result['N']:<5} B={result['B']}: {result['seconds']:.3f} s/step "
+            f"{result['tokens_per_s']:8,.0f} tokens/s | attention {shares['attention']:4.0%} "
+            f"({result['kernel_calls']} kernel calls) matmul {shares['matmul']:4.0%} other {shares['other']:4.0%} | "
+            f"{result['gflops']:5.1f} GFLOP/s = {result['share_of_matmul']:.2f} of matmul "
+            f"{result['matmul_gflops']:.1f}")  # fmt: skip
