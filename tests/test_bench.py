@@ -158,7 +158,7 @@ def test_lm_step_profile_counts_its_flops_and_splits_its_time():
     from longnet_ref.lm.model import LongNetLM, ModelConfig
 
     model = LongNetLM(ModelConfig(attention="dense", embed_dim=E, num_heads=4, num_layers=L))
-    assert step_flops(model, "dense", N, 1) == 6 * weights * N + dense_attention
+    assert step_flops(model, N, 1) == 6 * weights * N + dense_attention
     for result in results.values():
         assert abs(sum(result["shares"].values()) - 1) < 1e-9 and min(result["shares"].values()) >= 0
         assert result["tokens_per_s"] == pytest.approx(N / result["seconds"])

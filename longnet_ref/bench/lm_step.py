@@ -38,7 +38,7 @@ def lm_setup(kind, seq_len, batch, seed=0):
     """The model, its optimizer and one batch of random bytes (timing does not depend on the values)."""
     branches = recall_branches(f"recall-{kind}", seq_len)
     torch.manual_seed(seed)
-    model = LongNetLM(ModelConfig(**SIZES, **{key: value for key, value in branches.items()}))
+    model = LongNetLM(ModelConfig(**SIZES, **branches))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     x, y = (torch.randint(0, 256, (batch, seq_len), generator=generator) for _ in range(2))
@@ -53,20 +53,20 @@ def lm_setup(kind, seq_len, batch, seed=0):
     return model, step
 
 
-def step_flops(model, kind, seq_len, batch):
+def step_flops(model, seq_len, batch):
     """FLOPs of one training step: the weights' matmuls (6 per weight and token) and the attention."""
     config = model.config
     weights = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
     weights += model.embed.weight.numel()  # the tied head: logits = x @ E^T
-    branches = recall_branches(f"recall-{kind}", seq_len)
+    dense = config.attention == "dense"  # its config's branches are unused defaults
     attention = dict(
-        path="dense" if kind == "dense" else "fast",
+        path="dense" if dense else "fast",
         B=batch,
         H=config.num_heads,
         D=config.embed_dim // config.num_heads,
         N=seq_len,
-        ws=branches.get("segment_lengths", [seq_len]),
-        rs=branches.get("dilation_rates", [1]),
+        ws=[seq_len] if dense else config.segment_lengths,
+        rs=[1] if dense else config.dilation_rates,
         causal=True,
         backward=True,
     )
@@ -111,7 +111,7 @@ def profile_lm_steps(repeats=3, shapes=SHAPES, kinds=KINDS):
         seconds = statistics.median(times[(kind, n, b)])
         shares, calls = split_profile(step)
         total = sum(shares.values())
-        gflops = step_flops(model, kind, n, b) / seconds / 1e9
+        gflops = step_flops(model, n, b) / seconds / 1e9
         results.append(dict(kind=kind, N=n, B=b, seconds=seconds, tokens_per_s=b * n / seconds,
                             shares={name: value / total for name, value in shares.items()}, kernel_calls=calls,
                             gflops=gflops, matmul_gflops=ceiling, share_of_matmul=gflops / ceiling))  # fmt: skip

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..checks import check_branches, is_number
+from ..checks import as_positive_number, check_branches, is_number
 from .data import NUM_KEYS, recall_capacity
 from .model import ATTENTION_KINDS, ModelConfig
 
@@ -82,9 +82,7 @@ class TrainConfig:
         if self.seed >= 2**63:  # torch.manual_seed's range, with room for the data stream's seed + 1
             raise ValueError(f"--seed must be below 2**63, got {self.seed}")
         for name in ("lr", "grad_clip"):
-            value = getattr(self, name)
-            if not (is_number(value) and 0 < value < math.inf):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value!r}")
+            as_positive_number(f"--{name.replace('_', '-')}", getattr(self, name))
         if not (is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
 
