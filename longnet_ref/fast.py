@@ -163,15 +163,19 @@ class RunningSums:
         shift = _finite_or_zero(new_top)  # -inf - -inf would be NaN; a row nothing reached keeps 0s
         old_scale = torch.exp(top - shift)  # rescales what was summed in units of the old top
         weight = torch.exp(lse_new - shift)
-        acc.mul_(old_scale.unsqueeze(-1)).add_(out_new * weight.unsqueeze(-1))
+        # In place, with no temporary of the rows' size: at N = 16384 a fresh (B, H, N, D) product
+        # per call and a fresh quotient at the end were 3 % of a causal forward (page faults).
+        acc.mul_(old_scale.unsqueeze(-1)).addcmul_(out_new, weight.unsqueeze(-1))
         total.mul_(old_scale).add_(weight)
         top.copy_(new_top)
 
     def result(self):
-        """(out, lse): acc / total and top + log(total); 0 and -inf on rows no call reached."""
+        """(out, lse): acc / total and top + log(total); 0 and -inf on rows no call reached.
+
+        `out` is `acc` itself, divided in place: the sums are not used after."""
         covered = self.total > 0
         safe_total = torch.where(covered, self.total, torch.ones_like(self.total))
-        out = self.acc / safe_total.unsqueeze(-1)
+        out = self.acc.div_(safe_total.unsqueeze(-1))
         lse = torch.where(covered, _finite_or_zero(self.top) + torch.log(safe_total), -math.inf)
         return out, lse
 
