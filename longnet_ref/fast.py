@@ -28,7 +28,7 @@ import math
 import torch
 
 from .attention import lse_dtype, softmax_scale
-from .fast_pieces import branch_calls, fold, fold_axes, piece_key_mask, unfold
+from .fast_pieces import branch_calls, fold, fold_axes, merge_offset_groups, piece_key_mask, unfold
 from .kernels import FusedAttention, attention_backward, attention_forward, nan_unless_finite
 
 
@@ -193,5 +193,5 @@ def merge_weight(lse_c, top, total):
 def fast_dilated_attention(q, k, v, branches, *, causal=False, head_offsets="paper", key_padding_mask=None):
     """The mixture (Eqs. 3-10) through one `RunningMerge` (validated inputs): `(out, lse)`."""
     B, H, N, D = q.shape
-    calls = branch_calls(N, H, branches, causal, head_offsets, k.shape[1], B)
+    calls = merge_offset_groups(branch_calls(N, H, branches, causal, head_offsets, k.shape[1], B), (q, k, v))
     return RunningMerge.apply(calls, None if key_padding_mask is None else [key_padding_mask], q, k, v)

@@ -139,8 +139,9 @@ def test_fast_path_does_not_copy_or_fall_back(monkeypatch):
     monkeypatch.setattr(fast, "attention_forward", spy)
     q, k, v = rand_qkv(1, 4, 64, 8)
     dilated_attention(q, k, v, [16, 32], [2, 4])
-    # branch (16, 2): 2 offset groups; branch (32, 4): 4 offset groups
-    assert len(calls) == 6
+    # branch (16, 2): 2 offset groups of 2 heads over 4 segments, a call each; branch (32, 4):
+    # 4 groups of one head, side by side in one view (fast_pieces.merge_offset_groups), one call
+    assert len(calls) == 3
     assert not any(contiguous for contiguous, _ in calls)  # strided views
     base, end = q.data_ptr(), q.data_ptr() + q.numel() * q.element_size()
     assert all(base <= ptr < end for _, ptr in calls)  # inside q's own storage: no copy
@@ -170,7 +171,9 @@ def test_fast_path_folds_the_batch_into_one_call_per_piece(monkeypatch, layout):
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     ws, rs = [16, 32], [2, 4]
     out, lse = dilated_attention(q, k, v, ws, rs, causal=True, return_lse=True)
-    assert len(calls) == 6  # 2 + 4 offset groups, whatever B
+    # 2 + 4 offset groups, whatever B; in the layer's layout the 4 one-head groups of (32, 4) are
+    # one view that folds B with the segments (fast_pieces.merge_offset_groups): one call for them
+    assert len(calls) == (3 if layout == "layer" else 6)
     if layout != "batch-strided":
         base, end = q.data_ptr(), q.data_ptr() + q.numel() * q.element_size()
         assert all(base <= x.data_ptr() < end and not x.is_contiguous() for x in calls)  # views, no copy
@@ -180,6 +183,39 @@ def test_fast_path_folds_the_batch_into_one_call_per_piece(monkeypatch, layout):
     ref_grads = torch.autograd.grad((ref_out.square().sum() + ref_lse.sum()), (q, k, v))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "layer"])
+@pytest.mark.parametrize("rule", ["paper", "torchscale"])
+def test_merged_offset_groups_give_the_unmerged_result(monkeypatch, layout, rule):
+    """fast_pieces.merge_offset_groups changes how many kernel calls there are, not the result:
+    the forward is bit-identical, the gradients equal to rounding (the kernel's backward blocks
+    its sums by call), and both equal the oracle, with key padding and causal."""
+    import longnet_ref.fast as fast
+
+    B, H, N, D = (1, 8, 128, 8) if layout == "contiguous" else (3, 4, 128, 8)
+    shape = (B, H, N, D) if layout == "contiguous" else (B, N, H, D)
+    q, k, v = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
+    if layout == "layer":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(0)) < 0.2
+    ws, rs = [16, 32, 64, 128], [1, 2, 4, 8]
+    results = []
+    for merge in (False, True):
+        if not merge:
+            monkeypatch.setattr(fast, "merge_offset_groups", lambda calls, tensors: calls)
+        else:
+            monkeypatch.undo()
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = dilated_attention(*x, ws, rs, causal=True, head_offsets=rule, key_padding_mask=mask, return_lse=True)
+        grads = torch.autograd.grad(out.square().sum() + lse.where(lse.isfinite(), 0).sum(), x)
+        results.append((out, lse, grads))
+    (out0, lse0, grads0), (out1, lse1, grads1) = results
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+    for a, b in zip(grads0, grads1):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    ref_out, ref_lse = oracle_attention(q, k, v, ws, rs, causal=True, head_offsets=rule, key_padding_mask=mask)
+    _assert_equal_to_oracle(out1, lse1, ref_out, ref_lse)
 
 
 def test_oracle_rows_equal_oracle_rows():

@@ -8,7 +8,7 @@ import torch
 from longnet_ref import attention_pattern, geometric_mixture, head_groups, head_offset, keeps, pattern_rows
 from longnet_ref.checks import HEAD_OFFSET_RULES
 from longnet_ref.dilated import kept_row_mask, segment, sparsify
-from longnet_ref.fast_pieces import branch_pieces
+from longnet_ref.fast_pieces import branch_calls, branch_pieces, merge_offset_groups
 from longnet_ref.patterns import branch_mask
 
 
@@ -120,6 +120,50 @@ def test_fast_pieces_are_the_keep_rule(rule, causal):
                             met[h, i, j] += (j <= i) or not causal
         expected = branch_mask(N, w, r, H, causal=causal, head_offsets=rule)  # keeps() for every head
         assert torch.equal(met, expected.long()), (N, w, r, rule)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rule", HEAD_OFFSET_RULES)
+def test_merged_offset_groups_are_the_keep_rule(rule, causal):
+    """fast_pieces.merge_offset_groups: a merged call's view (several offset groups side by side,
+    Piece.grouped_view) makes exactly the pairs of keeps(), with every head in its own block."""
+    merged = 0
+    for H in (2, 4, 8):
+        for N, w, r in [(N, w, r) for N in (8, 16, 24) for w in (4, 8, 16) for r in (1, 2, 4, 8) if r <= w]:
+            codes = (torch.arange(H)[:, None] * N + torch.arange(N)).view(1, H, N)  # head * N + position
+            met = torch.zeros(H, N, N, dtype=torch.long)
+            calls = merge_offset_groups(branch_calls(N, H, [(w, r)], causal, rule), [codes])
+            merged += sum(call.queries.groups > 1 for call in calls)
+            for call in calls:
+                for block in call.queries.view(codes)[0].flatten(0, 1):  # (K,): one kernel "sequence"
+                    heads, rows = (block // N).unique(), (block % N).tolist()
+                    assert len(heads) == 1, (H, N, w, r)  # a block never mixes heads
+                    for i in rows:
+                        for j in rows:
+                            met[heads.item(), i, j] += (j <= i) or not causal
+            expected = branch_mask(N, w, r, H, causal=causal, head_offsets=rule)
+            assert torch.equal(met, expected.long()), (H, N, w, r, rule)
+    assert merged == 0 if rule == "none" else merged > 20  # "none": one group per branch, nothing to merge
+
+
+def test_offset_groups_merge_only_into_views():
+    """Groups merge when S = 1 or one head per group, and only if the kernel's batch then folds as a view."""
+    H, N = 8, 256
+    branches = [(32, 1), (64, 2), (128, 4), (256, 8)]  # 1 + 2 + 4 + 8 offset groups
+    calls = branch_calls(N, H, branches, False, "paper")
+    single = torch.zeros(1, H, N, 4)
+    merged = merge_offset_groups(calls, [single])
+    # (256, 8): S = 1, its 8 one-head groups become one call; (64, 2) and (128, 4) have S > 1 and
+    # several heads per group: no view holds them, they stay
+    assert [(c.queries.dilation_rate, c.queries.groups) for c in merged] == [(1, 1)] + [(2, 1)] * 2 + [(4, 1)] * 4 + [
+        (8, 8)
+    ]
+    # (B, H, N, D) with B = 3 and one head per group over 2 segments (H = 4, (128, 4)): the merged
+    # view (B, G, S, K) folds B with neither axis as a view, so the 4 calls are kept
+    calls = branch_calls(N, 4, [(128, 4)], False, "paper", batch=3)
+    assert merge_offset_groups(calls, [torch.zeros(3, 4, N, 4)]) == calls
+    layer = torch.zeros(3, N, 4, 4).transpose(1, 2)  # the layer's layout: B folds with the segments
+    assert [c.queries.groups for c in merge_offset_groups(calls, [layer])] == [4]
 
 
 def test_geometric_mixture():
