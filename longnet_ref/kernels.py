@@ -23,6 +23,11 @@ i.e. it replaces Delta_i by `Delta_i - dlse_i`.
 q' = [q, 0], k' = [k, 0], v' = [v, 0], out' = [O, -dlse], dO' = [dO, 1] gives
 dO'.out' = Delta - dlse and dO'.v'_j = dO.v_j, so one kernel call is exact.
 
+The ops are private: torch 2.3 is the oldest release with both (2.1 and 2.2 lack the CPU one).
+`fused_kernel_available` says whether this torch has them; without them `mixture.pick_implementation`
+runs the readable path instead (one warning), and the kernel calls here raise a RuntimeError
+naming the torch version (`require_fused_kernel`).
+
 Letters: the package legend (`longnet_ref/__init__.py`).
 """
 
@@ -34,6 +39,29 @@ import torch
 
 from .attention import dense_attention, lse_dtype, softmax_scale
 from .checks import check_flag, check_key_padding_mask, check_qkv
+
+# The ATen ops the kernels below call, forward and backward, by device type.
+FUSED_OPS = {
+    "cpu": ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "cuda": ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward"),
+}
+OLDEST_TORCH = "2.3"  # the oldest release with every op of FUSED_OPS (pyproject's floor)
+
+
+def fused_kernel_available(device_type: str = "cpu") -> bool:
+    """Whether this torch has the fused ops the fast path calls on `device_type` ("cpu" or "cuda")."""
+    return all(hasattr(torch.ops.aten, name) for name in FUSED_OPS.get(device_type, ()))
+
+
+def require_fused_kernel(device_type: str) -> None:
+    """A clear RuntimeError, naming the torch version, when this torch lacks the fused ops."""
+    if device_type in FUSED_OPS and not fused_kernel_available(device_type):
+        missing = [name for name in FUSED_OPS[device_type] if not hasattr(torch.ops.aten, name)]
+        raise RuntimeError(
+            f"torch {torch.__version__} has no fused attention op torch.ops.aten.{missing[0]}, which the fast "
+            f"path calls on {device_type}: it needs torch >= {OLDEST_TORCH}. Upgrade torch, or use "
+            "implementation='readable' (dilated_attention falls back to it by itself)"
+        )
 
 
 def head_dim_multiple(x) -> int:
@@ -145,6 +173,7 @@ def attention_forward(q, k, v, causal: bool, scale: float, key_mask=None):
         raise ValueError(f"the fast path supports cpu and cuda tensors, got device {q.device}")
     if q.device.type == "cuda" and q.dtype == torch.float64:
         raise ValueError("the fast path has no float64 CUDA kernel; use implementation='readable' for float64 on CUDA")
+    require_fused_kernel(q.device.type)
     D = q.shape[-1]
     if no_rows_or_keys(q, k):
         # No query or no key: the CPU kernel divides by zero (SIGFPE) on such shapes. A row with

@@ -110,6 +110,8 @@ class MultiheadDilatedAttention(nn.Module):
         With one branch covering the sequence (w >= N, r = 1) its output equals
         `mha(x, x, x, key_padding_mask=m, need_weights=False)[0]` (with `attn_mask` the causal
         mask and `causal=True`). `kwargs` go to the constructor (head_offsets, implementation, rotary).
+        `mha.dropout` is copied, but this layer drops attention outputs, not attention probabilities
+        (see `dropout` above), so in training mode with dropout > 0 the two modules differ.
         """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")

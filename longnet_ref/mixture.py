@@ -14,7 +14,8 @@ it computes.
 `dilated_attention` validate their inputs and then pick the implementation in one place,
 `_IMPLEMENTATIONS`: "readable" (`dilated.readable_branch`, then `merge_branches`) or "fast"
 (`fast.py`: strided views into the fused kernel, branches merged as they finish by
-`fast.RunningMerge`, the same Eq. 10 in running form).
+`fast.RunningMerge`, the same Eq. 10 in running form). On a torch without the fused kernel's
+op (older than 2.3, `kernels.fused_kernel_available`) "fast" runs as "readable", with one warning.
 
 Letters: the package legend (`longnet_ref/__init__.py`).
 """
@@ -22,9 +23,11 @@ Letters: the package legend (`longnet_ref/__init__.py`).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from . import kernels
 from .attention import lse_dtype
 from .checks import (
     check_branch,
@@ -107,10 +110,27 @@ _IMPLEMENTATIONS = {
 }
 
 
+_warned_no_kernel = set()  # device types whose missing fused kernel has been warned about (once each)
+
+
 def pick_implementation(q, implementation):
-    """The implementation to run: the one asked for, or "readable" for D = 0 (no kernel takes an empty head)."""
+    """The implementation to run: the one asked for, or "readable" for D = 0 (no kernel takes an empty head)
+    and, with one warning, when this torch lacks the fused kernel's op (`kernels.fused_kernel_available`)."""
     implementation = check_implementation(implementation)
-    return "readable" if q.shape[-1] == 0 else implementation
+    if q.shape[-1] == 0:
+        return "readable"
+    if implementation == "fast" and not kernels.fused_kernel_available(q.device.type):
+        if q.device.type not in _warned_no_kernel:
+            _warned_no_kernel.add(q.device.type)
+            warnings.warn(
+                f"torch {torch.__version__} has no fused attention kernel on {q.device.type} (the fast path needs "
+                f"torch >= {kernels.OLDEST_TORCH}): implementation='fast' runs as 'readable' (exact, slower). "
+                "Shown once.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "readable"
+    return implementation
 
 
 def nothing_to_attend(q):

@@ -3,7 +3,8 @@
 `worker(rank, world_size, init_file, cases, queue)` joins a gloo group through a file on
 disk (no port to collide with other test runs), runs every case with
 `sequence_parallel_attention` on its chunk, compares against the single-device result it
-computes itself, and puts one result dict per case on `queue`. Cases run in order in one
+computes itself (the oracle, for cases with a key padding mask), and puts one result dict per
+case on `queue`. Cases run in order in one
 group, so an error case that left a rank behind in a collective would break the next case.
 """
 
@@ -17,24 +18,55 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from longnet_ref import MultiheadDilatedAttention, dilated_attention
+from longnet_ref import MultiheadDilatedAttention, dilated_attention, oracle_attention
 from longnet_ref.parallel import SequenceParallelDilatedAttention, comm, sequence_parallel_attention
 
 
+def padding_mask(kind, B, N):
+    """(B, N) bool, True = ignore: "left" or "right" padding by a different amount per sequence, or "arbitrary"."""
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        n = N - 3 - (N // 2) * b  # real length: N - 3, then about half of N
+        if kind == "left":
+            mask[b, : N - n] = True
+        elif kind == "right":
+            mask[b, n:] = True
+    if kind == "arbitrary":
+        mask = torch.rand(B, N, generator=torch.Generator().manual_seed(5)) < 0.4
+    return mask
+
+
 def exact_case(rank, P, case):
-    """Outputs and gradients of q, k, v on this rank's chunk vs one device: max abs errors."""
+    """Outputs and gradients of q, k, v on this rank's chunk vs one device: max abs errors.
+
+    Options: "heads", "kv_heads" (grouped-query k, v), "dtype", "head_offsets", "implementation", and
+    "padding" (a key padding mask of that kind; the reference is then the oracle with those keys removed).
+    """
     torch.manual_seed(case.get("seed", 0))
     B, H, N, D = 2, case.get("heads", 4), case["N"], 8
+    H_kv = case.get("kv_heads", H)
     dtype = getattr(torch, case.get("dtype", "float64"))
-    q, k, v, dout = (torch.randn(B, H, N, D, dtype=dtype) for _ in range(4))
+    q, dout = (torch.randn(B, H, N, D, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(B, H_kv, N, D, dtype=dtype) for _ in range(2))
     options = {"causal": case["causal"], "head_offsets": case.get("head_offsets", "paper")}
+    mask = padding_mask(case["padding"], B, N) if "padding" in case else None
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = dilated_attention(*full, case["ws"], case["rs"], **options)
+    if mask is None:
+        ref = dilated_attention(*full, case["ws"], case["rs"], **options)
+    else:
+        ref, _ = oracle_attention(*full, case["ws"], case["rs"], **options, key_padding_mask=mask)
     ref.backward(dout)
     l = N // P
     mine = slice(rank * l, (rank + 1) * l)
     local = [x[:, :, mine].clone().requires_grad_() for x in (q, k, v)]
-    out = sequence_parallel_attention(*local, case["ws"], case["rs"], **options)
+    out = sequence_parallel_attention(
+        *local,
+        case["ws"],
+        case["rs"],
+        **options,
+        implementation=case.get("implementation", "fast"),
+        key_padding_mask=None if mask is None else mask[:, mine],
+    )
     out.backward(dout[:, :, mine])
     errors = {"out": (out - ref[:, :, mine]).abs().max().item()}
     for name, x, x_full in zip("qkv", local, full):
@@ -53,20 +85,25 @@ def error_case(rank, P, case):
 
 
 def layer_case(rank, P, case):
-    """The sequence-parallel layer vs the layer: output, input and (all-reduced) parameter gradients."""
+    """The sequence-parallel layer vs the layer: output, input and (all-reduced) parameter gradients.
+
+    Options: "kv_heads" (the layer's num_kv_heads) and "padding" (a key padding mask of that kind)."""
     torch.manual_seed(0)
-    layer = MultiheadDilatedAttention(32, 4, case["ws"], case["rs"], causal=case["causal"]).double()
+    layer = MultiheadDilatedAttention(
+        32, 4, case["ws"], case["rs"], causal=case["causal"], num_kv_heads=case.get("kv_heads")
+    ).double()
     parallel = SequenceParallelDilatedAttention.from_layer(layer)
     x, dy = torch.randn(2, case["N"], 32, dtype=torch.float64), torch.randn(2, case["N"], 32, dtype=torch.float64)
+    mask = padding_mask(case["padding"], 2, case["N"]) if "padding" in case else None
     x_ref = x.clone().requires_grad_()
-    layer(x_ref).backward(dy)
+    layer(x_ref, key_padding_mask=mask).backward(dy)
     l = case["N"] // P
     mine = slice(rank * l, (rank + 1) * l)
     x_local = x[:, mine].clone().requires_grad_()
-    y = parallel(x_local)
+    y = parallel(x_local, key_padding_mask=None if mask is None else mask[:, mine])
     y.backward(dy[:, mine])
     errors = {
-        "y": (y - layer(x)[:, mine]).abs().max().item(),
+        "y": (y - layer(x, key_padding_mask=mask)[:, mine]).abs().max().item(),
         "dx": (x_local.grad - x_ref.grad[:, mine]).abs().max().item(),
     }
     for (name, param), param_ref in zip(parallel.named_parameters(), layer.parameters()):

@@ -102,3 +102,63 @@ def test_kv_heads_must_divide_the_query_heads():
     ):
         with pytest.raises(ValueError, match="k and v have 4 heads, which must divide q's 6"):
             call()
+
+
+# ---------------------------------------------------------------- sequence parallelism
+
+# (P, segment_lengths, dilation_rates): local branches, segments over 2 and 4 ranks, w > N, r > l
+PARALLEL_CONFIGS = [(4, [8, 16, 32], [1, 2, 4]), (4, [16, 64], [2, 8]), (8, [32], [6])]
+
+
+@pytest.mark.parametrize("implementation", ["fast", "readable"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B, H_kv, rule", [(1, 1, "paper"), (2, 2, "paper"), (2, 3, "torchscale")])
+@pytest.mark.parametrize("P, ws, rs", PARALLEL_CONFIGS)
+def test_sequence_parallel_with_grouped_keys_equals_the_oracle(P, ws, rs, B, H_kv, rule, causal, implementation):
+    """Simulated ranks with H_kv < H = 6 (and arbitrary padding): the oracle's out and gradients."""
+    from longnet_ref.parallel import simulate_sequence_parallel
+
+    q, k, v = (x.requires_grad_() for x in inputs(B, 6, H_kv, N=32))
+    mask = torch.rand(B, 32, generator=torch.Generator().manual_seed(4)) < 0.3
+    options = {"causal": causal, "head_offsets": rule, "key_padding_mask": mask}
+    out, _ = simulate_sequence_parallel(q, k, v, P, ws, rs, implementation=implementation, **options)
+    want, _ = oracle_attention(q, k, v, ws, rs, **options)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    dout = torch.randn_like(out)
+    for name, g, g_w in zip(
+        "qkv", torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)
+    ):
+        torch.testing.assert_close(g, g_w, rtol=0, atol=1e-11, msg=name)
+
+
+def test_sequence_parallel_layer_with_grouped_keys_equals_the_layer():
+    """`from_layer` keeps num_kv_heads (the k and v projections' sizes), and the ranks give the layer's output."""
+    from longnet_ref import MultiheadDilatedAttention
+    from longnet_ref.parallel import SequenceParallelDilatedAttention, SimulatedGroup
+
+    torch.manual_seed(3)
+    layer = MultiheadDilatedAttention(32, 4, [8, 32], [1, 2], causal=True, num_kv_heads=2).double()
+    parallel = SequenceParallelDilatedAttention.from_layer(layer)
+    assert parallel.num_kv_heads == 2
+    x = torch.randn(2, 32, 32, dtype=torch.float64)
+    mask = torch.zeros(2, 32, dtype=torch.bool)
+    mask[0, :5] = True  # left padding of one sequence
+    y = SimulatedGroup(2).run(
+        lambda comm: parallel(
+            x.chunk(2, dim=1)[comm.rank], group=comm, key_padding_mask=mask.chunk(2, dim=1)[comm.rank]
+        )
+    )
+    torch.testing.assert_close(torch.cat(y, dim=1), layer(x, key_padding_mask=mask), rtol=0, atol=1e-12)
+
+
+def test_ranks_must_agree_on_the_kv_heads():
+    from longnet_ref.parallel import SimulatedGroup, sequence_parallel_attention
+
+    q, _, _ = inputs(1, 4, 1, N=16)
+
+    def rank(comm):  # rank 1 passes 2 kv heads, rank 0 one
+        k = v = torch.randn(1, 1 + comm.rank, 8, 8, dtype=torch.float64)
+        return sequence_parallel_attention(q[:, :, comm.rank * 8 : comm.rank * 8 + 8], k, v, [16], [2], group=comm)
+
+    errors = SimulatedGroup(2).run(rank, return_exceptions=True)
+    assert all(isinstance(e, ValueError) and "same number of k and v heads H_kv" in str(e) for e in errors), errors

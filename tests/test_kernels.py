@@ -1,6 +1,8 @@
 """kernels.py: the fused kernel's output, log-sum-exp and exact backward against dense attention, and
 the zero-padding of head dims that CUDA's kernels need (`head_dim_multiple`), exercised on the CPU."""
 
+import re
+
 import pytest
 import torch
 
@@ -62,3 +64,68 @@ def test_padding_the_head_dim_changes_nothing(monkeypatch, D, multiple):
 def test_head_dim_multiple_is_one_on_the_cpu():
     assert kernels.head_dim_multiple(torch.zeros(1, dtype=torch.float32)) == 1
     assert kernels.head_dim_multiple(torch.zeros(1, dtype=torch.bfloat16)) == 1
+
+
+@pytest.fixture
+def torch_without_the_fused_op(monkeypatch):
+    """This torch as one older than 2.3 looks: the CPU op names point at ops that do not exist."""
+    import longnet_ref.mixture as mixture
+
+    monkeypatch.setitem(kernels.FUSED_OPS, "cpu", ("_no_such_flash_op", "_no_such_flash_op_backward"))
+    monkeypatch.setattr(mixture, "_warned_no_kernel", set())  # as in a fresh process
+    assert not kernels.fused_kernel_available("cpu")
+
+
+def test_without_the_fused_op_the_fast_path_falls_back_with_one_warning(torch_without_the_fused_op):
+    """dilated_attention and dilated_branch run the readable path (a kernel call would raise), warning once."""
+    import warnings
+
+    from longnet_ref import dilated_branch
+
+    ws, rs = [8, 16, 32], [1, 2, 4]
+    q, k, v = (torch.randn(2, 4, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 40, generator=torch.Generator().manual_seed(0)) < 0.3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [dilated_attention(q, k, v, ws, rs, causal=True, key_padding_mask=mask) for _ in range(3)]
+        branch_out, _ = dilated_branch(q, k, v, 16, 2)
+    fallbacks = [w for w in caught if "no fused attention kernel" in str(w.message)]
+    assert len(fallbacks) == 1, [str(w.message) for w in caught]
+    assert issubclass(fallbacks[0].category, RuntimeWarning)
+    message = str(fallbacks[0].message)
+    assert f"torch {torch.__version__}" in message and "torch >= 2.3" in message and "'readable'" in message
+    want, _ = oracle_attention(q, k, v, ws, rs, causal=True, key_padding_mask=mask)
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(branch_out, oracle_attention(q, k, v, [16], [2])[0], rtol=0, atol=1e-12)
+    dout = torch.randn_like(want)
+    for got, ref in zip(torch.autograd.grad(outs[0], (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-11)
+
+
+def test_without_the_fused_op_fused_attention_names_the_torch_version(torch_without_the_fused_op):
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    version = re.escape(torch.__version__)  # "2.13.0+cpu": the + is no quantifier
+    with pytest.raises(RuntimeError, match=rf"torch {version} has no fused attention op .*torch >= 2\.3"):
+        fused_attention(q, k, v)
+
+
+def test_without_the_fused_op_every_sequence_parallel_rank_names_the_torch_version(torch_without_the_fused_op):
+    """Both per-rank paths call the kernel: every rank raises the same clear error, before any all-gather of keys."""
+    from longnet_ref.parallel import SimulatedGroup, sequence_parallel_attention
+
+    q = torch.randn(1, 2, 16, 4, dtype=torch.float64)
+    group = SimulatedGroup(2)
+    for implementation in ("fast", "readable"):
+        errors = group.run(
+            lambda comm: sequence_parallel_attention(
+                *(q[:, :, comm.rank * 8 : comm.rank * 8 + 8] for _ in range(3)),
+                [16],
+                [2],
+                group=comm,
+                implementation=implementation,  # noqa: B023 - run() returns before the loop goes on
+            ),
+            return_exceptions=True,
+        )
+        assert all(isinstance(e, RuntimeError) and "torch >= 2.3" in str(e) for e in errors), errors
+        assert {r.op for r in group.records} == {"all_gather_object"}  # the input check only

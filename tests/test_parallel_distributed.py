@@ -70,6 +70,17 @@ def exact_cases(P):
     cases.append(
         {"kind": "exact", "N": N, "ws": [16, N], "rs": [2, 4], "causal": True, "heads": 6, "head_offsets": "torchscale"}
     )
+    # Key padding masks against the oracle with the masked keys removed: left, right and arbitrary,
+    # causal or not, both per-rank paths, and grouped-query keys (H_kv < H).
+    mixture = {"kind": "exact", "N": N, "ws": [8, 32, N], "rs": [1, 2, 4]}
+    cases += [
+        {**mixture, "causal": False, "padding": "left"},
+        {**mixture, "causal": True, "padding": "left", "implementation": "readable"},
+        {**mixture, "causal": True, "padding": "right"},
+        {**mixture, "causal": False, "padding": "arbitrary", "implementation": "readable"},
+        {**mixture, "causal": True, "padding": "arbitrary", "heads": 6, "kv_heads": 2},
+        {**mixture, "causal": False, "padding": "right", "heads": 6, "kv_heads": 3, "head_offsets": "torchscale"},
+    ]
     return cases
 
 
@@ -84,6 +95,11 @@ def test_gloo_processes_equal_single_device(P, tmp_path):
     cases.append({"kind": "error", "N": N, "ws": [16], "rs": [1], "odd_rank": 1})
     cases.append({"kind": "layer", "N": N, "ws": [8, 32, N], "rs": [1, 2, 4], "causal": True})
     cases.append({"kind": "subgroup", "N": N})
+    # the layer with a key padding mask (left, causal; arbitrary, grouped-query keys): cases from n_exact + 5
+    cases.append({"kind": "layer", "N": N, "ws": [8, 32, N], "rs": [1, 2, 4], "causal": True, "padding": "left"})
+    cases.append(
+        {"kind": "layer", "N": N, "ws": [8, 32], "rs": [1, 2], "causal": False, "padding": "arbitrary", "kv_heads": 2}
+    )
     results, codes, elapsed = launch(P, cases, tmp_path)
     crashes = [results[r, "crash"] for r in range(P) if (r, "crash") in results]
     assert not crashes, crashes[0]["trace"]
@@ -102,6 +118,8 @@ def test_gloo_processes_equal_single_device(P, tmp_path):
         assert max(results[rank, n_exact + 3]["errors"].values()) <= 1e-10  # the layer
         if rank < P // 2:  # a group of half the processes is refused before any collective
             assert "sequence parallelism needs a group of every process" in results[rank, n_exact + 4]["message"]
+        for case in (n_exact + 5, n_exact + 6):  # the layer with padding
+            assert max(results[rank, case]["errors"].values()) <= 1e-10, (rank, case, results[rank, case])
     print(f"P = {P}: {len(cases)} cases in {elapsed:.1f} s")
 
 

@@ -175,3 +175,50 @@ def test_concept_map_names_real_functions_and_matches_the_package_docstring():
             # the package docstring's map names the same function on the line of the same file
             lines = [ln for ln in longnet_ref.__doc__.splitlines() if re.search(rf"\b{name}\b", ln)]
             assert any(Path(file).name in ln for ln in lines), f"longnet_ref/__init__.py does not map {name} to {file}"
+
+
+def test_the_floor_recipe_installs_what_the_unit_tests_import():
+    """The README's torch-floor recipe: it installs the package's dependencies, with torch at pyproject's
+    floor; the test modules it runs import only what it installs (or the standard library, the package and
+    the tests' own helpers); the modules it skips exist; its test-only packages carry the dev extras' bounds."""
+    import ast
+    import shlex
+    import sys
+
+    if not hasattr(sys, "stdlib_module_names"):  # Python 3.9
+        pytest.skip("needs sys.stdlib_module_names (Python >= 3.10)")
+    recipe = re.search(r"<!-- floor-recipe -->\n\s*```bash\n(.*?)```", README, re.S)
+    assert recipe, "README.md has no bash block after <!-- floor-recipe -->"
+    commands = recipe.group(1).replace("\\\n", " ")
+    install = next(line for line in commands.splitlines() if line.strip().startswith("pip install"))
+    installed = {re.split(r"[<>=!~\[ ]", req)[0].lower(): req for req in shlex.split(install)[2:]}
+
+    def name(requirement):
+        return re.split(r"[<>=!~\[ ]", requirement)[0].lower()
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dependencies = re.findall(r'"([^"]+)"', re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1))
+    dev = re.findall(r'^\s*"([^"]+)"', re.search(r"^dev = \[(.*?)^\]", pyproject, re.S | re.M).group(1), re.M)
+    assert {name(d) for d in dependencies} <= set(installed), (dependencies, installed)
+    floor = re.search(r"torch>=(\d+\.\d+)", " ".join(dependencies)).group(1)
+    assert installed["torch"].startswith(f"torch=={floor}."), (installed["torch"], floor)
+    for requirement in dev:  # a test-only package the recipe installs has the dev extras' lower bound
+        if name(requirement) in installed:
+            assert installed[name(requirement)] == requirement, (installed[name(requirement)], requirement)
+
+    ignored = set(re.findall(r"--ignore=(\S+)", commands))
+    assert all((ROOT / path).is_file() for path in ignored), ignored
+    tests = ROOT / "tests"
+    local = {p.stem for p in tests.glob("*.py")} | {"longnet_ref", "__future__"}
+    importable = {n.replace("-", "_") for n in installed}
+    for path in sorted(tests.glob("*.py")):
+        if f"tests/{path.name}" in ignored:
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+        missing = imported - set(sys.stdlib_module_names) - local - importable
+        assert not missing, f"tests/{path.name} imports {sorted(missing)}, which the floor recipe does not install"

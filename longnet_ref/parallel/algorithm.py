@@ -49,9 +49,9 @@ import math
 
 import torch
 
-from ..attention import lse_dtype
+from ..attention import lse_dtype, repeat_kv_heads
 from ..checks import check_flag, check_head_offsets, check_key_padding_mask, check_qkv
-from ..kernels import fused_attention
+from ..kernels import fused_attention, require_fused_kernel
 from ..mixture import dilated_branch, merge_branches
 from ..patterns import head_groups
 from .comm import JoinBackward, all_gather, as_communicator
@@ -80,7 +80,9 @@ def sequence_parallel_attention(
     one shape; together they compute exactly `dilated_attention` of the whole sequence.
 
     Args:
-        q_local, k_local, v_local: (B, H, l, D), this rank's contiguous chunk; N = l * P.
+        q_local, k_local, v_local: (B, H, l, D), this rank's contiguous chunk; N = l * P. k and v
+            may have H_kv heads dividing H (grouped-query attention, as in `dilated_attention`); a
+            distributed branch then gathers, per query head, its kv head's kept rows.
         segment_lengths, dilation_rates: the branches (w_i, r_i). A branch with w <= l needs
             l % w == 0; one with l < w < N needs w % l == 0 (segments start on rank borders).
         causal, head_offsets: as in `dilated_attention`.
@@ -107,6 +109,7 @@ def sequence_parallel_attention(
         comm, q_local, k_local, v_local, segment_lengths, dilation_rates, causal, head_offsets, implementation,
         key_padding_mask,
     )  # fmt: skip
+    require_fused_kernel(q_local.device.type)  # both paths call the kernel; every rank has the same torch
     if implementation == "fast":
         out, lse = fused_rank_attention(
             q_local, k_local, v_local, plans, comm, causal=causal, head_offsets=head_offsets,
@@ -145,8 +148,11 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
     `plan` is one of `plan_branches`'s for this rank. The checks here are this rank's own and come
     before any collective (`sequence_parallel_attention` checks every rank's input on every rank).
     `key_padding_mask`: this rank's (B, l) chunk of the mask, or None (on every rank alike).
+    k and v may have H_kv heads (grouped-query attention): they are repeated to H heads first, the
+    readable way (`repeat_kv_heads`), so each query head's slot of the gathered buffer holds its kv
+    head's rows.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped=True)
     check_flag("causal", causal)
     key_padding_mask = check_key_padding_mask(key_padding_mask, k)
     check_head_offsets(head_offsets)
@@ -156,6 +162,7 @@ def distributed_branch(q, k, v, plan, comm, *, causal=False, head_offsets="paper
     if comm.rank not in plan.ranks:
         raise ValueError(f"this rank ({comm.rank}) is not in the plan's ranks {list(plan.ranks)}")
     B, H, l, D = q.shape
+    k, v = repeat_kv_heads(k, v, H)  # grouped-query keys: (B, H_kv, l, D) -> (B, H, l, D), a copy
     r, ranks = plan.dilation_rate, plan.ranks
     g, me = len(ranks), ranks.index(comm.rank)
     groups = head_groups(H, r, head_offsets)  # [(offset, heads slice)]

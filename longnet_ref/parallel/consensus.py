@@ -34,6 +34,7 @@ from .plan import plan_branches
 # The fields of the record every rank must agree on, and how an error names them.
 AGREED = [
     ("shape", "shape (B, H, N / P, D) for q, k and v"),
+    ("kv_heads", "number of k and v heads H_kv"),
     ("dtype", "dtype"),
     ("device", "device type"),
     ("branches", "segment_lengths and dilation_rates"),
@@ -48,7 +49,7 @@ AGREED = [
 def own_record(q, k, v, segment_lengths, dilation_rates, causal, head_offsets, implementation, key_padding_mask=None):
     """Step 1: check this rank's own input without raising; the record this rank sends the others."""
     try:
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, grouped=True)  # k and v may have H_kv heads dividing H
         check_key_padding_mask(key_padding_mask, k)
         branches = check_branches(segment_lengths, dilation_rates)
         check_head_offsets(head_offsets)
@@ -59,6 +60,7 @@ def own_record(q, k, v, segment_lengths, dilation_rates, causal, head_offsets, i
     return {
         "error": None,
         "shape": tuple(q.shape),
+        "kv_heads": k.shape[1],
         "dtype": str(q.dtype),
         "device": q.device.type,
         "branches": branches,

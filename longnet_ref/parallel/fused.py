@@ -21,6 +21,11 @@ one autograd node (`fast.RunningMerge`), exactly as the single-device fast path 
   - causal: their own rank's keys (the causal diagonal block, read from k itself) and the
     keys of the earlier ranks of the segment (all in the past).
 
+Grouped-query keys (k, v with H_kv heads): the local calls and the causal diagonal block read the
+query heads' kv heads in place, as on one device (`fast_pieces.gqa_calls`); the gathered buffer
+holds, for each query head, its kv head's rows at that head's offset, so the gathered calls are
+those of H_kv = H. Query heads that share a kv head but not an offset need different rows of it.
+
 The keys each kept query attends are those of `algorithm.py`'s three blocks, in fewer calls,
 so they are exactly the keys `patterns.keeps` gives it (tests/test_parallel.py).
 
@@ -39,7 +44,7 @@ import math
 import torch
 
 from ..fast import RunningMerge
-from ..fast_pieces import Call, Piece, branch_calls
+from ..fast_pieces import Call, Piece, branch_calls, gqa_calls
 from ..patterns import head_groups
 from .comm import all_gather
 from .plan import kept_run
@@ -82,18 +87,21 @@ def key_runs(counts, n_kept, peers):
     return runs
 
 
-def distributed_calls(plan, rank, groups, source, causal):
-    """The kernel calls of one distributed branch on `rank`; keys of source `source` are the gathered ones."""
+def distributed_calls(plan, rank, groups, source, causal, num_heads=None, num_kv_heads=None, batch=1):
+    """The kernel calls of one distributed branch on `rank`; keys of source `source` are the gathered ones.
+
+    The causal diagonal block reads k itself, with `num_kv_heads` heads (`fast_pieces.gqa_calls`)."""
     l, r, g = plan.local_length, plan.dilation_rate, len(plan.ranks)
     me, n_kept = plan.ranks.index(rank), math.ceil(l / r)
+    H, H_kv = (num_heads, num_kv_heads or num_heads) if num_heads else (1, 1)  # None: k has q's heads
     calls = []
     for offset, heads, first, count in groups:
         if count == 0:  # r > l: this chunk may hold no row of this offset
             continue
         rows = Piece(first, 1, l - first, 0, r, heads)  # the kept_run: rows first, first + r, ... -> (h, 1, count, D)
         counts = [kept_run(peer * l, l, r, offset)[1] for peer in range(g)]  # real rows per rank of the segment
-        if causal:  # own keys: the causal diagonal block; earlier ranks: all in the past
-            calls.append(Call(rows, rows, 0, True))
+        if causal:  # own keys: the causal diagonal block (of its kv heads); earlier ranks: all in the past
+            calls += gqa_calls(rows, True, H, H_kv, batch)
         for start, n in key_runs(counts, n_kept, range(me) if causal else range(g)):
             calls.append(Call(rows, Piece(start, 1, n, 0, 1, heads), source, False))  # n gathered rows from start
     return calls
@@ -106,8 +114,10 @@ def fused_rank_attention(q, k, v, plans, comm, *, causal, head_offsets, key_padd
     flags of its kept keys with them (`RunningMerge`'s per-source masks).
     """
     B, H, l, D = q.shape
+    H_kv = k.shape[1]  # grouped-query keys: kv head j // (H / H_kv) serves query head j
     local = [(plan.segment_length, plan.dilation_rate) for plan in plans if plan.local]
-    calls = branch_calls(l, H, local, causal, head_offsets)
+    calls = branch_calls(l, H, local, causal, head_offsets, H_kv, B)
+    kv_head = torch.arange(H, device=q.device) // (H // max(H_kv, 1))  # (H,); H = H_kv = 0: empty
     sources = []  # (2, B, H, g n_kept, D) per distributed branch
     masks = [key_padding_mask]  # per source: (B, l) for k itself, (B, H, g n_kept) for gathered keys
     for plan in plans:
@@ -115,8 +125,11 @@ def fused_rank_attention(q, k, v, plans, comm, *, causal, head_offsets, key_padd
             continue
         index, groups = sparse_rows(plan, comm.rank, H, head_offsets, q.device)
         n_kept, g = index.shape[1], len(plan.ranks)
-        rows = index[None, :, :, None].expand(B, H, n_kept, D)
-        sparse = torch.stack([k.gather(2, rows), v.gather(2, rows)])  # (2, B, H, n_kept, D), Eqs. 3-5
+        if H_kv == H:
+            rows = index[None, :, :, None].expand(B, H, n_kept, D)
+            sparse = torch.stack([k.gather(2, rows), v.gather(2, rows)])  # (2, B, H, n_kept, D), Eqs. 3-5
+        else:  # query head j's rows of its kv head: (B, H, n_kept, D) each
+            sparse = torch.stack([k[:, kv_head[:, None], index], v[:, kv_head[:, None], index]])
         gathered = (
             all_gather(sparse, comm, plan.ranks, plan.index) if g > 1 else sparse[None]
         )  # (g, 2, B, H, n_kept, D)
@@ -127,5 +140,5 @@ def fused_rank_attention(q, k, v, plans, comm, *, causal, head_offsets, key_padd
                 all_gather(flags, comm, plan.ranks, plan.index) if g > 1 else flags[None]
             )  # (g, B, H, n_kept)
             masks.append(gathered_flags.permute(1, 2, 0, 3).reshape(B, H, g * n_kept) > 0)
-        calls += distributed_calls(plan, comm.rank, groups, len(sources), causal)
+        calls += distributed_calls(plan, comm.rank, groups, len(sources), causal, H, H_kv, B)
     return RunningMerge.apply(calls, None if key_padding_mask is None else masks, q, k, v, *sources)

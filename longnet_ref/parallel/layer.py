@@ -49,6 +49,7 @@ class SequenceParallelDilatedAttention(MultiheadDilatedAttention):
             bias=layer.q_proj.bias is not None,
             head_offsets=layer.head_offsets,
             implementation=layer.implementation,
+            num_kv_heads=layer.num_kv_heads,
             group=group,
             **({} if getattr(layer, "rotary", None) is None else {"rotary": layer.rotary}),
         )

@@ -250,6 +250,7 @@ def simulate_sequence_parallel(
 
     Args:
         q, k, v: (B, H, N, D), the whole sequence; rank p gets positions [p N/P, (p+1) N/P).
+            k and v may have H_kv heads dividing H (grouped-query attention).
         world_size: P, dividing N. The other arguments (implementation: "fast" or "readable") as
             in `sequence_parallel_attention`. timeout: as in `SimulatedGroup`.
         key_padding_mask: None or the whole (B, N) bool mask; rank p gets its (B, N/P) chunk.
@@ -259,7 +260,7 @@ def simulate_sequence_parallel(
         every collective (forward ones now; the backward's reduce-scatters are appended when
         the backward runs).
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, grouped=True)  # k and v may have H_kv heads dividing H
     check_flag("causal", causal)
     check_key_padding_mask(key_padding_mask, k)
     as_positive_number("timeout", timeout)
