@@ -7,7 +7,10 @@ work is done, so a mistake never surfaces as an index error three calls deep.
 from __future__ import annotations
 
 import operator
+import os
+import reprlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -18,6 +21,11 @@ IMPLEMENTATIONS = ("fast", "readable")
 def is_number(value) -> bool:
     """An int or float: not a bool (True is not 1.0 here) and not a string (no float("1e4") parsing)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_sequence(value) -> bool:
+    """A list, tuple, range or other Sequence, but not a str or bytes (whose items would be characters)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
 def as_count(name: str, value) -> int:
@@ -52,10 +60,31 @@ def as_positive_int(name: str, value) -> int:
     return as_int
 
 
+def check_instance(name: str, value, kind, what: str = ""):
+    """`value` if it is a `kind` (a class or a tuple of classes); else a TypeError naming the parameter,
+    what it must be (`what`, default "a <kind>") and what it got, shortened (`reprlib`)."""
+    if not isinstance(value, kind):
+        what = what or "a " + " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise TypeError(f"{name} must be {what}, got {reprlib.repr(value)} ({type(value).__name__})")
+    return value
+
+
+def as_path(name: str, value) -> Path:
+    """`value` (a str or os.PathLike) as a Path; else a TypeError naming the parameter (Path(5) names none)."""
+    return Path(check_instance(name, value, (str, os.PathLike), "a path (str or os.PathLike)"))
+
+
+def check_file_name(name: str, value) -> str:
+    """A plain file name: a non-empty str without folders (written into a folder chosen elsewhere)."""
+    if not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\\" in value:
+        raise ValueError(f"{name} must be a plain file name without folders, got {value!r}")
+    return value
+
+
 def check_branches(segment_lengths, dilation_rates) -> list[tuple[int, int]]:
     """Validate the mixture's configuration and return it as a list of `(w, r)` pairs."""
     for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        if not is_sequence(values):
             raise ValueError(f"{name} must be a list of positive integers, got {values!r}")
         if len(values) == 0:
             raise ValueError(f"{name} must not be empty, got {values!r}")

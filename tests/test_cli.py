@@ -11,6 +11,7 @@ CLIS = [
     "longnet_ref.lm.generate",
     "longnet_ref.bench.__main__",
     "longnet_ref.analysis.figures",
+    "longnet_ref.analysis.complexity",
     "longnet_ref.parallel.__main__",
 ]
 

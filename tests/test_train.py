@@ -225,6 +225,59 @@ def test_the_experiment_writes_tables_and_figures_from_its_runs(tmp_path, corpus
     assert (runs / "dense-16" / "metrics.json").read_text() == before
 
 
+class RecordingBar:
+    """Stands in for tqdm in experiment.py: keeps its arguments and counts its updates."""
+
+    made = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.n = kwargs, kwargs.get("initial", 0)
+        RecordingBar.made.append(self)
+
+    def update(self, n):
+        self.n += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    write = staticmethod(print)
+
+
+def test_the_experiment_shows_one_bar_with_an_eta_over_all_its_runs(tmp_path, monkeypatch):
+    """recall's overall bar counts the training tokens of every stage, also with --jobs > 1 (as each model's
+    process finishes); finished runs count as done, and progress=False or no terminal turns it off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import longnet_ref.lm.experiment as ex
+
+    class Pool(ThreadPoolExecutor):  # the processes' stand-in: the fakes below are not picklable
+        def __init__(self, max_workers, mp_context, initializer, initargs):
+            super().__init__(max_workers)
+
+    RecordingBar.made.clear()
+    monkeypatch.setattr(ex, "tqdm", RecordingBar)
+    monkeypatch.setattr(ex, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(ex, "recall_model", lambda name, runs, threads, progress: name)
+    monkeypatch.setattr(ex, "finished", lambda out, config: "recall-dense/" in str(out))  # dense trained already
+    stages = {name: ex.recall_stage_configs(name) for name in ex.RECALL_RUNS}
+    total = sum(ex.tokens(config) for configs in stages.values() for config in configs)
+    ex.recall(tmp_path, jobs=2)
+    (bar,) = RecordingBar.made
+    assert bar.kwargs["total"] == total and bar.kwargs["unit"] == "tok" and bar.kwargs["disable"] is None
+    assert bar.kwargs["initial"] == sum(map(ex.tokens, stages["recall-dense"])) and bar.n == total
+    ex.recall(tmp_path, progress=False, jobs=2)
+    assert RecordingBar.made[-1].kwargs["disable"] is True
+    # one job: train_run moves the bar by the tokens of each run it trains, and not for a finished one
+    monkeypatch.setattr(ex, "train", lambda config, out, **options: ("model", {}))
+    config, bar = tiny(), RecordingBar(total=10**9)
+    assert ex.train_run("new", config, tmp_path, bar=bar) == "model" and bar.n == ex.tokens(config) == 20 * 4 * 64
+    monkeypatch.setattr(ex, "load_checkpoint", lambda path: ("loaded", {}))
+    assert ex.train_run("recall-dense/stage1", config, tmp_path, bar=bar) == "loaded" and bar.n == ex.tokens(config)
+
+
 def test_the_experiment_draws_nothing_its_tables_and_plots_are_report_py():
     import longnet_ref.lm.experiment as ex
     import longnet_ref.lm.report as report
@@ -325,7 +378,7 @@ def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_
     train(tiny(steps=4, eval_every=2), tmp_path, resume=tmp_path / "checkpoint.pt", progress=False, corpus=corpus)
     _, metrics = train(tiny(steps=2, eval_every=2, seed=1), tmp_path, progress=False, corpus=corpus, overwrite=True)
     assert metrics["train_config"]["seed"] == 1 and len(metrics["train"]) == 2
-    with pytest.raises(TypeError, match="overwrite must be a bool, got 'yes'"):
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'yes'"):
         train(tiny(), tmp_path / "new", progress=False, corpus=corpus, overwrite="yes")
 
 

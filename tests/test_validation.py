@@ -447,3 +447,212 @@ def test_the_readable_steps_check_their_inputs():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+# --- Issue 13: every public function of lm/ and analysis/ names the bad parameter ----------------
+
+
+def issue13_cases():
+    """name -> (call(tmp), error, message): one bad argument each, the others valid; tmp is a fresh folder."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from longnet_ref.analysis import figures, results, viz, widgets
+    from longnet_ref.lm import checkpoint, data, experiment, generate, interrupt, preflight, report, train
+    from longnet_ref.lm.config import TrainConfig
+
+    def lm_and_eval_set():
+        from conftest import tiny_lm
+
+        from longnet_ref.lm.evaluate import recall_eval_set
+
+        return tiny_lm(), recall_eval_set(64, 1, num_pairs=2, queries_per_pair=2)
+
+    state = dict(step=1, model={"w": torch.zeros(2)}, model_config={}, train_config={})
+    q1, cache = torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 3, 4)
+    no_cpu_time = [{"train": [{"seconds": 0, "tokens_per_s": 1}]}]
+    quiet = dict(live=False)
+    T, V = TypeError, ValueError
+    return {
+        # lm.checkpoint
+        "checksum state": (lambda tmp: checkpoint.checksum(5), T, r"state must be a checkpoint dict, got 5 \(int\)"),
+        "save_checkpoint model": (lambda tmp: checkpoint.save_checkpoint(tmp / "c.pt", **dict(state, model=object())),
+                                  T, r"model must be a state dict \(model.state_dict\(\)\), got <object"),
+        "save_checkpoint entries": (lambda tmp: checkpoint.save_checkpoint(tmp / "c.pt", model={}), V,
+                                    r"save_checkpoint needs the entries \['step', 'model_config', 'train_config'\]"),
+        "save_checkpoint plain": (lambda tmp: checkpoint.save_checkpoint(tmp / "c.pt", **state, metrics=[object()]),
+                                  T, r"state\['metrics'\]\[0\] is a object, which a checkpoint cannot hold"),
+        "read_checkpoint folder": (lambda tmp: checkpoint.read_checkpoint(tmp), V, r"checkpoint '.*' is not a file"),
+        "rng_states data_rng": (lambda tmp: checkpoint.rng_states("x", "cpu"), T,
+                                r"data_rng must be a Generator, got 'x' \(str\)"),
+        "rng_states device": (lambda tmp: checkpoint.rng_states(torch.Generator(), "gpu9"), V,
+                              r"device must name a torch device .*got 'gpu9'"),
+        # lm.preflight and lm.train
+        "check_run config": (lambda tmp: preflight.check_run("x"), T, r"config must be a TrainConfig, got 'x' \(str\)"),
+        "check_out out": (lambda tmp: preflight.check_out(5), T, r"out must be a path \(str or os.PathLike\), got 5"),
+        "start_run config": (lambda tmp: train.start_run("x", tmp), T, r"config must be a TrainConfig, got 'x'"),
+        "train progress": (lambda tmp: train.train(train_config(), tmp / "run", progress="no"), T,
+                           r"progress must be True or False, got 'no'"),
+        "preset_values name": (lambda tmp: train.preset_values("bogus"), V,
+                               r"name must be a TrainConfig field, one of \['attention', .*got 'bogus'"),
+        "learning_rate step": (lambda tmp: train.learning_rate(TrainConfig(), -1), V,
+                               r"step must be a non-negative integer, got -1"),
+        "learning_rate config": (lambda tmp: train.learning_rate("x", 1), T, r"config must be a TrainConfig, got 'x'"),
+        "build_model device": (lambda tmp: train.build_model(train_config(), "tpu"), V,
+                               r"device must name a torch device .*got 'tpu'"),
+        "build_model config": (lambda tmp: train.build_model("x", "cpu"), T, r"config must be a TrainConfig"),
+        "draw_batch run": (lambda tmp: train.draw_batch("x"), T, r"run must be a train.Run \(from start_run\), got 'x"),
+        "train_step run": (lambda tmp: train.train_step(None), T, r"run must be a train.Run .*got None"),
+        "run_loop run": (lambda tmp: train.run_loop(None), T, r"run must be a train.Run .*got None"),
+        "config_from_args args": (lambda tmp: train.config_from_args(5), T, r"args must be the argparse.Namespace"),
+        "stop_at_step_boundary requested": (lambda tmp: interrupt.stop_at_step_boundary("x").__enter__(), T,
+                                            r"requested must be a list .*got 'x'"),
+        # lm.experiment
+        "residue_accuracy modulus": (lambda tmp: experiment.residue_accuracy(*lm_and_eval_set(), 16, 0), V,
+                                     r"modulus must be a positive integer, got 0"),
+        "residue_accuracy far": (lambda tmp: experiment.residue_accuracy(*lm_and_eval_set(), -1), V,
+                                 r"far must be a non-negative integer, got -1"),
+        "where model": (lambda tmp: experiment.where("x"), T, r"model must be a torch.nn.Module, got 'x' \(str\)"),
+        "where parameters": (lambda tmp: experiment.where(torch.nn.ReLU()), V, r"model has no parameters"),
+        "recall_branches name": (lambda tmp: experiment.recall_branches("bogus", 512), V,
+                                 r"name must be one of the recall runs \('recall-dense', .*got 'bogus'"),
+        "recall_branches seq_len": (lambda tmp: experiment.recall_branches("recall-dilated", -1), V,
+                                    r"seq_len must be a positive integer, got -1"),
+        "recall_stage_configs name": (lambda tmp: experiment.recall_stage_configs("bogus"), V,
+                                      r"name must be one of the recall runs"),
+        "run_config threads": (lambda tmp: experiment.run_config({}, {}, 0), V,
+                               r"threads must be a positive integer, got 0"),
+        "run_config common": (lambda tmp: experiment.run_config(5, {}, 1), T, r"common must be a dict, got 5"),
+        "table2 threads": (lambda tmp: experiment.table2(tmp, threads=0), V,
+                           r"threads must be a positive integer, got 0"),
+        "recall jobs": (lambda tmp: experiment.recall(tmp, jobs=0), V, r"jobs must be a positive integer, got 0"),
+        "recall progress": (lambda tmp: experiment.recall(tmp, progress="no"), T, r"progress must be True or False"),
+        # lm.generate
+        "cached_attention q": (lambda tmp: generate.cached_attention("x", cache, cache, 0, None), V,
+                               r"q must be a torch.Tensor, got str"),
+        "cached_attention pos": (lambda tmp: generate.cached_attention(q1, cache, cache, -1, None), V,
+                                 r"pos must be a non-negative integer, got -1"),
+        "cached_attention cache": (lambda tmp: generate.cached_attention(q1, cache, cache, 5, None), V,
+                                   r"keys, values \(B, H_kv, >= pos \+ 1 = 6, D\), got q \(1, 2, 1, 4\)"),
+        "sample logits": (lambda tmp: generate.sample(torch.tensor([[1, 2]]), 1.0, None), V,
+                          r"logits must be a floating-point tensor, got dtype torch.int64"),
+        # lm.report
+        "load_results names": (lambda tmp: report.load_results(tmp, "abc"), T,
+                               r"names must be a list of run names \(str\), got 'abc'"),
+        "load_results runs": (lambda tmp: report.load_results(5, ["a"]), T, r"runs must be a path .*got 5"),
+        "training_summary stage": (lambda tmp: report.training_summary([{}]), V,
+                                   r"stages\[0\] must be a metrics.json dict with a 'train' list, got \{\}"),
+        "training_summary empty": (lambda tmp: report.training_summary([]), V, r"stages must be a non-empty list"),
+        "time_cells empty": (lambda tmp: report.time_cells([]), V, r"stages must be a non-empty list"),
+        "time_cells cpu": (lambda tmp: report.time_cells(no_cpu_time), V, r"stages record 0 CPU seconds of training"),
+        "attention_flops_per_token config": (lambda tmp: report.attention_flops_per_token("x", 8), T,
+                                             r"config must be a TrainConfig, got 'x'"),
+        "recall_branches config": (lambda tmp: report.recall_branches("x"), T, r"config must be a TrainConfig"),
+        "bucket_range int": (lambda tmp: report.bucket_range(5), V, r"name must be a bucket name 'd=a-b' .*got 5"),
+        "bucket_range one": (lambda tmp: report.bucket_range("d=5"), V, r"name must be a bucket name .*got 'd=5'"),
+        "bucket_range order": (lambda tmp: report.bucket_range("d=5-2"), V,
+                               r"name must be a pair \(a, b\) of ints with 1 <= a <= b, got \(5, 2\)"),
+        "plot_table2 results": (lambda tmp: report.plot_table2({}, [8]), V,
+                                r"results must be the non-empty dict load_results returns, got \{\}"),
+        "plot_recall results": (lambda tmp: report.plot_recall({}, [], 4, 8), V, r"results must be the non-empty"),
+        # lm.data
+        "recall_capacity seq_len": (lambda tmp: data.recall_capacity(-1, 8), V, r"seq_len must be a positive integer"),
+        "recall_capacity queries_per_pair": (lambda tmp: data.recall_capacity(512, 0), V,
+                                             r"queries_per_pair must be a positive integer, got 0"),
+        "check_distances count": (lambda tmp: data.check_distances([4], -1, 512), V,
+                                  r"count must be a positive integer, got -1"),
+        "as_root missing": (lambda tmp: data.as_root(tmp / "nowhere"), V, r"root must be a directory of \.py files"),
+        "load_corpus empty": (lambda tmp: data.load_corpus(tmp), V, r"root '.*' puts no \.py file in the train split"),
+        # analysis.figures
+        "plot_path_law keys": (lambda tmp: figures.plot_path_law({}), V,
+                               r"rows must be what path_law returns .*it lacks \['N', 'dense'"),
+        "plot_path_law type": (lambda tmp: figures.plot_path_law(5), T, r"rows must be the dict path_law returns, got"),
+        "path_law sizes": (lambda tmp: figures.path_law(5), V, r"sizes must be a non-empty list of sequence lengths"),
+        "path_law size": (lambda tmp: figures.path_law([-4]), V, r"sizes\[0\] must be a positive integer, got -4"),
+        "plot_flops sizes": (lambda tmp: figures.plot_flops("abc"), V, r"sizes must be a non-empty list .*'abc'"),
+        "plot_memory chunk": (lambda tmp: figures.plot_memory(chunk=-1), V, r"chunk must be a positive integer"),
+        "plot_memory bytes": (lambda tmp: figures.plot_memory(bytes_per_element=0), V,
+                              r"bytes_per_element must be a positive integer, got 0"),
+        "all_figures quick": (lambda tmp: figures.all_figures(quick="yes"), T, r"quick must be True or False"),
+        "run_notebooks folder": (lambda tmp: figures.run_notebooks(tmp / "nowhere"), V,
+                                 r"folder must be a folder of notebooks"),
+        # analysis.viz and analysis.results
+        "save_fig fig": (lambda tmp: viz.save_fig(None, "x", folder=tmp), T,
+                         r"fig must be a matplotlib Figure, got None"),
+        "save_fig name": (lambda tmp: viz.save_fig(Figure(), 3, folder=tmp), V,
+                          r"name must be a plain file name without folders, got 3"),
+        "png_bytes fig": (lambda tmp: viz.png_bytes("x"), T, r"fig must be a matplotlib Figure, got 'x'"),
+        "block_size seq_len": (lambda tmp: viz.block_size(-1), V, r"seq_len must be a positive integer, got -1"),
+        "alias_free_block empty": (lambda tmp: viz.alias_free_block(1000, []), V,
+                                   r"dilation_rates must be a non-empty list of positive integers, got \[\]"),
+        "alias_free_block int": (lambda tmp: viz.alias_free_block(1000, 3), V, r"dilation_rates must be a non-empty"),
+        "alias_free_block rate": (lambda tmp: viz.alias_free_block(1000, [2, 0]), V,
+                                  r"dilation_rates\[1\] must be a positive integer, got 0"),
+        "blend densities": (lambda tmp: viz.blend("x", []), V, r"densities must be one or more \(nb, nb\) pictures"),
+        "blend colors": (lambda tmp: viz.blend(np.zeros((2, 4, 4)), ["#000000"]), V,
+                         r"colors must be a list of 2 colours, one per density, got \['#000000'\]"),
+        "dominant colors": (lambda tmp: viz.dominant(np.zeros((2, 4, 4)), ["#000"]), V, r"colors must be a list of 2"),
+        "blend colour": (lambda tmp: viz.blend(np.zeros((1, 4, 4)), ["notacolor"]), V,
+                         r"colors\[0\] must be a matplotlib colour .*got 'notacolor'"),
+        "count_style most": (lambda tmp: viz.count_style(-1), V, r"most must be a positive integer, got -1"),
+        "write_table name": (lambda tmp: results.write_table("a/b", ["x"], [[1]], folder=tmp), V,
+                             r"name must be a plain file name without folders, got 'a/b'"),
+        "write_table row": (lambda tmp: results.write_table("t", ["x"], [[1, 2]], folder=tmp), V,
+                            r"rows\[0\] must be a list of 1 cells, one per column of header, got \[1, 2\]"),
+        "write_table header": (lambda tmp: results.write_table("t", 5, [], folder=tmp), V,
+                               r"header must be a non-empty list of column names, got 5"),
+        "write_table footer": (lambda tmp: results.write_table("t", ["x"], [[1]], folder=tmp, footer=3), T,
+                               r"footer must be a str, got 3"),
+        "paste_into_readme marker": (lambda tmp: results.paste_into_readme(3, "x", tmp / "README.md"), T,
+                                     r"marker must be a str, got 3"),
+        "paste_into_readme markdown": (lambda tmp: results.paste_into_readme("m", None, tmp / "README.md"), T,
+                                       r"markdown must be a str, got None"),
+        # analysis.widgets
+        "pattern_view head": (lambda tmp: widgets.pattern_view(head=99), V,
+                              r"head must be an integer in \[0, num_heads\) = \[0, 4\), got 99"),
+        "format_numbers numbers": (lambda tmp: widgets.format_numbers([1]), T,
+                                   r"numbers must be a dict \{name: value\}, got \[1\]"),
+        "pattern_explorer branches": (lambda tmp: widgets.pattern_explorer(branches=0), V,
+                                      r"branches must be an integer in \[1, 5\] \(its slider's range\), got 0"),
+        "path_explorer seq_len": (lambda tmp: widgets.path_explorer(seq_len="x"), V,
+                                  r"seq_len must be an integer in \[16, 2048\] .*got 'x'"),
+        "explore per_row": (lambda tmp: widgets.explore(lambda: None, dict, per_row=0, **quiet), V,
+                            r"per_row must be a positive integer, got 0"),
+        "explore live": (lambda tmp: widgets.explore(lambda: None, dict, live="no"), T,
+                         r"live must be True or False, got 'no'"),
+        "explore plot": (lambda tmp: widgets.explore(3, dict, **quiet), T, r"plot must be a callable, got 3"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(issue13_cases()))
+def test_issue13_bad_inputs_name_the_parameter(case, tmp_path):
+    import matplotlib.pyplot as plt
+
+    call, error, match = issue13_cases()[case]
+    figures_before = plt.get_fignums()
+    with pytest.raises(error, match=match):
+        call(tmp_path)
+    assert plt.get_fignums() == figures_before  # refused before any figure was drawn
+    if case.startswith("save_checkpoint") or case.startswith("write_table") or case == "train progress":
+        assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_issue13_valid_inputs_still_work(tmp_path):
+    """The values just inside each new check are accepted."""
+    import numpy as np
+
+    from longnet_ref.analysis import results, viz, widgets
+    from longnet_ref.lm import checkpoint, data, experiment, report
+
+    assert data.recall_capacity(64, 1) == 16 and viz.block_size(1) == 1 and viz.alias_free_block(4096, [1, 3]) == 18
+    assert report.bucket_range("d=17-256") == (17, 256)
+    assert experiment.recall_branches("recall-dense", 1) == dict(attention="dense")
+    assert viz.count_style(1)["vmax"] == 1.5
+    assert viz.blend(np.zeros((2, 3, 3)), ["#000000", "#ffffff"]).shape == (3, 3, 3)
+    assert results.write_table("t", ["x", "y"], [(1, 2)], folder=tmp_path) == "| x | y |\n|---|---|\n| 1 | 2 |\n"
+    assert report.load_results(tmp_path, {"a": 1}) == {}  # any collection of names, as experiment passes a dict
+    state = dict(step=1, model={"w": torch.zeros(2)}, model_config={}, train_config={"lr": 1e-3, "flag": True})
+    checkpoint.save_checkpoint(tmp_path / "c.pt", **state, metrics={"train": [{"loss": 1.0}], "init": None})
+    assert checkpoint.read_checkpoint(tmp_path / "c.pt")["step"] == 1
+    widgets.pattern_view(heads=2, head=1)[0].clear()
+    widgets.explore(lambda: None, dict, per_row=1, live=False)

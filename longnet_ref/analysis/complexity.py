@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass
 
 from ..checks import as_positive_int, check_branches, check_flag, check_head_offsets
+from ..cli import HelpFormatter
 from ..patterns import as_ratio, head_offset
 
 # The paper's language-model mixture (Sec. 4.1, the LongNet rows of Table 2): w_i and r_i.
@@ -262,14 +263,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m longnet_ref.analysis.complexity",
         description="FLOPs and memory of dilated, dense and local attention (LongNet Eqs. 16-18).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--seq-len", type=int, required=True, help="sequence length N")
-    parser.add_argument("--segment-lengths", type=int, nargs="+", default=list(TABLE2_SEGMENT_LENGTHS))
-    parser.add_argument("--dilation-rates", type=int, nargs="+", default=list(TABLE2_DILATION_RATES))
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--segment-lengths",
+        type=int,
+        nargs="+",
+        default=list(TABLE2_SEGMENT_LENGTHS),
+        help="the branches' segment lengths w_i (Table 2's mixture)",
+    )
+    parser.add_argument(
+        "--dilation-rates",
+        type=int,
+        nargs="+",
+        default=list(TABLE2_DILATION_RATES),
+        help="the branches' dilation rates r_i, one per segment length",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="B, sequences per batch")
     parser.add_argument("--heads", type=int, default=12, help="H (Table 2: 12)")
     parser.add_argument("--head-dim", type=int, default=64, help="D (Table 2: 768 / 12 = 64)")
-    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--causal", action="store_true", help="causal attention (only keys up to each query)")
     parser.add_argument("--devices", type=int, default=1, help="P for the sequence-parallel gathered K/V")
     parser.add_argument("--local-window", type=int, default=None, help="local attention's w (default: first w)")
     parser.add_argument("--bytes-per-element", type=int, default=2, help="2 for fp16/bf16, 4 for fp32")

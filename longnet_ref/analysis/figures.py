@@ -29,6 +29,7 @@ if __name__ == "__main__":
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..checks import as_path, as_positive_int, check_flag, check_instance
 from ..cli import HelpFormatter
 from ..patterns import geometric_mixture  # noqa: E402
 from .complexity import (  # noqa: E402
@@ -51,8 +52,16 @@ PATH_MIXTURES = (
 WINDOW = 64  # the sliding window the mixtures are compared with
 
 
+def check_sizes(sizes) -> list[int]:
+    """A non-empty list of sequence lengths N, as ints."""
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) == 0:
+        raise ValueError(f"sizes must be a non-empty list of sequence lengths, got {sizes!r}")
+    return [as_positive_int(f"sizes[{i}]", n) for i, n in enumerate(sizes)]
+
+
 def path_law(sizes, mixtures=PATH_MIXTURES, window=WINDOW, verbose=False) -> dict:
     """Longest path (non-causal) and unconnected fraction (causal) against N, for every configuration."""
+    sizes = check_sizes(sizes)
     rows = {"N": list(sizes), "dense": [], f"window {window}": [], f"segments {window}": []}
     rows.update({label: [] for *_, label in mixtures})
     rows.update({label + " causal": [] for *_, label in mixtures})
@@ -73,6 +82,11 @@ def path_law(sizes, mixtures=PATH_MIXTURES, window=WINDOW, verbose=False) -> dic
 
 def plot_path_law(rows, mixtures=PATH_MIXTURES, window=WINDOW):
     """Left: the longest path against N on log axes, with Eq. 20; right: causal pairs never connected."""
+    wanted = ["N", "dense", f"window {window}", *(label for *_, label in mixtures)]
+    wanted += [label + " causal" for *_, label in mixtures]
+    missing = [key for key in wanted if key not in check_instance("rows", rows, dict, "the dict path_law returns")]
+    if missing:
+        raise ValueError(f"rows must be what path_law returns for these mixtures and window; it lacks {missing}")
     n = np.array(rows["N"], dtype=float)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(n, rows["dense"], "k-", label="dense: 1")
@@ -116,7 +130,7 @@ def plot_path_distribution(n=4096, window=WINDOW, w0=4, a=2, heads=1):
 
 def plot_flops(sizes=None):
     """FLOPs per head-dim against N: dense, the paper's mixture (Table 2), local attention, Eq. 18."""
-    sizes = np.geomspace(2**10, 2**30, 81) if sizes is None else np.asarray(sizes, dtype=float)
+    sizes = np.geomspace(2**10, 2**30, 81) if sizes is None else np.asarray(check_sizes(sizes), dtype=float)
     ws, rs = list(TABLE2_SEGMENT_LENGTHS), list(TABLE2_DILATION_RATES)
     dense = [dense_flops(int(n)) for n in sizes]
     dilated = [sum(mixture_flops(int(n), ws, rs)) for n in sizes]
@@ -142,10 +156,10 @@ def plot_flops(sizes=None):
 
 def plot_memory(sizes=None, heads=12, head_dim=64, chunk=8192, bytes_per_element=2):
     """One layer's memory against N: readable scores (dense vs dilated), activations, gathered K/V per device."""
-    sizes = [2**e for e in range(13, 31)] if sizes is None else list(sizes)
+    sizes = [2**e for e in range(13, 31)] if sizes is None else check_sizes(sizes)
+    chunk, bytes_per = as_positive_int("chunk", chunk), as_positive_int("bytes_per_element", bytes_per_element)
     ws, rs = list(TABLE2_SEGMENT_LENGTHS), list(TABLE2_DILATION_RATES)
     tables = [cost_table(n, ws, rs, heads=heads, head_dim=head_dim, devices=max(n // chunk, 1)) for n in sizes]
-    bytes_per = bytes_per_element
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(sizes, [t["dense"].score_elements * bytes_per for t in tables], "k-", label="dense scores (N x N)")
     ax.plot(
@@ -174,6 +188,7 @@ def pattern_figures() -> dict:
 
 def all_figures(quick=False) -> dict:
     """name -> function that builds the figure. quick: smaller sweeps (for tests)."""
+    check_flag("quick", quick)
     top = 10 if quick else 16
     figures = pattern_figures()
     figures["path_law"] = lambda: plot_path_law(path_law([2**e for e in range(4, top + 1)], verbose=not quick))
@@ -188,6 +203,9 @@ def run_notebooks(folder: Path) -> None:
     import nbformat
     from nbclient import NotebookClient
 
+    folder = as_path("folder", folder)
+    if not folder.is_dir():
+        raise ValueError(f"folder must be a folder of notebooks, got {str(folder)!r}")
     os.environ.setdefault("CI", "true")
     for path in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
         start = time.perf_counter()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 
+from ..checks import as_path, check_file_name, check_flag, check_instance, is_sequence
 from ..files import write_atomic
 from . import viz
 
@@ -19,7 +19,15 @@ def write_table(name, header, rows, folder=None, with_csv=True, footer=""):
     """figures/<name>.md (the table, then `footer`) and, with_csv, figures/<name>.csv; returns the markdown.
 
     `folder` replaces figures/; an installed copy without one must be told where (`viz.figures_dir`)."""
-    folder = Path(folder) if folder else viz.required_figures_dir(f"the table {name}")
+    check_file_name("name", name)
+    if not is_sequence(header) or not header:
+        raise ValueError(f"header must be a non-empty list of column names, got {header!r}")
+    for i, row in enumerate(check_instance("rows", rows, (list, tuple), "a list of rows")):
+        if not is_sequence(row) or len(row) != len(header):
+            raise ValueError(f"rows[{i}] must be a list of {len(header)} cells, one per column of header, got {row!r}")
+    check_flag("with_csv", with_csv)
+    check_instance("footer", footer, str)
+    folder = as_path("folder", folder) if folder is not None else viz.required_figures_dir(f"the table {name}")
     if with_csv:
         text = io.StringIO(newline="")
         csv.writer(text).writerows([header, *rows])
@@ -38,12 +46,14 @@ def paste_into_readme(marker, markdown, readme=None):
     installed copy (never a README that happens to be in the working directory). Returns
     whether it wrote.
     """
+    check_instance("marker", marker, str)
+    check_instance("markdown", markdown, str)
     if readme is None:
         repo = viz.checkout_root()
         if repo is None:
             return False
         readme = repo / "README.md"
-    readme = Path(readme)
+    readme = as_path("readme", readme)
     begin, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
     if not readme.is_file():
         return False

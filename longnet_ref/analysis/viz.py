@@ -28,9 +28,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import ListedColormap, to_rgb
+from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..checks import as_positive_int, check_branches, check_flag, check_head_offsets
+from ..checks import (
+    as_path,
+    as_positive_int,
+    check_branches,
+    check_file_name,
+    check_flag,
+    check_head_offsets,
+    check_instance,
+    is_sequence,
+)
 from ..files import write_atomic
 from ..patterns import attention_pattern, pattern_rows
 
@@ -86,9 +96,9 @@ def save_fig(fig, name: str, *, dpi: int = 120, folder=None) -> Path | None:
     installed copy with no LONGNET_REF_FIGURES writes nothing and returns None (`figures_dir`):
     a notebook's picture is then only shown.
     """
-    if not name or "/" in name or "\\" in name:
-        raise ValueError(f"name must be a plain file name without folders, got {name!r}")
-    folder = figures_dir() if folder is None else Path(folder)
+    check_instance("fig", fig, Figure, "a matplotlib Figure")
+    check_file_name("name", name)
+    folder = figures_dir() if folder is None else as_path("folder", folder)
     if folder is None:
         return None
     path = folder / (name if name.endswith(".png") else f"{name}.png")
@@ -100,6 +110,8 @@ def save_fig(fig, name: str, *, dpi: int = 120, folder=None) -> Path | None:
 
 def png_bytes(fig, *, dpi: int = 80, tight: bool = True) -> bytes:
     """The figure as PNG bytes (for `ipywidgets.Image`), without a timestamp; tight=False draws once, faster."""
+    check_instance("fig", fig, Figure, "a matplotlib Figure")
+    check_flag("tight", tight)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None, metadata={"Software": None})
     return buffer.getvalue()
@@ -107,6 +119,7 @@ def png_bytes(fig, *, dpi: int = 80, tight: bool = True) -> bytes:
 
 def block_size(seq_len: int) -> int:
     """Tokens per pixel side: 1 up to DETAIL_LIMIT, else enough for at most MAX_PIXELS pixels."""
+    seq_len = as_positive_int("seq_len", seq_len)
     return 1 if seq_len <= DETAIL_LIMIT else -(-seq_len // MAX_PIXELS)
 
 
@@ -119,7 +132,9 @@ def alias_free_block(seq_len: int, dilation_rates) -> int:
     stride, not the pattern.
     """
     blk = block_size(seq_len)
-    step = math.lcm(*(as_positive_int("dilation rate", r) for r in dilation_rates))
+    if not is_sequence(dilation_rates) or not dilation_rates:
+        raise ValueError(f"dilation_rates must be a non-empty list of positive integers, got {dilation_rates!r}")
+    step = math.lcm(*(as_positive_int(f"dilation_rates[{i}]", r) for i, r in enumerate(dilation_rates)))
     return 1 if blk == 1 else -(-blk // step) * step
 
 
@@ -161,20 +176,41 @@ def pattern_blocks(
     return sums / (sizes[:, None] * sizes[None, :])
 
 
+def check_colored(densities, colors) -> tuple[np.ndarray, np.ndarray]:
+    """densities: one (nb, nb) picture per branch (a list, or an array (branches, nb, nb)); colors: one
+    matplotlib colour each. Returns them as arrays (branches, nb, nb) float and (branches, 3) RGB."""
+    try:
+        weights = np.asarray(densities, dtype=float)
+    except (TypeError, ValueError):
+        weights = None  # not numbers, or pictures of different sizes
+    if weights is None or weights.ndim != 3 or len(weights) == 0:
+        raise ValueError(f"densities must be one or more (nb, nb) pictures of one size, got {densities!r:.80}")
+    if not is_sequence(colors) or len(colors) != len(weights):
+        raise ValueError(f"colors must be a list of {len(weights)} colours, one per density, got {colors!r}")
+    rgb = []
+    for i, color in enumerate(colors):
+        try:
+            rgb.append(to_rgb(color))
+        except ValueError:
+            raise ValueError(f"colors[{i}] must be a matplotlib colour such as '#1f77b4', got {color!r}") from None
+    return weights, np.array(rgb)
+
+
 def blend(densities, colors) -> np.ndarray:
     """Ink on white: each branch darkens a pixel towards its colour by its density; (nb, nb, 3) RGB in [0, 1]."""
-    image = np.ones((*densities[0].shape, 3))
-    for density, color in zip(densities, colors):
-        ink = 1.0 - np.asarray(to_rgb(color))  # (3,) what the colour removes from white
-        image *= 1.0 - np.asarray(density)[..., None].clip(0, 1) * ink
+    weights, rgb = check_colored(densities, colors)
+    image = np.ones((*weights.shape[1:], 3))
+    for density, color in zip(weights, rgb):
+        ink = 1.0 - color  # (3,) what the colour removes from white
+        image *= 1.0 - density[..., None].clip(0, 1) * ink
     return image
 
 
 def dominant(densities, colors) -> np.ndarray:
     """Block summaries: each pixel in the colours of the branches that keep pairs there, weighted by how many."""
-    weights = np.stack([np.asarray(d) for d in densities])  # (branches, nb, nb)
+    weights, colors = check_colored(densities, colors)  # (branches, nb, nb), (branches, 3)
     total = weights.sum(axis=0)  # (nb, nb)
-    rgb = np.einsum("kpq,kc->pqc", weights, np.array([to_rgb(c) for c in colors]))  # (nb, nb, 3)
+    rgb = np.einsum("kpq,kc->pqc", weights, colors)  # (nb, nb, 3)
     return np.where(total[..., None] > 0, rgb / np.maximum(total, 1e-300)[..., None], 1.0)
 
 
@@ -260,6 +296,7 @@ def plot_heads(seq_len, segment_length, dilation_rate, num_heads, *, causal=Fals
 
 def count_style(most: int) -> dict:
     """imshow style for counts 0 .. most: white where masked, then one colour per value, darker = counted more."""
+    most = as_positive_int("most", most)
     shades = plt.get_cmap("viridis_r")(np.linspace(0.15, 1.0, most))  # (most, 4) RGBA
     return dict(cmap=ListedColormap(["white", *shades]), vmin=-0.5, vmax=most + 0.5)
 

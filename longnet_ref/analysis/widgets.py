@@ -29,11 +29,11 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..checks import HEAD_OFFSET_RULES
+from ..checks import HEAD_OFFSET_RULES, as_positive_int, check_flag, check_instance
 from ..patterns import attention_pattern, geometric_mixture
 from .complexity import flop_ratio
 from .dependency_paths import eq19_layers, eq20_max_path, path_length_stats, window_path_stats
-from .viz import BRANCH_COLORS, blend, count_style, png_bytes
+from .viz import BRANCH_COLORS, blend, check_head, count_style, png_bytes
 
 
 def pattern_view(seq_len=64, w0=8, ratio=2, branches=3, heads=4, head=0, causal=False, offsets="paper"):
@@ -44,7 +44,7 @@ def pattern_view(seq_len=64, w0=8, ratio=2, branches=3, heads=4, head=0, causal=
     (pairs at least one head attends) and overlap (attended pairs of the head seen by 2+ branches).
     """
     ws, rs = geometric_mixture(w0, ratio, branches=branches)
-    head = min(head, heads - 1)
+    head = check_head(head, as_positive_int("heads", heads))  # refused, not clamped: the explorer's slider follows H
     c = attention_pattern(seq_len, ws, rs, heads, causal=causal, head_offsets=offsets)  # (H, N, N)
     # The picture needs head `head` of each branch alone. Under the "paper" and "none" rules head h
     # has the same offsets whatever H, so h + 1 heads suffice (the redraw stays fast).
@@ -111,7 +111,7 @@ def path_view(seq_len=256, w0=4, ratio=2, heads=1, window=16, causal=False, offs
 def format_numbers(numbers: dict) -> str:
     """HTML list; every value in a span with class `longnet-<name>` (what the browser test reads)."""
     items = []
-    for name, value in numbers.items():
+    for name, value in check_instance("numbers", numbers, dict, "a dict {name: value}").items():
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         items.append(f'<li>{html.escape(name)}: <span class="longnet-{name}">{text}</span></li>')
     return "<ul>" + "".join(items) + "</ul>"
@@ -152,7 +152,10 @@ class Explorer(widgets.VBox):
         self.table.value = format_numbers(self.numbers)
 
 
-def _slider(description, value, low, high, step=1):
+def _slider(name, description, value, low, high, step=1):
+    """An IntSlider for parameter `name`; a start outside [low, high] is refused (the slider would clamp it)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}] (its slider's range), got {value!r}")
     return widgets.IntSlider(
         value=value, min=low, max=high, step=step, description=description, continuous_update=False
     )
@@ -161,12 +164,12 @@ def _slider(description, value, low, high, step=1):
 def pattern_explorer(seq_len=64, w0=8, ratio=2, branches=3, heads=4) -> Explorer:
     """Sliders and toggles over `pattern_view`; keep N <= 512 for redraws under half a second."""
     controls = dict(
-        seq_len=_slider("N", seq_len, 8, 512, 8),
-        w0=_slider("w0", w0, 1, 128),
-        ratio=_slider("ratio a", ratio, 2, 4),
-        branches=_slider("branches", branches, 1, 5),
-        heads=_slider("heads H", heads, 1, 8),
-        head=_slider("head", 0, 0, 7),
+        seq_len=_slider("seq_len", "N", seq_len, 8, 512, 8),
+        w0=_slider("w0", "w0", w0, 1, 128),
+        ratio=_slider("ratio", "ratio a", ratio, 2, 4),
+        branches=_slider("branches", "branches", branches, 1, 5),
+        heads=_slider("heads", "heads H", heads, 1, 8),
+        head=_slider("head", "head", 0, 0, 7),
         causal=widgets.Checkbox(value=False, description="causal"),
         offsets=widgets.Dropdown(options=HEAD_OFFSET_RULES, value="paper", description="offsets"),
     )
@@ -182,11 +185,11 @@ def pattern_explorer(seq_len=64, w0=8, ratio=2, branches=3, heads=4) -> Explorer
 def path_explorer(seq_len=256, w0=4, ratio=2, heads=1, window=16) -> Explorer:
     """Sliders and toggles over `path_view` (dependency paths); N <= 512 redraws in well under a second."""
     controls = dict(
-        seq_len=_slider("N", seq_len, 16, 2048, 16),
-        w0=_slider("w0", w0, 1, 64),
-        ratio=_slider("ratio a", ratio, 2, 4),
-        heads=_slider("heads H", heads, 1, 16),
-        window=_slider("window", window, 2, 256),
+        seq_len=_slider("seq_len", "N", seq_len, 16, 2048, 16),
+        w0=_slider("w0", "w0", w0, 1, 64),
+        ratio=_slider("ratio", "ratio a", ratio, 2, 4),
+        heads=_slider("heads", "heads H", heads, 1, 16),
+        window=_slider("window", "window", window, 2, 256),
         causal=widgets.Checkbox(value=False, description="causal"),
         offsets=widgets.Dropdown(options=HEAD_OFFSET_RULES, value="paper", description="offsets"),
     )
@@ -208,12 +211,17 @@ def explore(plot, make_controls, *, tries=(), per_row=3, live=None):
     drawn in turn when not live (what moving the sliders would draw). per_row: controls per
     row. live: None asks `live_widgets()`. Returns the controls when live, else None.
     """
+    for name, function in (("plot", plot), ("make_controls", make_controls)):
+        if not callable(function):
+            raise TypeError(f"{name} must be a callable, got {function!r} ({type(function).__name__})")
+    per_row = as_positive_int("per_row", per_row)
+    live = live_widgets() if live is None else check_flag("live", live)
     parameters = inspect.signature(plot).parameters
     for values in tries:
         unknown = sorted(set(values) - set(parameters))
         if unknown:
             raise ValueError(f"tries names {unknown}, which plot {plot.__name__}() does not take: {list(parameters)}")
-    if not (live_widgets() if live is None else live):
+    if not live:
         plot()
         for values in tries:
             plot(**values)

@@ -23,11 +23,12 @@ import hashlib
 import io
 import pickle
 import re
-from pathlib import Path
 
 import torch
 
+from ..checks import as_path, check_instance
 from ..files import write_atomic
+from .evaluate import as_device
 from .model import LongNetLM, ModelConfig
 
 FORMAT = "longnet_ref checkpoint 1"
@@ -36,6 +37,7 @@ REQUIRED = ("format", "checksum", "step", "model", "model_config", "train_config
 
 def checksum(state) -> str:
     """SHA-256 (hex) of a checkpoint's contents, except its "checksum" entry: tensors by dtype, shape and bytes."""
+    check_instance("state", state, dict, "a checkpoint dict")
     digest = hashlib.sha256()
 
     def feed(value):
@@ -62,10 +64,10 @@ def checksum(state) -> str:
 
 def read_checkpoint(path, map_location="cpu", flag="--resume"):
     """The checked checkpoint dict in `path`; every problem is one ValueError naming `flag` and the file."""
-    path = Path(path)
+    path = as_path("path", path)
     where = f"{flag} checkpoint {str(path)!r}"
     if not path.is_file():
-        raise ValueError(f"{where} does not exist")
+        raise ValueError(f"{where} {'is not a file' if path.exists() else 'does not exist'}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -110,7 +112,16 @@ def load_checkpoint(path, map_location="cpu", flag="the"):
 
 
 def save_checkpoint(path, **state):
-    """Write a checkpoint (with its format tag and checksum) to `path` atomically."""
+    """Write a checkpoint (with its format tag and checksum) to `path` atomically.
+
+    Checked first, so that nothing is written that `read_checkpoint` would refuse: the REQUIRED
+    entries, `model` a state dict, and only tensors and plain containers anywhere (`check_plain`).
+    """
+    missing = [key for key in REQUIRED if key not in state and key not in ("format", "checksum")]
+    if missing:
+        raise ValueError(f"save_checkpoint needs the entries {missing}, got {sorted(state)}")
+    check_instance("model", state["model"], dict, "a state dict (model.state_dict())")
+    check_plain("state", state)
     state = dict(state, format=FORMAT)
     state["checksum"] = checksum(state)
     buffer = io.BytesIO()
@@ -118,8 +129,26 @@ def save_checkpoint(path, **state):
     write_atomic(path, buffer.getvalue())  # an interrupted save never leaves a broken checkpoint
 
 
+def check_plain(name, value):
+    """Only tensors and plain containers (what `torch.load(weights_only=True)` reads back); else a
+    TypeError naming where the other object is, e.g. "state['model']['w'] is a object"."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_plain(f"{name}[{key!r}]", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain(f"{name}[{i}]", item)
+    elif not isinstance(value, (torch.Tensor, str, int, float, type(None))):  # bool is an int
+        raise TypeError(
+            f"{name} is a {type(value).__name__}, which a checkpoint cannot hold: tensors and plain "
+            f"containers only (a model: pass model.state_dict())"
+        )
+
+
 def rng_states(data_rng, device):
     """Every random state a run draws from, for `save_checkpoint(..., rng=...)`."""
+    check_instance("data_rng", data_rng, torch.Generator)
+    device = as_device(device)
     rng = {"torch": torch.get_rng_state(), "data": data_rng.get_state()}
     rng["cuda"] = torch.cuda.get_rng_state() if device.type == "cuda" else None
     return rng

@@ -21,12 +21,11 @@ import math
 import os
 import sysconfig
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..checks import as_positive_int, is_number
+from ..checks import as_positive_int, check_instance, is_number, is_sequence
 
 VOCAB_SIZE = 256
 IGNORE = -100  # target value that F.cross_entropy skips
@@ -44,19 +43,18 @@ def stdlib_root() -> Path:
 
 
 def as_root(root) -> Path:
-    """The corpus folder: None for the standard library's, else a str or os.PathLike path."""
-    if root is not None and not isinstance(root, (str, os.PathLike)):
-        raise TypeError(
-            f"root must be None or a folder path (str or os.PathLike), got {root!r} ({type(root).__name__})"
-        )
-    return stdlib_root() if root is None else Path(root)
+    """The corpus folder, which must exist: None for the standard library's, else a str or os.PathLike path."""
+    if root is not None:
+        check_instance("root", root, (str, os.PathLike), "None or a folder path (str or os.PathLike)")
+    root = stdlib_root() if root is None else Path(root)
+    if not root.is_dir():
+        raise ValueError(f"root must be a directory of .py files, got {str(root)!r}")
+    return root
 
 
 def stdlib_files(root=None) -> list[str]:
     """Relative POSIX paths of the library's .py files, sorted; third-party packages excluded."""
     root = as_root(root)
-    if not root.is_dir():
-        raise ValueError(f"root must be a directory of .py files, got {str(root)!r}")
     skip = {"site-packages", "dist-packages", "__pycache__"}
     paths = (path.relative_to(root) for path in root.rglob("*.py") if path.is_file())
     return sorted(path.as_posix() for path in paths if not skip.intersection(path.parts))
@@ -86,7 +84,7 @@ def load_corpus(root=None, val_fraction: float = 0.05) -> dict[str, torch.Tensor
     corpus = {}
     for split, parts in chunks.items():
         if not parts:
-            raise ValueError(f"the {split} split of {str(root)!r} is empty; val_fraction={val_fraction!r}")
+            raise ValueError(f"root {str(root)!r} puts no .py file in the {split} split; val_fraction={val_fraction!r}")
         corpus[split] = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
     return corpus
 
@@ -199,13 +197,15 @@ def recall_capacity(seq_len, queries_per_pair):
     A needle and its queries take 1 + queries_per_pair positions, all of them within half of the
     sequence (so the rejection sampling of free positions finds room), and keys are distinct.
     """
-    return min(NUM_KEYS, (seq_len // 2) // (1 + queries_per_pair))
+    N, per_pair = as_positive_int("seq_len", seq_len), as_positive_int("queries_per_pair", queries_per_pair)
+    return min(NUM_KEYS, (N // 2) // (1 + per_pair))
 
 
 def check_distances(distances, count, seq_len):
     """`distances` as a list of ints, at least `count` different ones in [1, seq_len - 2]; else an error naming it."""
+    count, seq_len = as_positive_int("count", count), as_positive_int("seq_len", seq_len)
     # a list, tuple or range; not an iterator, which the first of many draws would use up
-    if isinstance(distances, (str, bytes)) or not isinstance(distances, Sequence):
+    if not is_sequence(distances):
         raise TypeError(f"distances must be None or a list of ints, got {distances!r}")
     distances = list(distances)
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in distances):

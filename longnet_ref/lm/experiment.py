@@ -25,20 +25,22 @@ import argparse
 import json
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..analysis.results import paste_into_readme
 from ..analysis.viz import required_figures_dir
+from ..checks import as_count, as_path, as_positive_int, check_flag, check_instance
 from ..cli import HelpFormatter
 from ..files import write_atomic
 from .checkpoint import load_checkpoint, read_checkpoint
 from .config import TrainConfig
 from .data import load_corpus
 from .evaluate import bits_per_byte, recall_accuracy, recall_buckets, recall_eval_set
-from .report import report_recall, report_table2
+from .report import bucket_range, report_recall, report_table2
 from .train import train
 
 TABLE2_COMMON = dict(embed_dim=128, num_heads=4, num_layers=4, steps=500, lr=2e-3, eval_every=125, warmup=50)
@@ -79,6 +81,9 @@ RECALL_TEST_SEQUENCES = 16  # per distance bucket, 8 needles x 4 queries each: 5
 
 def recall_branches(name, seq_len):
     """The attention of a recall model at a stage of length seq_len: TrainConfig fields (see the comment above)."""
+    if name not in RECALL_RUNS:
+        raise ValueError(f"name must be one of the recall runs {RECALL_RUNS}, got {name!r}")
+    seq_len = as_positive_int("seq_len", seq_len)
     kind = name.removeprefix("recall-")
     if kind == "dense":
         return dict(attention="dense")
@@ -92,48 +97,82 @@ def recall_branches(name, seq_len):
 
 
 def run_config(common, run, threads):
-    values = dict(common, threads=threads, **run)
+    """The TrainConfig of a run: the fields it shares with its kind (`common`), its own (`run`), and `threads`."""
+    check_instance("common", common, dict)
+    check_instance("run", run, dict)
+    values = dict(common, threads=as_positive_int("threads", threads), **run)
     if values.get("attention") == "dilated" and "dilation_rates" not in values:
         values["dilation_rates"] = [2**i for i in range(len(values["segment_lengths"]))]
     return TrainConfig(**values)
 
 
-def train_run(name, config, runs, corpus=None, progress=True, init_from=None):
-    """Train runs/<name> unless it has finished; resume it if a checkpoint exists."""
+def finished(out, config):
+    """Whether the run in the folder `out` has trained all of `config.steps`."""
+    checkpoint = Path(out) / "checkpoint.pt"
+    return checkpoint.is_file() and read_checkpoint(checkpoint, flag="the")["step"] >= config.steps
+
+
+def tokens(config):
+    """The tokens a run trains on: what the overall progress bar counts (its ETA spans runs of any size)."""
+    return config.steps * config.batch_size * config.seq_len
+
+
+def overall_bar(stages, runs, progress, desc):
+    """One bar over every training run of a command ({name: config}), in training tokens, with the
+    ETA of the whole command; runs already finished count as done. Off with progress=False and when
+    stderr is not a terminal (CI logs), like bench's sweep bar."""
+    done = sum(tokens(config) for name, config in stages.items() if finished(Path(runs) / name, config))
+    total = sum(map(tokens, stages.values()))
+    return tqdm(total=total, initial=done, desc=desc, unit="tok", unit_scale=True, disable=None if progress else True)
+
+
+def train_run(name, config, runs, corpus=None, progress=True, init_from=None, bar=None):
+    """Train runs/<name> unless it has finished; resume it if a checkpoint exists. `bar`: the overall bar, if any."""
     out = Path(runs) / name
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.is_file() and read_checkpoint(checkpoint, flag="the")["step"] >= config.steps:
+    if finished(out, config):
         return load_checkpoint(checkpoint)[0]
     resume = checkpoint if checkpoint.is_file() else None
     start = time.perf_counter()
     model, _ = train(
         config, out, resume=resume, init_from=None if resume else init_from, corpus=corpus, progress=progress
     )
-    print(f"{name}: trained in {time.perf_counter() - start:.0f} s")
+    tqdm.write(f"{name}: trained in {time.perf_counter() - start:.0f} s")
+    if bar is not None:
+        bar.update(tokens(config))
     return model
 
 
 def where(model):
     """The device the model was trained on (a gpu run's model is tested on the gpu)."""
-    return str(next(model.parameters()).device)
+    param = next(check_instance("model", model, torch.nn.Module, "a torch.nn.Module").parameters(), None)
+    if param is None:
+        raise ValueError(f"model has no parameters, so no device it was trained on: {type(model).__name__}")
+    return str(param.device)
 
 
 def table2(runs, threads=1, progress=True):
+    """Train and test the Table 2 runs into `runs`, one after the other."""
+    runs = as_path("runs", runs)
+    check_flag("progress", progress)
+    configs = {name: run_config(TABLE2_COMMON, run, threads) for name, run in TABLE2_RUNS.items()}
     corpus = load_corpus()
-    for name, run in TABLE2_RUNS.items():
-        config = run_config(TABLE2_COMMON, run, threads)
-        model = train_run(name, config, runs, corpus, progress)
-        start = time.perf_counter()
-        bpb = {n: bits_per_byte(model, corpus["val"], n, TEST_BYTES, device=where(model)) for n in TEST_LENGTHS[:-1]}
-        longest = TEST_LENGTHS[-1]
-        bpb[longest], per_position = bits_per_byte(
-            model, corpus["val"], longest, TEST_BYTES, by_position=True, device=where(model)
-        )
-        # bits per byte against the context a byte has: positions [2^i, 2^(i+1)) of the longest windows
-        by_context = {2**i: per_position[2**i : 2 ** (i + 1)].mean().item() for i in range(longest.bit_length() - 1)}
-        print(f"{name}: bits per byte {bpb} ({time.perf_counter() - start:.0f} s)")
-        result = {"bpb": bpb, "bpb_by_context": by_context}
-        write_atomic(Path(runs) / name / "test.json", json.dumps(result, indent=1))
+    with overall_bar(configs, runs, progress, "table2") as bar:
+        for name, config in configs.items():
+            table2_test(name, train_run(name, config, runs, corpus, progress, bar=bar), corpus["val"], runs)
+
+
+def table2_test(name, model, val, runs):
+    """runs/<name>/test.json: bits per byte at every test length, and against the context a byte has."""
+    start = time.perf_counter()
+    bpb = {n: bits_per_byte(model, val, n, TEST_BYTES, device=where(model)) for n in TEST_LENGTHS[:-1]}
+    longest = TEST_LENGTHS[-1]
+    bpb[longest], per_position = bits_per_byte(model, val, longest, TEST_BYTES, by_position=True, device=where(model))
+    # bits per byte against the context a byte has: positions [2^i, 2^(i+1)) of the longest windows
+    by_context = {2**i: per_position[2**i : 2 ** (i + 1)].mean().item() for i in range(longest.bit_length() - 1)}
+    tqdm.write(f"{name}: bits per byte {bpb} ({time.perf_counter() - start:.0f} s)")
+    result = {"bpb": bpb, "bpb_by_context": by_context}
+    write_atomic(Path(runs) / name / "test.json", json.dumps(result, indent=1))
 
 
 def recall_stage_configs(name, threads=1):
@@ -149,19 +188,25 @@ def recall_stage_configs(name, threads=1):
     ]
 
 
-def recall_model(name, runs, threads=1, progress=True):
+def recall_stages(name, threads=1):
+    """{runs/ folder of each training stage of one recall model: its TrainConfig}."""
+    return {f"{name}/stage{i + 1}-{c.seq_len}": c for i, c in enumerate(recall_stage_configs(name, threads))}
+
+
+def recall_model(name, runs, threads=1, progress=True, bar=None):
     """Train one recall model stage by stage (each from the previous one's weights), then test it at RECALL_LENGTH."""
     previous = None
-    for i, config in enumerate(recall_stage_configs(name, threads)):
-        stage_name = f"{name}/stage{i + 1}-{config.seq_len}"
-        model = train_run(stage_name, config, runs, None, progress, previous)
+    for stage_name, config in recall_stages(name, threads).items():
+        model = train_run(stage_name, config, runs, None, progress, previous, bar)
         previous = Path(runs) / stage_name / "checkpoint.pt"
     eval_set = recall_eval_set(RECALL_LENGTH, RECALL_TEST_SEQUENCES, num_pairs=8, queries_per_pair=4)
     accuracy, loss = recall_accuracy(model, eval_set, buckets=recall_buckets(RECALL_LENGTH), device=where(model))
     by_residue = residue_accuracy(
         model, eval_set, far=recall_branches("recall-local", RECALL_LENGTH)["segment_lengths"][0]
     )
-    print(f"{name}: accuracy by distance {accuracy}, beyond the local window by d mod 4 {by_residue}, loss {loss:.3f}")
+    tqdm.write(
+        f"{name}: accuracy by distance {accuracy}, beyond the local window by d mod 4 {by_residue}, loss {loss:.3f}"
+    )
     result = {"accuracy": accuracy, "accuracy_by_residue": by_residue, "loss": loss}
     write_atomic(Path(runs) / name / "test.json", json.dumps(result, indent=1))
     return name
@@ -173,12 +218,11 @@ def residue_accuracy(model, eval_set, far, modulus=4):
     With r = 4, distances that 4 divides are one hop away through the sparse branches; the
     others need layer 1 to have copied the needle into the neighbour of the query's residue.
     """
-    per_distance, _ = recall_accuracy(
-        model, eval_set, device=where(model)
-    )  # {"d=d-d": accuracy}; one or few queries each
+    far, modulus = as_count("far", far), as_positive_int("modulus", modulus)
+    per_distance, _ = recall_accuracy(model, eval_set, device=where(model))  # {"d=d-d": accuracy}; few queries each
     hits, counts = [0.0] * modulus, [0] * modulus
     for bucket, value in per_distance.items():
-        d = int(bucket.split("-")[1])
+        d = bucket_range(bucket)[1]
         if d > far:
             hits[d % modulus] += value
             counts[d % modulus] += 1
@@ -186,18 +230,30 @@ def residue_accuracy(model, eval_set, far, modulus=4):
 
 
 def recall(runs, threads=1, progress=True, jobs=1):
-    """Train and test the recall models, `jobs` at a time (each in its own process with `threads` threads)."""
-    if jobs == 1:
-        for name in RECALL_RUNS:
-            recall_model(name, runs, threads, progress)
-        return
-    # dense first: it is the longest, so the other worker trains local and dilated meanwhile
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
-    ) as pool:
-        for done in [pool.submit(recall_model, name, runs, threads, False) for name in RECALL_RUNS]:
-            done.result()
+    """Train and test the recall models, `jobs` at a time (each in its own process with `threads` threads).
+
+    One overall bar counts the training tokens of every stage of every model; with jobs > 1 the
+    workers show no bars (they would overwrite each other) and a model's tokens count when it finishes.
+    """
+    runs, jobs = as_path("runs", runs), as_positive_int("jobs", jobs)
+    check_flag("progress", progress)
+    stages = {name: recall_stages(name, threads) for name in RECALL_RUNS}  # checks threads
+    every_stage = {stage: config for per_model in stages.values() for stage, config in per_model.items()}
+    with overall_bar(every_stage, runs, progress, "recall") as bar:
+        if jobs == 1:
+            for name in RECALL_RUNS:
+                recall_model(name, runs, threads, progress, bar)
+            return
+        # the tokens each model has left to train, counted when its process is done
+        left = {name: sum(tokens(c) for s, c in per_model.items() if not finished(runs / s, c))
+                for name, per_model in stages.items()}  # fmt: skip
+        # dense first: it is the longest, so the other worker trains local and dilated meanwhile
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+        ) as pool:
+            for done in as_completed([pool.submit(recall_model, name, runs, threads, False) for name in RECALL_RUNS]):
+                bar.update(left[done.result()])  # recall_model returns the model's name
 
 
 def report(runs, readme=None):
@@ -206,6 +262,7 @@ def report(runs, readme=None):
     A section is reported only when every one of its runs has finished (test.json written):
     until then its figures, tables and README section stay as they are.
     """
+    runs = as_path("runs", runs)
     local_window = recall_branches("recall-local", RECALL_LENGTH)["segment_lengths"][0]
     sections = (
         ("table2", list(TABLE2_RUNS), lambda: report_table2(runs, TABLE2_RUNS, TEST_LENGTHS)),

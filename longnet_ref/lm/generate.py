@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..attention import dense_attention, repeat_kv_heads
-from ..checks import as_count, as_positive_int, check_flag
+from ..checks import as_count, as_positive_int, check_flag, check_tensor
 from ..cli import HelpFormatter
 from ..mixture import dilated_attention, merge_branches
 from ..patterns import head_offset, keeps
@@ -92,6 +92,13 @@ def cached_attention(q, keys, values, pos, attn):
     `dense_attention` returns out 0 and lse -inf where every key is masked, which is what a
     branch that does not keep the query gives.
     """
+    q, keys, values = check_tensor("q", q), check_tensor("keys", keys), check_tensor("values", values)
+    pos = as_count("pos", pos)
+    if q.shape[2] != 1 or keys.shape[2] <= pos or values.shape[:3] != keys.shape[:3]:
+        raise ValueError(
+            f"q must be (B, H, 1, D) and keys, values (B, H_kv, >= pos + 1 = {pos + 1}, D), got q {tuple(q.shape)}, "
+            f"keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+        )
     H = q.shape[1]
     outs, lses = [], []
     for w, r in zip(attn.segment_lengths, attn.dilation_rates):
@@ -163,6 +170,7 @@ def sample(logits, temperature, top_k, generator=None):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[-1] == 0:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a (B, V) tensor with V >= 1, got {shape}")
+    check_tensor("logits", logits, dims=2)  # floating point: integer "logits" are token ids passed by mistake
     if not torch.isfinite(logits).any(dim=-1).all() or torch.isnan(logits).any():
         raise ValueError("logits must not be NaN, and every row needs a finite logit")
     if temperature == 0:

@@ -11,6 +11,8 @@ import contextlib
 import signal
 import threading
 
+from ..checks import check_instance
+
 
 class Interrupted(KeyboardInterrupt):
     """A run stopped by SIGINT or SIGTERM after finishing its step and saving: resume it with --resume."""
@@ -31,6 +33,7 @@ def stop_at_step_boundary(requested):
     then still resumes exactly, from its own step. Outside the main thread (a worker of a
     process pool's thread, say) signals cannot be caught, and nothing changes.
     """
+    check_instance("requested", requested, list, "a list (the signals caught are appended to it)")
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -9,12 +9,12 @@ ValueError naming the CLI flag, so `main` shows it as a usage error.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 import torch
 
+from ..checks import as_path, check_flag, check_instance
 from .checkpoint import read_checkpoint
-from .config import RESUME_FIELDS
+from .config import RESUME_FIELDS, TrainConfig
 
 
 def pick_device(name):
@@ -29,9 +29,8 @@ def pick_device(name):
 
 def check_out(out, *, resume=None, overwrite=False):
     """`out` can take this run: it holds no other run (unless resumed or `overwrite`), and it is writable."""
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-    out = Path(out)
+    check_flag("overwrite", overwrite)
+    out = as_path("out", out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a folder")
     held = [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
@@ -56,6 +55,7 @@ def check_run(config, out=None, *, resume=None, init_from=None, pause_at=None, o
     checkpoint)`, each None when not asked for; checks `out` with `check_out` when given.
     `main` relies on these checks alone.
     """
+    check_instance("config", config, TrainConfig)
     if pause_at is not None and (isinstance(pause_at, bool) or not isinstance(pause_at, int) or pause_at < 1):
         raise ValueError(f"--pause-at must be a positive step, got {pause_at!r}")
     if resume is not None and init_from is not None:
@@ -64,16 +64,16 @@ def check_run(config, out=None, *, resume=None, init_from=None, pause_at=None, o
     source = checkpoint = None
     if init_from is not None:
         source = read_checkpoint(init_from, flag="--init-from")
-        check_agrees(config, source["train_config"], ("embed_dim", "num_heads", "num_layers"), "the --init-from")
+        _check_agrees(config, source["train_config"], ("embed_dim", "num_heads", "num_layers"), "the --init-from")
     if resume is not None:
         checkpoint = read_checkpoint(resume)
-        check_agrees(config, checkpoint["train_config"], RESUME_FIELDS, "the")
+        _check_agrees(config, checkpoint["train_config"], RESUME_FIELDS, "the")
     if out is not None:
         check_out(out, resume=resume, overwrite=overwrite)
     return device, checkpoint, source
 
 
-def check_agrees(config, saved, names, whose):
+def _check_agrees(config, saved, names, whose):
     """A ValueError naming the first flag in `names` on which `config` and a checkpoint's config differ."""
     for name in names:
         if saved.get(name) != getattr(config, name):  # a field newer than the checkpoint: its default, None

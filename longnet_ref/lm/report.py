@@ -10,23 +10,29 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import re
+from collections.abc import Collection
 
 import matplotlib.pyplot as plt
 
 from ..analysis.complexity import mixture_flops
 from ..analysis.results import write_table
 from ..analysis.viz import save_fig
+from ..checks import as_path, check_instance
 from .config import TrainConfig
+from .evaluate import check_bucket
 
 TIME_HEADER = ["train time wall / CPU", "tokens per CPU s"]
 
 
 def load_results(runs, names):
     """{name: {"stages": [metrics of each training stage], "test": test.json}} for the runs that finished."""
+    runs = as_path("runs", runs)
+    if isinstance(names, str) or not isinstance(names, Collection) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"names must be a list of run names (str), got {names!r}")
     results = {}
     for name in names:
-        folder = Path(runs) / name
+        folder = runs / name
         if (folder / "test.json").is_file():
             stages = sorted(folder.glob("stage*/metrics.json")) or [folder / "metrics.json"]
             results[name] = dict(
@@ -36,8 +42,20 @@ def load_results(runs, names):
     return results
 
 
+def check_results(results):
+    """`load_results`'s dict, not empty: a plot of no runs would overwrite the committed figure with empty axes."""
+    if not isinstance(results, dict) or not results:
+        raise ValueError(f"results must be the non-empty dict load_results returns, got {results!r:.80}")
+    return results
+
+
 def training_summary(stages):
     """Wall seconds, CPU seconds, tokens, over all stages. CPU seconds with one thread = an unloaded core's time."""
+    if not isinstance(stages, list) or not stages:
+        raise ValueError(f"stages must be a non-empty list of metrics.json dicts, got {stages!r:.80}")
+    for i, metrics in enumerate(stages):
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("train"), list):
+            raise ValueError(f"stages[{i}] must be a metrics.json dict with a 'train' list, got {metrics!r:.80}")
     records = [record for metrics in stages for record in metrics["train"]]
     wall = sum(record["seconds"] for record in records)
     cpu = sum(record.get("cpu_seconds", record["seconds"]) for record in records)
@@ -48,11 +66,14 @@ def training_summary(stages):
 def time_cells(stages):
     """The TIME_HEADER cells of a run: wall / CPU minutes, tokens per CPU second."""
     wall, cpu, tokens = training_summary(stages)
+    if cpu <= 0:
+        raise ValueError(f"stages record {cpu} CPU seconds of training: no tokens per CPU second to show")
     return [f"{wall / 60:.1f} / {cpu / 60:.1f} min", f"{tokens / cpu:,.0f}"]
 
 
 def attention_flops_per_token(config, seq_len):
     """Attention FLOPs per token, causal, forward, all layers (`complexity.mixture_flops`; w clipped to N)."""
+    check_instance("config", config, TrainConfig)
     ws, rs = config.model_config().branches()
     shape = dict(heads=config.num_heads, head_dim=config.embed_dim // config.num_heads, causal=True)
     return config.num_layers * sum(mixture_flops(seq_len, ws, rs, **shape)) / seq_len
@@ -81,6 +102,7 @@ def table2_row(name, result, test_lengths):
 
 def plot_table2(results, test_lengths):
     """figures/07_table2.png: validation curves, bits per byte against test length, and against context."""
+    check_results(results)
     fig, (ax_curve, ax_bpb, ax_context) = plt.subplots(1, 3, figsize=(16, 4.2))
     for name, result in results.items():
         metrics = result["stages"][-1]
@@ -124,18 +146,22 @@ def report_table2(runs, names, test_lengths):
 
 def recall_branches(config):
     """The branches of a recall model as the table shows them: "dense", or "(w,r) (w,r) ..."."""
+    check_instance("config", config, TrainConfig)
     ws, rs = config.model_config().branches()
     return "dense" if config.attention == "dense" else " ".join(f"({w},{r})" for w, r in zip(ws, rs))
 
 
 def bucket_range(name):
-    """ "d=a-b" -> (a, b)."""
-    a, b = name.removeprefix("d=").split("-")
-    return int(a), int(b)
+    """ "d=a-b" -> (a, b): the inverse of `evaluate.bucket_name`."""
+    match = re.fullmatch(r"d=(\d+)-(\d+)", name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"name must be a bucket name 'd=a-b' (evaluate.bucket_name), got {name!r}")
+    return check_bucket("name", tuple(map(int, match.groups())))
 
 
 def plot_recall(results, buckets, local_window, seq_len):
     """figures/07_recall.png: recall accuracy in each distance bucket, one line per model."""
+    check_results(results)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     middles = [math.sqrt(a * b) for a, b in map(bucket_range, buckets)]  # log-scale middle of a ... b
     for result in results.values():

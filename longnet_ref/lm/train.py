@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import as_count, check_flag, check_instance
 from ..cli import HelpFormatter
 from ..files import write_atomic
 from .checkpoint import restore_run, rng_states, save_checkpoint
 from .config import PRESETS, TASKS, TrainConfig
 from .data import load_corpus, random_windows, recall_batch
-from .evaluate import autocast_for, bits_per_byte, recall_accuracy, recall_buckets, recall_eval_set
+from .evaluate import as_device, autocast_for, bits_per_byte, recall_accuracy, recall_buckets, recall_eval_set
 from .interrupt import Interrupted, stop_at_step_boundary
 from .model import ATTENTION_KINDS, LongNetLM
 from .preflight import check_run
@@ -45,6 +46,8 @@ from .preflight import check_run
 
 def learning_rate(config, step):
     """Linear warmup to lr, then cosine decay to lr / 10 at the last step."""
+    check_instance("config", config, TrainConfig)
+    step = as_count("step", step)
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
@@ -71,6 +74,8 @@ class Run:
 
 def build_model(config, device):
     """The model, seeded by `config.seed`, and AdamW (matrices decay; norms and biases do not)."""
+    check_instance("config", config, TrainConfig)
+    device = as_device(device)
     torch.manual_seed(config.seed)  # weights, then dropout
     model = LongNetLM(config.model_config()).to(device)
     decay = [param for param in model.parameters() if param.dim() >= 2]
@@ -125,6 +130,7 @@ def start_run(config, out, *, resume=None, init_from=None, pause_at=None, corpus
 
 def draw_batch(run):
     """The next training batch from the run's stream: inputs and targets, (B, N) each."""
+    check_instance("run", run, Run, "a train.Run (from start_run)")
     config = run.config
     if config.task == "code":
         return random_windows(run.corpus["train"], config.seq_len, config.batch_size, run.data_rng)
@@ -140,6 +146,7 @@ def draw_batch(run):
 
 def train_step(run):
     """One optimiser step on the next batch; returns its record for metrics["train"]."""
+    check_instance("run", run, Run, "a train.Run (from start_run)")
     start, cpu_start = time.perf_counter(), time.process_time()
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate(run.config, run.step)
@@ -195,6 +202,8 @@ def run_loop(run, progress=True):
     SIGINT (Ctrl-C) or SIGTERM stops it after the current step with a checkpoint (`Interrupted`);
     SIGKILL cannot be caught, and the last periodic checkpoint resumes exactly.
     """
+    check_instance("run", run, Run, "a train.Run (from start_run)")
+    check_flag("progress", progress)
     config, metrics = run.config, run.metrics
     run.model.train()
     desc = f"{config.attention} N={config.seq_len}"
@@ -233,6 +242,7 @@ def train(
     may be passed to skip reading the library again. A folder `out` that already holds a run
     is refused unless `resume` continues it or `overwrite=True` replaces it.
     """
+    check_flag("progress", progress)  # before start_run makes the folder
     run = start_run(
         config, out, resume=resume, init_from=init_from, pause_at=pause_at, corpus=corpus, overwrite=overwrite
     )
@@ -276,6 +286,9 @@ def build_parser():
 
 def preset_values(name):
     """What a flag defaults to in each preset: "default: cpu 1024, gpu 4096, tiny 64"."""
+    known = [f.name for f in fields(TrainConfig)]
+    if name not in known:
+        raise ValueError(f"name must be a TrainConfig field, one of {known}, got {name!r}")
     default = getattr(TrainConfig(), name)  # the dataclass's defaults, default_factory ones included
     values = [f"{preset} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
               for preset, value in ((p, PRESETS[p].get(name, default)) for p in sorted(PRESETS))]  # fmt: skip
@@ -307,6 +320,7 @@ OVERRIDES = (
 
 
 def config_from_args(args) -> TrainConfig:
+    check_instance("args", args, argparse.Namespace, "the argparse.Namespace of build_parser().parse_args()")
     values = dict(PRESETS[args.preset])
     names = {f.name for f in fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
