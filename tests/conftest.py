@@ -33,12 +33,13 @@ def one_thread():
 TINY_LM = dict(embed_dim=32, num_heads=4, num_layers=2)  # the sizes of the test language models
 
 
-def tiny_lm(attention="dilated", ws=(4, 8, 16), rs=(1, 2, 4), seed=0):
-    """A seeded float64 `LongNetLM` of `TINY_LM` sizes: exact comparisons in the model and decoding tests."""
+def tiny_lm(attention="dilated", ws=(4, 8, 16), rs=(1, 2, 4), seed=0, **fields):
+    """A seeded float64 `LongNetLM` of `TINY_LM` sizes (and other ModelConfig `fields`): exact
+    comparisons in the model and decoding tests."""
     from longnet_ref.lm.model import LongNetLM  # here, so a broken model.py fails only the tests that use it
 
     torch.manual_seed(seed)
-    return LongNetLM(attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), **TINY_LM).double()
+    return LongNetLM(attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), **TINY_LM, **fields).double()
 
 
 @pytest.fixture(scope="module")

@@ -210,7 +210,7 @@ def test_the_generation_cli_prints_the_cached_decoding_of_the_checkpoint(checkpo
 def test_the_generation_cli_names_the_bad_flag(checkpoint, capsys, argv, message):
     from longnet_ref.lm.generate import main
 
-    base = {"--checkpoint": str(checkpoint), "--prompt": "x"}
+    base = {"--checkpoint": str(checkpoint), "--prompt": "x", "--max-new-tokens": "4"}
     base.update(dict(zip(argv[::2], argv[1::2])))
     with pytest.raises(SystemExit) as exit_:
         main([item for pair in base.items() for item in pair])
@@ -221,8 +221,20 @@ def test_the_generation_cli_names_a_missing_checkpoint(tmp_path, capsys):
     from longnet_ref.lm.generate import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"])
+        main(["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x", "--max-new-tokens", "4"])
     assert exit_.value.code == 2 and "--checkpoint checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["--checkpoint", "--prompt", "--max-new-tokens"])
+def test_the_generation_cli_requires_its_three_flags(tmp_path, capsys, missing):
+    """The issue's synopsis: --checkpoint, --prompt and --max-new-tokens are required, the rest optional."""
+    from longnet_ref.lm.generate import main
+
+    argv = {"--checkpoint": str(tmp_path / "none.pt"), "--prompt": "x", "--max-new-tokens": "4"}
+    del argv[missing]
+    with pytest.raises(SystemExit) as exit_:
+        main([item for pair in argv.items() for item in pair])
+    assert exit_.value.code == 2 and f"the following arguments are required: {missing}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([])  # --checkpoint and --prompt are required
     assert "the following arguments are required: --checkpoint, --prompt" in capsys.readouterr().err

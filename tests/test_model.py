@@ -142,10 +142,11 @@ def test_bad_input_shape():
         tiny_lm()(torch.zeros(10, dtype=torch.long))
 
 
-@pytest.mark.parametrize("attention", ["dilated", "dense", "local"])
-def test_the_model_runs_sequence_parallel(attention):
-    """P = 4 simulated ranks, each on its chunk of 16 tokens: the chunks of the single-device logits."""
-    model = tiny_lm(attention, ws=(8, 16, 32))
+@pytest.mark.parametrize("attention, num_kv_heads", [("dilated", None), ("dense", None), ("local", None), ("dilated", 1)])
+def test_the_model_runs_sequence_parallel(attention, num_kv_heads):
+    """P = 4 simulated ranks, each on its chunk of 16 tokens: the chunks of the single-device logits
+    (grouped-query heads included: from_layer keeps num_kv_heads)."""
+    model = tiny_lm(attention, ws=(8, 16, 32), num_kv_heads=num_kv_heads)
     parallel = sequence_parallel(model)
     idx = torch.randint(0, 256, (2, 64))
 

@@ -199,7 +199,7 @@ def main(argv=None):
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt written by train")
     parser.add_argument("--prompt", required=True, help="the text to continue (UTF-8; the model reads bytes)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")
+    parser.add_argument("--max-new-tokens", type=int, required=True, help="bytes to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
