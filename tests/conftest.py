@@ -39,7 +39,9 @@ def tiny_lm(attention="dilated", ws=(4, 8, 16), rs=(1, 2, 4), seed=0, **fields):
     from longnet_ref.lm.model import LongNetLM  # here, so a broken model.py fails only the tests that use it
 
     torch.manual_seed(seed)
-    return LongNetLM(attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), **TINY_LM, **fields).double()
+    return LongNetLM(
+        attention=attention, segment_lengths=list(ws), dilation_rates=list(rs), **TINY_LM, **fields
+    ).double()
 
 
 @pytest.fixture(scope="module")

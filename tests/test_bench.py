@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,6 +165,30 @@ def test_lm_step_profile_counts_its_flops_and_splits_its_time():
         assert result["tokens_per_s"] == pytest.approx(N / result["seconds"])
     assert results["dense"]["kernel_calls"] == 2 * L  # one forward and one backward kernel call per layer
     assert results["dilated"]["kernel_calls"] > results["dense"]["kernel_calls"]  # a call per offset group
+
+
+def test_lm_steps_against_another_checkout(tmp_path, capsys):
+    """--against: another checkout's code (here a copy of this one's package) is imported beside this
+    one, not in its place, and timed interleaved with it; shares of matmul follow the tokens/s."""
+    import shutil
+
+    import longnet_ref
+    from longnet_ref.bench.lm_step import compare_lm_steps, load_against
+
+    shutil.copytree(Path(longnet_ref.__file__).parent, tmp_path / "longnet_ref")
+    against = load_against(tmp_path)
+    assert against.__name__ == "longnet_against.bench.lm_step"
+    assert Path(against.__file__).is_relative_to(tmp_path) and sys.modules["longnet_ref"] is longnet_ref
+    results = compare_lm_steps(against, repeats=1, shapes=((64, 1),), kinds=("dense", "dilated"))
+    assert [r["kind"] for r in results] == ["dense", "dilated"]
+    for r in results:
+        assert r["share_after"] / r["share_before"] == pytest.approx(r["after"] / r["before"])
+    with pytest.raises(ValueError, match="against must be a checkout of this project"):
+        load_against(tmp_path / "nowhere")
+    for flags in (["--sections", "glue", "--against", str(tmp_path)], ["--sections", "lm", "--against", "/"]):
+        with pytest.raises(SystemExit):
+            main(flags)
+    assert "--against" in capsys.readouterr().err
 
 
 def test_lm_section_refuses_quick_and_cuda():

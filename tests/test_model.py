@@ -142,7 +142,9 @@ def test_bad_input_shape():
         tiny_lm()(torch.zeros(10, dtype=torch.long))
 
 
-@pytest.mark.parametrize("attention, num_kv_heads", [("dilated", None), ("dense", None), ("local", None), ("dilated", 1)])
+@pytest.mark.parametrize(
+    "attention, num_kv_heads", [("dilated", None), ("dense", None), ("local", None), ("dilated", 1)]
+)
 def test_the_model_runs_sequence_parallel(attention, num_kv_heads):
     """P = 4 simulated ranks, each on its chunk of 16 tokens: the chunks of the single-device logits
     (grouped-query heads included: from_layer keeps num_kv_heads)."""

@@ -13,7 +13,8 @@ Reported as ratios measured in one run (the machine is shared and noisy):
 - scaling: t(2^20) / t(2^14) for forward+backward (target <= 64 x 1.25);
 - sequence parallelism: simulated P = 8 against one process at N = 2^18 (target <= +10 %);
 - lm: one training step of the small LM (dense, local, dilated at N = 1024 and 4096): tokens/s,
-  where its time goes, and its GFLOP/s as a share of the same run's matmul (`lm_step.py`).
+  where its time goes, and its GFLOP/s as a share of the same run's matmul (`lm_step.py`); with
+  `--against PATH`, the same steps with another checkout's code beside this one's: before and after.
 
 `--quick` (CI) runs two small N in one process: timings are printed, outputs checked, no target.
 `--device cuda` runs the same configurations on the GPU (inputs made on the CPU from the same seed,
@@ -212,6 +213,12 @@ def main(argv=None):
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the timed paths run (the oracle check: CPU)"
     )
+    parser.add_argument(
+        "--against",
+        default=None,
+        help="with --sections lm: also time another checkout's code (a git worktree of an older commit), "
+        "interleaved in this process, and print tokens/s before and after",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # the sweep's table, kept up to date as it runs; a partial range must not overwrite the full one,
@@ -241,6 +248,16 @@ def main(argv=None):
         parser.error(f"--sections must be a comma list of glue, scaling, parallel, sweep, lm; got {args.sections!r}")
     if "lm" in sections and (args.device != "cpu" or args.quick):
         parser.error("--sections lm profiles a CPU training step: not with --device cuda or --quick")
+    if args.against is not None and "lm" not in sections:
+        parser.error("--against compares the lm section's training steps: add lm to --sections")
+    against = None
+    if args.against is not None:  # loaded before any timing, so a wrong path stops at once
+        from .lm_step import load_against
+
+        try:
+            against = load_against(args.against)
+        except ValueError as error:
+            parser.error(f"--{error}")
     if args.device == "cuda" and "parallel" in sections and not args.quick:
         parser.error(
             "--device cuda cannot run the parallel section (its simulated backward runs on cpu tensors only); "
@@ -282,10 +299,14 @@ def main(argv=None):
             run_sweep(args, run, log)  # writes figures/<args.csv>.csv as it goes
             report_sweep(args.csv)
         if "lm" in sections:  # in this process, its threads as given (OMP_NUM_THREADS=1 for one)
-            from .lm_step import describe_lm, profile_lm_steps
+            from .lm_step import compare_lm_steps, describe_comparison, describe_lm, profile_lm_steps
 
-            for result in profile_lm_steps(repeats=args.repeats):
-                print(describe_lm(result), flush=True)
+            if against is not None:  # before (the other checkout) and after (this one), interleaved
+                for result in compare_lm_steps(against, repeats=args.repeats):
+                    print(describe_comparison(result), flush=True)
+            else:
+                for result in profile_lm_steps(repeats=args.repeats):
+                    print(describe_lm(result), flush=True)
     for result in failures:
         print(f"CHECK FAILED: {describe(result)} (tolerance {tolerance(result):.0e})", file=sys.stderr)
     if args.quick or sections - {"lm"}:  # the lm section times training steps; it checks no output

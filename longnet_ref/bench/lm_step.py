@@ -118,6 +118,64 @@ def profile_lm_steps(repeats=3, shapes=SHAPES, kinds=KINDS):
     return results
 
 
+def load_against(path):
+    """The `longnet_ref` package of another checkout (say a git worktree of an older commit),
+    imported beside this one as `longnet_against`: the code before a change, timed in this process."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    package = Path(path) / "longnet_ref"
+    if not (package / "__init__.py").is_file() or not (package / "bench" / "lm_step.py").is_file():
+        raise ValueError(f"against must be a checkout of this project with longnet_ref/bench/lm_step.py, got {path!r}")
+    spec = importlib.util.spec_from_file_location(
+        "longnet_against", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["longnet_against"] = module  # its relative imports resolve inside it, not to this package
+    spec.loader.exec_module(module)
+    return importlib.import_module("longnet_against.bench.lm_step")
+
+
+def compare_lm_steps(against, repeats=3, shapes=SHAPES, kinds=KINDS):
+    """Before and after: each kind's step with the other checkout's code (`against`, from
+    `load_against`) and with this one's, same seed and batch, interleaved in one process, medians
+    of `repeats`. One dict per (kind, N): tokens/s and share of the run's matmul GFLOP/s, both sides."""
+    setups = {}
+    for n, b in shapes:
+        for kind in kinds:
+            setups[(kind, n, b, "before")] = against.lm_setup(kind, n, b)
+            setups[(kind, n, b, "after")] = lm_setup(kind, n, b)
+    for _, step in setups.values():
+        step()  # warm-up: allocations, the optimizer's state
+    times = {key: [] for key in setups}
+    matmul = []
+    for _ in range(repeats):  # interleaved rounds: a noisy moment costs both sides alike
+        for key, (_, step) in setups.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+        matmul.append(matmul_gflops(repeats=3))
+    ceiling = statistics.median(matmul)
+    results = []
+    for n, b in shapes:
+        for kind in kinds:
+            before, after = (statistics.median(times[(kind, n, b, side)]) for side in ("before", "after"))
+            gflops = step_flops(setups[(kind, n, b, "after")][0], n, b) / 1e9  # the same FLOPs both sides
+            results.append(dict(kind=kind, N=n, B=b, before=b * n / before, after=b * n / after,
+                                share_before=gflops / before / ceiling, share_after=gflops / after / ceiling,
+                                matmul_gflops=ceiling))  # fmt: skip
+    return results
+
+
+def describe_comparison(result):
+    return (f"  lm {result['kind']:>7} N={result['N']:<5} B={result['B']}: tokens/s before {result['before']:8,.0f} "
+            f"after {result['after']:8,.0f} (x {result['after'] / result['before']:.3f}) | share of matmul "
+            f"{result['matmul_gflops']:.1f} GFLOP/s: before {result['share_before']:.2f} after "
+            f"{result['share_after']:.2f}")  # fmt: skip
+
+
 def describe_lm(result):
     shares = result["shares"]
     return (f"  lm {result['kind']:>7} N={result['N']:<5} B={result['B']}: {result['seconds']:.3f} s/step "
