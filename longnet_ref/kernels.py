@@ -49,7 +49,8 @@ OLDEST_TORCH = "2.3"  # the oldest release with every op of FUSED_OPS (pyproject
 
 
 def fused_kernel_available(device_type: str = "cpu") -> bool:
-    """Whether this torch has the fused ops the fast path calls on `device_type` ("cpu" or "cuda")."""
+    """Whether this torch has the fused ops the fast path calls on `device_type` ("cpu" or "cuda"; other
+    device types have no ops to miss: `attention_forward` refuses them by name)."""
     return all(hasattr(torch.ops.aten, name) for name in FUSED_OPS.get(device_type, ()))
 
 

@@ -183,6 +183,10 @@ def test_lm_steps_against_another_checkout(tmp_path, capsys):
     assert [r["kind"] for r in results] == ["dense", "dilated"]
     for r in results:
         assert r["share_after"] / r["share_before"] == pytest.approx(r["after"] / r["before"])
+    against.SIZES = dict(against.SIZES, embed_dim=64)  # the other side trains another model: refused
+    with pytest.raises(ValueError, match=r"against's dense model at N = 64 differs from this one's in \['embed_dim'\]"):
+        compare_lm_steps(against, repeats=1, shapes=((64, 1),), kinds=("dense",))
+    assert load_against(tmp_path).SIZES["embed_dim"] == 128  # loaded afresh, not the cached module
     with pytest.raises(ValueError, match="against must be a checkout of this project"):
         load_against(tmp_path / "nowhere")
     for flags in (["--sections", "glue", "--against", str(tmp_path)], ["--sections", "lm", "--against", "/"]):

@@ -656,3 +656,17 @@ def test_issue13_valid_inputs_still_work(tmp_path):
     assert checkpoint.read_checkpoint(tmp_path / "c.pt")["step"] == 1
     widgets.pattern_view(heads=2, head=1)[0].clear()
     widgets.explore(lambda: None, dict, per_row=1, live=False)
+
+
+def test_plot_flops_takes_real_valued_lengths():
+    """A FLOPs curve is drawn over np.geomspace's float N (integer lengths are for path_law)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from longnet_ref.analysis import figures
+
+    fig = figures.plot_flops(np.geomspace(2**10, 2**20, 5))
+    assert len(fig.axes[0].lines[0].get_xdata()) == 5
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"sizes\[1\] must be a positive finite number, got -1.0"):
+        figures.plot_flops([1024.0, -1.0])

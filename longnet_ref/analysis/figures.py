@@ -29,7 +29,7 @@ if __name__ == "__main__":
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..checks import as_path, as_positive_int, check_flag, check_instance
+from ..checks import as_path, as_positive_int, as_positive_number, check_flag, check_instance
 from ..cli import HelpFormatter
 from ..patterns import geometric_mixture  # noqa: E402
 from .complexity import (  # noqa: E402
@@ -52,11 +52,13 @@ PATH_MIXTURES = (
 WINDOW = 64  # the sliding window the mixtures are compared with
 
 
-def check_sizes(sizes) -> list[int]:
-    """A non-empty list of sequence lengths N, as ints."""
+def check_sizes(sizes, integer=True) -> list:
+    """A non-empty list of sequence lengths N, as ints (or, `integer=False`, positive floats: a
+    curve of FLOPs against N takes np.geomspace's)."""
     if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) == 0:
         raise ValueError(f"sizes must be a non-empty list of sequence lengths, got {sizes!r}")
-    return [as_positive_int(f"sizes[{i}]", n) for i, n in enumerate(sizes)]
+    check = as_positive_int if integer else as_positive_number
+    return [check(f"sizes[{i}]", n) for i, n in enumerate(sizes)]
 
 
 def path_law(sizes, mixtures=PATH_MIXTURES, window=WINDOW, verbose=False) -> dict:
@@ -130,7 +132,7 @@ def plot_path_distribution(n=4096, window=WINDOW, w0=4, a=2, heads=1):
 
 def plot_flops(sizes=None):
     """FLOPs per head-dim against N: dense, the paper's mixture (Table 2), local attention, Eq. 18."""
-    sizes = np.geomspace(2**10, 2**30, 81) if sizes is None else np.asarray(check_sizes(sizes), dtype=float)
+    sizes = np.geomspace(2**10, 2**30, 81) if sizes is None else np.asarray(check_sizes(sizes, integer=False))
     ws, rs = list(TABLE2_SEGMENT_LENGTHS), list(TABLE2_DILATION_RATES)
     dense = [dense_flops(int(n)) for n in sizes]
     dilated = [sum(mixture_flops(int(n), ws, rs)) for n in sizes]

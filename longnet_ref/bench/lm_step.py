@@ -132,6 +132,8 @@ def load_against(path):
     spec = importlib.util.spec_from_file_location(
         "longnet_against", package / "__init__.py", submodule_search_locations=[str(package)]
     )
+    for name in [name for name in sys.modules if name.split(".")[0] == "longnet_against"]:
+        del sys.modules[name]  # an earlier --against checkout's modules: not this one's
     module = importlib.util.module_from_spec(spec)
     sys.modules["longnet_against"] = module  # its relative imports resolve inside it, not to this package
     spec.loader.exec_module(module)
@@ -147,14 +149,19 @@ def compare_lm_steps(against, repeats=3, shapes=SHAPES, kinds=KINDS):
         for kind in kinds:
             setups[(kind, n, b, "before")] = against.lm_setup(kind, n, b)
             setups[(kind, n, b, "after")] = lm_setup(kind, n, b)
+            before, after = (vars(setups[(kind, n, b, side)][0].config) for side in ("before", "after"))
+            differ = {field for field in before.keys() & after.keys() if before[field] != after[field]}
+            if differ:  # else the two sides train different models (fields one side lacks: not compared)
+                raise ValueError(f"against's {kind} model at N = {n} differs from this one's in {sorted(differ)}")
     for _, step in setups.values():
         step()  # warm-up: allocations, the optimizer's state
     times = {key: [] for key in setups}
     matmul = []
-    for _ in range(repeats):  # interleaved rounds: a noisy moment costs both sides alike
-        for key, (_, step) in setups.items():
+    for round_ in range(repeats):  # interleaved rounds: a noisy moment costs both sides alike
+        keys = list(setups) if round_ % 2 == 0 else list(reversed(setups))  # neither side always goes first
+        for key in keys:
             start = time.perf_counter()
-            step()
+            setups[key][1]()
             times[key].append(time.perf_counter() - start)
         matmul.append(matmul_gflops(repeats=3))
     ceiling = statistics.median(matmul)
@@ -162,7 +169,7 @@ def compare_lm_steps(against, repeats=3, shapes=SHAPES, kinds=KINDS):
     for n, b in shapes:
         for kind in kinds:
             before, after = (statistics.median(times[(kind, n, b, side)]) for side in ("before", "after"))
-            gflops = step_flops(setups[(kind, n, b, "after")][0], n, b) / 1e9  # the same FLOPs both sides
+            gflops = step_flops(setups[(kind, n, b, "after")][0], n, b) / 1e9  # same config: same FLOPs both sides
             results.append(dict(kind=kind, N=n, B=b, before=b * n / before, after=b * n / after,
                                 share_before=gflops / before / ceiling, share_after=gflops / after / ceiling,
                                 matmul_gflops=ceiling))  # fmt: skip

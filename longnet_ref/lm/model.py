@@ -147,8 +147,8 @@ class RotaryEmbedding(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x1, x2 = x[..., : D // 2], x[..., D // 2 :]  # (B, H, N, D/2) each
         # Written into x's own memory layout (the layer's (B, N, H, D).transpose(1, 2), as v has), not
-        # torch.cat's fresh (B, H, N, D): with q, k and v laid out alike, every kernel call of the fast
-        # path reads all three as views (fast_pieces.fold) instead of copying v's rows.
+        # torch.cat's fresh (B, H, N, D): with q, k and v laid out alike, the fast path's kernel calls
+        # read all three as views in the LM's shapes (fast_pieces.fold) instead of copying v's rows.
         out = torch.empty_like(x)  # (B, H, N, D), x's strides
         out[..., : D // 2] = x1 * cos - x2 * sin
         out[..., D // 2 :] = x1 * sin + x2 * cos
