@@ -123,7 +123,7 @@ def test_an_interrupted_sweep_leaves_the_committed_csv_whole(tmp_path, monkeypat
     monkeypatch.setattr(viz, "figures_dir", lambda: tmp_path)
     committed = "path,N\nfast,1024\n" * 50
     (tmp_path / "bench.csv").write_text(committed)
-    args = argparse.Namespace(min_log2=10, max_log2=11, heads=2, repeats=3, readable_max_n=2**10,
+    args = argparse.Namespace(min_log2=10, max_log2=11, heads=2, repeats=3, readable_max_n=2**10, quick=False,
                               dense_limit=1e9, csv="bench")  # fmt: skip
 
     def measured(cfgs):  # a stand-in for a measurement: one result per configuration

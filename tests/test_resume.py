@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-STEPS = 120
+STEPS = 60
 COMMAND = [sys.executable, "-m", "longnet_ref.lm.train", "--preset", "tiny", "--task", "recall", "--seq-len", "64"]
 COMMAND += ["--num-pairs", "2", "--queries-per-pair", "4", "--eval-size", "2", "--threads", "1", "--no-progress"]
-COMMAND += ["--steps", str(STEPS), "--eval-every", "30"]
+COMMAND += ["--steps", str(STEPS), "--eval-every", "15"]
 
 
 def losses(out):
@@ -39,7 +39,7 @@ def wait_for(path, timeout=120):
 def test_a_run_stopped_by_a_signal_resumes_exactly(tmp_path, uninterrupted, signum):
     out = tmp_path / "run"
     process = subprocess.Popen(COMMAND + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(out / "checkpoint.pt")  # the first save (step 30): the run is in the middle of its steps
+    wait_for(out / "checkpoint.pt")  # the first save (step 15): the run is in the middle of its steps
     time.sleep(0.02)
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
@@ -61,8 +61,8 @@ def test_a_run_stopped_by_a_signal_resumes_exactly(tmp_path, uninterrupted, sign
 
 def test_pause_at_then_resume_from_the_command_line_is_exact(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    subprocess.run(COMMAND + ["--out", str(out), "--pause-at", "47"], check=True, capture_output=True, timeout=300)
-    assert len(losses(out)[0]) == 47
+    subprocess.run(COMMAND + ["--out", str(out), "--pause-at", "23"], check=True, capture_output=True, timeout=300)
+    assert len(losses(out)[0]) == 23
     subprocess.run(
         COMMAND + ["--out", str(out), "--resume", str(out / "checkpoint.pt")], check=True, capture_output=True
     )

@@ -117,7 +117,7 @@ def measure(cfgs):
             step()
             _synchronize(device)
             times[i].append(time.perf_counter() - start)
-        matmul.append(matmul_gflops(repeats=1, device=device))
+        matmul.append(matmul_gflops(repeats=1, n=cfgs[0].get("matmul_size", 2048), device=device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results = []
     for cfg, cfg_times, error in zip(cfgs, times, errors):
