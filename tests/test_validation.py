@@ -459,7 +459,7 @@ def issue13_cases():
 
     from longnet_ref.analysis import figures, results, viz, widgets
     from longnet_ref.lm import checkpoint, data, experiment, generate, interrupt, preflight, report, train
-    from longnet_ref.lm.config import TrainConfig
+    from longnet_ref.lm.config import TrainConfig, preset_values
 
     def lm_and_eval_set():
         from conftest import tiny_lm
@@ -493,7 +493,7 @@ def issue13_cases():
         "start_run config": (lambda tmp: train.start_run("x", tmp), T, r"config must be a TrainConfig, got 'x'"),
         "train progress": (lambda tmp: train.train(train_config(), tmp / "run", progress="no"), T,
                            r"progress must be True or False, got 'no'"),
-        "preset_values name": (lambda tmp: train.preset_values("bogus"), V,
+        "preset_values name": (lambda tmp: preset_values("bogus"), V,
                                r"name must be a TrainConfig field, one of \['attention', .*got 'bogus'"),
         "learning_rate step": (lambda tmp: train.learning_rate(TrainConfig(), -1), V,
                                r"step must be a non-negative integer, got -1"),

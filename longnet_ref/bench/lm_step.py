@@ -18,8 +18,12 @@ causal, forward+backward) over the median step time, against the same run's matm
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -121,11 +125,6 @@ def profile_lm_steps(repeats=3, shapes=SHAPES, kinds=KINDS):
 def load_against(path):
     """The `longnet_ref` package of another checkout (say a git worktree of an older commit),
     imported beside this one as `longnet_against`: the code before a change, timed in this process."""
-    import importlib
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     package = Path(path) / "longnet_ref"
     if not (package / "__init__.py").is_file() or not (package / "bench" / "lm_step.py").is_file():
         raise ValueError(f"against must be a checkout of this project with longnet_ref/bench/lm_step.py, got {path!r}")

@@ -5,7 +5,7 @@ and the presets "cpu", "gpu" and "tiny". `train.py` runs one; `experiment.py` de
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..checks import as_positive_number, check_branches, is_number
 from .data import NUM_KEYS, recall_capacity
@@ -145,3 +145,14 @@ PRESETS = {
     "gpu": dict(seq_len=4096, steps=1500, batch_size=8, embed_dim=384, num_heads=8, num_layers=6, lr=1e-3),
     "tiny": dict(seq_len=64, steps=20, batch_size=4, embed_dim=32, num_heads=4, num_layers=2, eval_every=10, warmup=5),
 }
+
+
+def preset_values(name):
+    """What a flag defaults to in each preset: "default: cpu 1024, gpu 4096, tiny 64"."""
+    known = [f.name for f in fields(TrainConfig)]
+    if name not in known:
+        raise ValueError(f"name must be a TrainConfig field, one of {known}, got {name!r}")
+    default = getattr(TrainConfig(), name)  # the dataclass's defaults, default_factory ones included
+    values = [f"{preset} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+              for preset, value in ((p, PRESETS[p].get(name, default)) for p in sorted(PRESETS))]  # fmt: skip
+    return "default: " + ", ".join(values)

@@ -36,7 +36,7 @@ from ..checks import as_count, check_flag, check_instance
 from ..cli import HelpFormatter
 from ..files import write_atomic
 from .checkpoint import restore_run, rng_states, save_checkpoint
-from .config import PRESETS, TASKS, TrainConfig
+from .config import PRESETS, TASKS, TrainConfig, preset_values
 from .data import load_corpus, random_windows, recall_batch
 from .evaluate import as_device, autocast_for, bits_per_byte, recall_accuracy, recall_buckets, recall_eval_set
 from .interrupt import Interrupted, stop_at_step_boundary
@@ -282,17 +282,6 @@ def build_parser():
         "--device", choices=("auto", "cpu", "cuda"), help=f"auto: cuda if there ({preset_values('device')})"
     )
     return parser
-
-
-def preset_values(name):
-    """What a flag defaults to in each preset: "default: cpu 1024, gpu 4096, tiny 64"."""
-    known = [f.name for f in fields(TrainConfig)]
-    if name not in known:
-        raise ValueError(f"name must be a TrainConfig field, one of {known}, got {name!r}")
-    default = getattr(TrainConfig(), name)  # the dataclass's defaults, default_factory ones included
-    values = [f"{preset} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
-              for preset, value in ((p, PRESETS[p].get(name, default)) for p in sorted(PRESETS))]  # fmt: skip
-    return "default: " + ", ".join(values)
 
 
 # The flags that override a preset's value: (TrainConfig field, type, what it is).
