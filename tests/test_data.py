@@ -14,6 +14,7 @@ from longnet_ref.lm.data import (
     load_corpus,
     random_windows,
     recall_batch,
+    recall_capacity,
     split_of,
     stdlib_files,
     uniform,
@@ -100,6 +101,42 @@ def test_recall_answers_are_the_values_of_the_needles_distance_back():
     haystack = ~scored & (x < 128)
     assert torch.isin(x[haystack], FILLER).all()
     assert dist[scored].min() >= 1 and dist[scored].max() <= 510 and (dist[~scored] == 0).all()
+
+
+@pytest.mark.parametrize("seq_len", [8, 9, 16, 33, 64, 100, 256])
+def test_recall_training_batches_place_everything_the_capacity_admits(seq_len):
+    # the training draw (distances=None) never fails for what TrainConfig accepts: at capacity,
+    # for every queries_per_pair, in many draws (an earlier rejection sampler could not place
+    # 16 needles x 64 queries in 4096, which the config check had accepted)
+    for per_pair in range(1, seq_len // 2):
+        pairs = recall_capacity(seq_len, per_pair)
+        if pairs < 1:
+            continue
+        g = torch.Generator().manual_seed(per_pair)
+        x, y, dist = recall_batch(4, seq_len, g, num_pairs=pairs, queries_per_pair=per_pair)
+        scored = y != IGNORE
+        assert (scored.sum(1) == pairs * per_pair).all() and ((x >= 128).sum(1) == pairs).all()
+        for b, q in scored.nonzero().tolist():  # each answer is the value of its key's needle, d back
+            key, needle = x[b, q] - ord("A"), x[b, q - dist[b, q]]
+            assert needle == 128 + NUM_VALUES * key + (y[b, q] - ord("0"))
+        assert scored[:, -1].sum() == 0  # the last position's target lies outside the window
+
+
+def test_recall_training_needles_lie_anywhere_and_queries_reach_every_scale():
+    # 16 needles x 64 queries in 4096 (the experiment's last stage): needles are spread over the
+    # sequence, as the test's are, not packed at its start; distances span every scale
+    x, y, dist = recall_batch(8, 4096, torch.Generator().manual_seed(0), num_pairs=16, queries_per_pair=64)
+    needles = (x >= 128).nonzero()[:, 1]  # (8 * 16,) positions
+    assert needles.numel() == 8 * 16 and (needles >= 2048).float().mean() > 0.3
+    d = dist[y != IGNORE]  # (8 * 16 * 64,)
+    assert d.numel() == 8 * 16 * 64 and d.max() <= 4094
+    for lo, hi in [(1, 16), (17, 256), (257, 1024), (1025, 2048), (2049, 4094)]:
+        assert ((d >= lo) & (d <= hi)).float().mean() > 0.03, (lo, hi)
+    # every residue of the distance mod 4: a dilated head's one-hop case is not favoured
+    assert all(abs((d % 4 == r).float().mean() - 0.25) < 0.02 for r in range(4))
+    a = recall_batch(2, 512, torch.Generator().manual_seed(3), num_pairs=8, queries_per_pair=16)
+    b = recall_batch(2, 512, torch.Generator().manual_seed(3), num_pairs=8, queries_per_pair=16)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))  # reproducible from the generator
 
 
 def test_recall_at_fixed_distances_and_reproducible():

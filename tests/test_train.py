@@ -312,17 +312,41 @@ def test_bits_per_byte_is_the_mean_cross_entropy_in_bits():
 
 
 def test_recall_buckets_are_consecutive_and_end_at_seven_eighths_of_n():
-    from longnet_ref.lm.evaluate import bucket_name, recall_buckets
+    from longnet_ref.lm.evaluate import bucket_name, recall_buckets, recall_eval_set
 
     buckets = recall_buckets(4096)
     assert buckets == [(1, 16), (17, 256), (257, 512), (513, 1024), (1025, 2048), (2049, 3584)]
     assert [bucket_name(b) for b in buckets][:2] == ["d=1-16", "d=17-256"]
-    for n in (8, 100, 128, 256, 1000, 16384):
+    for n in (8, 9, 100, 128, 256, 1000, 16384):
         ends = recall_buckets(n)
-        assert ends[0][0] == 1 and ends[-1][1] == int(n * 7 / 8)
+        # 7/8 of n, or the longest distance n - 2 where that is shorter (n = 8: 7 > 6)
+        assert ends[0][0] == 1 and ends[-1][1] == min(int(n * 7 / 8), n - 2)
         assert all(b[0] == a[1] + 1 and b[0] <= b[1] for a, b in zip(ends, ends[1:]))
+    for n in range(8, 64):  # every bucket can be tested: recall_eval_set places queries in each
+        assert recall_buckets(n)[-1][1] <= n - 2
+        recall_eval_set(n, 1, num_pairs=1, queries_per_pair=1)
     with pytest.raises(ValueError, match="seq_len"):
         recall_buckets(4)
+
+
+def test_a_recall_run_at_capacity_starts_and_its_evaluation_fits(tmp_path):
+    # TrainConfig accepts needles x queries up to recall_capacity; the run's own evaluation set
+    # (at most 4 queries a needle, fewer needles where a bucket would crowd) must then be placeable.
+    # Before, a config at capacity could fail in start_run ("could not place ...")
+    from longnet_ref.lm.data import recall_capacity
+    from longnet_ref.lm.evaluate import recall_eval_set, run_eval_sizes
+
+    for n in range(8, 200, 3):
+        for per_pair in (1, 2, 4, 8, 16, 64):
+            pairs = recall_capacity(n, per_pair)
+            if pairs >= 1:
+                eval_pairs, eval_per_pair = run_eval_sizes(n, pairs, per_pair)
+                assert 1 <= eval_pairs <= pairs and eval_per_pair == min(per_pair, 4)
+                recall_eval_set(n, 4, num_pairs=eval_pairs, queries_per_pair=eval_per_pair)
+    assert run_eval_sizes(4096, 16, 64) == (16, 4)  # the experiment's last stage: its 16 needles
+    config = TrainConfig(task="recall", seq_len=80, num_pairs=8, queries_per_pair=4, steps=1, batch_size=1,
+                         embed_dim=16, num_heads=2, num_layers=1, eval_size=2, threads=1)  # fmt: skip
+    train(config, tmp_path / "run", progress=False)  # raised ValueError before
 
 
 def test_recall_accuracy_counts_each_query_in_its_bucket_and_every_residue_is_tested():

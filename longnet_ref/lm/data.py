@@ -150,8 +150,11 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
     """Inputs x (B, N), targets y (B, N) (IGNORE except at queries) and distance (B, N) (0 except at queries).
 
     Each of `num_pairs` needles is asked for `queries_per_pair` times, each query at its own
-    distance. distances: None samples them in [1, N - 2], half log-uniformly (every scale)
-    and half uniformly (the long distances, which a log-uniform draw makes rare); a list
+    position. distances: None (training) puts each needle anywhere in the sequence and each of
+    its queries at a free position after it, `d` back, with d drawn from [1, room] (room: the
+    positions left after the needle) half log-uniformly (every scale) and half uniformly (the
+    long distances, which a log-uniform draw makes rare); this always succeeds within
+    `recall_capacity`, and needles and queries cover every position, as the test's do. A list
     (evaluation at fixed distances) gives each needle `queries_per_pair` different distances
     from it.
     """
@@ -171,24 +174,68 @@ def recall_batch(batch_size, seq_len, generator=None, *, num_pairs=4, queries_pe
     dist = torch.zeros((B, N), dtype=torch.long)
 
     for b in range(B):
-        used = set()
+        free = bytearray(b"\x01" * (N - 1))  # (N-1,) positions 0 ... N-2 not yet a needle or query
         for key in torch.randperm(NUM_KEYS, generator=generator)[:num_pairs].tolist():
             value = uniform(NUM_VALUES, generator)
-            for _ in range(1000):  # rejection sampling of free positions; fails only if crowded
-                ds = _draw_distances(N, per_pair, distances, generator)  # arguments checked above
-                needle = uniform(N - 1 - max(ds), generator)  # every query q = needle + d <= N - 2
-                taken = {needle} | {needle + d for d in ds}
-                if len(taken) == 1 + per_pair and not taken & used:
-                    break
+            if distances is None:
+                needle, ds = _spread_placement(N, per_pair, free, generator)
             else:
-                raise ValueError(f"could not place {num_pairs} x {per_pair} queries in seq_len {N}; ask for fewer")
-            used |= taken
+                needle, ds = _fixed_placement(N, num_pairs, per_pair, distances, free, generator)
             x[b, needle] = 128 + NUM_VALUES * key + value
-            for d in ds:
-                x[b, needle + d] = ord("A") + key
-                y[b, needle + d] = ord("0") + value
-                dist[b, needle + d] = d
+            d = torch.tensor(ds)  # (queries_per_pair,)
+            x[b, needle + d] = ord("A") + key
+            y[b, needle + d] = ord("0") + value
+            dist[b, needle + d] = d
     return x, y, dist
+
+
+def _fixed_placement(N, num_pairs, per_pair, distances, free_bytes, generator):
+    """(needle, its query distances) from the list, at positions still free (marked taken here)."""
+    free = torch.frombuffer(free_bytes, dtype=torch.bool)  # (N-1,) the same memory
+    for _ in range(1000):  # rejection sampling of free positions; fails only if crowded
+        ds = _draw_distances(N, per_pair, distances, generator)
+        needle = uniform(N - 1 - max(ds), generator)  # every query q = needle + d <= N - 2
+        taken = torch.tensor([needle] + [needle + d for d in ds])
+        if taken.unique().numel() == 1 + per_pair and free[taken].all():
+            free[taken] = False
+            return needle, ds
+    raise ValueError(f"could not place {num_pairs} x {per_pair} queries in seq_len {N}; ask for fewer")
+
+
+def _spread_placement(N, per_pair, free_bytes, generator):
+    """(needle, its query distances) for training: the needle anywhere, its queries at free positions after it.
+
+    Needles and queries take positions 0 ... N - 2 (the target of position N - 1 lies outside
+    the window). At most half of them are ever taken (`recall_capacity`), so the first free
+    position always has `per_pair` free ones after it, and every draw below ends. `free_bytes`
+    (1: free) is read in Python, where a bytearray is fast, and by torch through a view.
+    """
+    free = torch.frombuffer(free_bytes, dtype=torch.bool)  # (N-1,) the same memory
+    after = free.flip(0).long().cumsum(0).flip(0) - free.long()  # (N-1,) free positions after each
+    allowed = (free & (after >= per_pair)).nonzero().flatten()  # never empty, see above
+    needle = int(allowed[uniform(allowed.numel(), generator)])
+    free[needle] = False
+    room, ds = N - 2 - needle, []
+    for _ in range(25):  # blocks of candidate distances by the rule; taken positions are skipped
+        for d in _distances(room, 2 * per_pair, generator):
+            if free_bytes[needle + d]:
+                free_bytes[needle + d] = 0
+                ds.append(d)
+                if len(ds) == per_pair:
+                    return needle, ds
+    # crowded: the rest at any free positions after the needle
+    later = free[needle + 1 :].nonzero().flatten()  # (>= per_pair - len(ds),)
+    for i in torch.randperm(later.numel(), generator=generator)[: per_pair - len(ds)].tolist():
+        free[needle + 1 + int(later[i])] = False
+        ds.append(1 + int(later[i]))
+    return needle, ds
+
+
+def _distances(room, count, generator):
+    """`count` distances in [1, room]: half log-uniform (every scale), half uniform (long ones as often as short)."""
+    u, half = torch.rand(2, count, generator=generator, dtype=torch.float64).tolist()
+    ds = (int(math.exp(math.log(room) * a)) if h < 0.5 else 1 + int(a * room) for a, h in zip(u, half))
+    return [min(max(d, 1), room) for d in ds]
 
 
 def recall_capacity(seq_len, queries_per_pair):
@@ -249,9 +296,7 @@ def _draw_distances(N, count, distances, generator):
         return [choices[i] for i in torch.randperm(len(choices), generator=generator)[:count].tolist()]
     chosen = []
     while len(chosen) < count:  # distinct distances: two queries never share a position
-        u, half = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-        # half log-uniform in [1, N - 2] (every scale), half uniform (long distances as often as short)
-        d = int(math.exp(math.log(N - 2) * u)) if half < 0.5 else 1 + int(u * (N - 2))
+        (d,) = _distances(N - 2, 1, generator)
         if d not in chosen:
             chosen.append(d)
     return chosen

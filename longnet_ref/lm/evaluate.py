@@ -89,7 +89,7 @@ def recall_buckets(seq_len):
     N = as_positive_int("seq_len", seq_len)
     if N < 8:
         raise ValueError(f"seq_len must be at least 8 for the recall buckets, got {N}")
-    ends = sorted({max(1, int(N * f)) for f in BUCKET_ENDS})
+    ends = sorted({min(N - 2, max(1, int(N * f))) for f in BUCKET_ENDS})  # N - 2: the longest distance
     return [(a, b) for a, b in zip([1] + [end + 1 for end in ends[:-1]], ends)]
 
 
@@ -153,6 +153,19 @@ def recall_eval_set(seq_len, sequences_per_bucket, buckets=None, *, num_pairs=4,
             )
         )
     return tuple(torch.cat(tensors) for tensors in zip(*parts))  # x, y, dist: (M, N) each
+
+
+def run_eval_sizes(seq_len, num_pairs, queries_per_pair):
+    """(num_pairs, queries_per_pair) of a training run's own recall evaluations (`recall_eval_set`).
+
+    The training's needles, asked at most 4 times each (as the experiment's test asks them), and
+    fewer needles where all of a needle's queries in one distance bucket would crowd: in the
+    farthest bucket every needle lies in the first eighth of the sequence. Whatever the training
+    task fits (`recall_capacity`), this evaluation set can be placed.
+    """
+    N = as_positive_int("seq_len", seq_len)
+    per_pair = min(as_positive_int("queries_per_pair", queries_per_pair), 4)
+    return min(as_positive_int("num_pairs", num_pairs), max(1, (N // 8) // (1 + per_pair))), per_pair
 
 
 def check_eval_set(eval_set):

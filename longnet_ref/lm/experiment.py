@@ -70,9 +70,9 @@ RECALL_RATES = (1, 2, 4, 4, 4)  # r <= H: the heads' offsets cover every residue
 RECALL_COMMON = dict(task="recall", embed_dim=128, num_heads=4, num_layers=2)
 RECALL_STAGES = (
     dict(seq_len=128, batch_size=16, steps=1200, lr=3e-3, warmup=50, num_pairs=4, queries_per_pair=8),
-    dict(seq_len=256, batch_size=8, steps=6000, lr=2e-3, warmup=20, num_pairs=8, queries_per_pair=8),
-    dict(seq_len=1024, batch_size=4, steps=300, lr=1e-3, warmup=20, num_pairs=16, queries_per_pair=8),
-    dict(seq_len=RECALL_LENGTH, batch_size=2, steps=500, lr=1e-3, warmup=10, num_pairs=16, queries_per_pair=16),
+    dict(seq_len=256, batch_size=8, steps=3000, lr=2e-3, warmup=20, num_pairs=8, queries_per_pair=8),
+    dict(seq_len=1024, batch_size=4, steps=300, lr=1e-3, warmup=20, num_pairs=16, queries_per_pair=16),
+    dict(seq_len=RECALL_LENGTH, batch_size=2, steps=1000, lr=2e-3, warmup=10, num_pairs=16, queries_per_pair=64),
 )
 RECALL_STAGE_EVAL = dict(eval_size=2)  # sequences per distance bucket at each stage's own evaluations
 RECALL_RUNS = ("recall-dense", "recall-local", "recall-dilated")
