@@ -349,6 +349,29 @@ def test_a_recall_run_at_capacity_starts_and_its_evaluation_fits(tmp_path):
     train(config, tmp_path / "run", progress=False)  # raised ValueError before
 
 
+def test_recall_test_values_are_balanced_so_a_fixed_guess_scores_chance():
+    # values drawn independently can give one value a fifth of a bucket's 128 needles (the
+    # experiment's test set did, before): a model that cannot reach then scored 0.2, not 1/8
+    from longnet_ref.lm.data import IGNORE, NUM_VALUES
+    from longnet_ref.lm.evaluate import recall_buckets, recall_eval_set
+
+    x, y, dist = recall_eval_set(1024, 8, num_pairs=8, queries_per_pair=4)
+    per_bucket = 8  # sequences
+    for i, _ in enumerate(recall_buckets(1024)):
+        xs, ys = x[i * per_bucket : (i + 1) * per_bucket], y[i * per_bucket : (i + 1) * per_bucket]
+        needle_values = (xs[xs >= 128] - 128) % NUM_VALUES  # (64,)
+        assert torch.bincount(needle_values, minlength=NUM_VALUES).tolist() == [8] * NUM_VALUES
+        answers = ys[ys != IGNORE] - ord("0")
+        for guess in range(NUM_VALUES):  # every fixed answer scores exactly 1/8
+            assert (answers == guess).float().mean() == 1 / NUM_VALUES
+    for b, q in (y != IGNORE).nonzero().tolist():  # and each answer is still its needle's value
+        key, needle = x[b, q] - ord("A"), x[b, q - dist[b, q]]
+        assert needle == 128 + NUM_VALUES * key + (y[b, q] - ord("0"))
+    odd = recall_eval_set(256, 3, num_pairs=3, queries_per_pair=2)[0][:3]  # 9 needles: counts 2 and 1
+    counts = torch.bincount((odd[odd >= 128] - 128) % NUM_VALUES, minlength=NUM_VALUES)
+    assert counts.sum() == 9 and counts.max() - counts.min() <= 1
+
+
 def test_recall_accuracy_counts_each_query_in_its_bucket_and_every_residue_is_tested():
     from longnet_ref.lm.evaluate import recall_accuracy, recall_buckets, recall_eval_set
 

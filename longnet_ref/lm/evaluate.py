@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import as_positive_int, check_flag
-from .data import IGNORE, NUM_KEYS, eval_windows, recall_batch, recall_capacity
+from .data import IGNORE, NUM_KEYS, NUM_VALUES, eval_windows, recall_batch, recall_capacity
 
 
 def as_device(device) -> torch.device:
@@ -126,15 +126,18 @@ def recall_eval_set(seq_len, sequences_per_bucket, buckets=None, *, num_pairs=4,
     sequences whose queries all lie at distances drawn uniformly from a ... b, so every bucket
     has the same number of queries and every residue mod r appears in it. A dilated branch
     with rate r reaches d positions back in one hop only when r divides d; a test at
-    multiples of r would flatter dilated attention, a uniform draw does not.
+    multiples of r would flatter dilated attention, a uniform draw does not. The values are
+    balanced in each bucket (each of the 8 as often as the others, give or take one), so a model
+    that cannot reach and answers any fixed value scores chance, 1/8: with values drawn
+    independently, 128 needles can give one value a fifth of a bucket, and such a guess as much.
     """
     N = as_positive_int("seq_len", seq_len)
     as_positive_int("sequences_per_bucket", sequences_per_bucket)
     buckets = recall_buckets(N) if buckets is None else check_buckets(buckets, N)
     num_pairs = as_positive_int("num_pairs", num_pairs)
     queries_per_pair = as_positive_int("queries_per_pair", queries_per_pair)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")  # torch.Generator's range
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 1:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1), got {seed!r}")  # torch.Generator's range
     # a narrow bucket asks each needle fewer queries; checked for the widest now, not after the first buckets
     per_pairs = [min(queries_per_pair, b - a + 1) for a, b in buckets]
     most = recall_capacity(N, max(per_pairs))
@@ -144,15 +147,31 @@ def recall_eval_set(seq_len, sequences_per_bucket, buckets=None, *, num_pairs=4,
             f"(and num_pairs <= {NUM_KEYS}): at most {most} pairs fit"
         )
     generator = torch.Generator().manual_seed(seed)
+    balancing = torch.Generator().manual_seed(seed + 1)  # its own stream: the positions do not move
     parts = []
     for (a, b), per_pair in zip(buckets, per_pairs):
         distances = list(range(a, b + 1))
-        parts.append(
-            recall_batch(
-                sequences_per_bucket, N, generator, num_pairs=num_pairs, queries_per_pair=per_pair, distances=distances
-            )
+        x, y, dist = recall_batch(
+            sequences_per_bucket, N, generator, num_pairs=num_pairs, queries_per_pair=per_pair, distances=distances
         )
+        parts.append((balance_values(x, y, balancing), y, dist))
     return tuple(torch.cat(tensors) for tensors in zip(*parts))  # x, y, dist: (M, N) each
+
+
+def balance_values(x, y, generator):
+    """Give the needles of a recall batch balanced values, in place: x (B, N) and y's answers rewritten; returns x.
+
+    Value v goes to the needles i with i = v (mod 8) of a random order, so the counts of the
+    values differ by at most one. A needle's queries are the bytes of its key in its sequence.
+    """
+    rows, needles = (x >= 128).nonzero(as_tuple=True)  # (P,) each: every needle, sequence by sequence
+    keys = (x[rows, needles] - 128) // NUM_VALUES  # (P,)
+    values = torch.randperm(rows.numel(), generator=generator) % NUM_VALUES  # (P,) balanced
+    x[rows, needles] = 128 + NUM_VALUES * keys + values
+    for row, key, value in zip(rows.tolist(), keys.tolist(), values.tolist()):
+        asked = x[row] == ord("A") + key  # (N,) the needle's queries: keys are distinct in a sequence
+        y[row, asked] = ord("0") + value
+    return x
 
 
 def run_eval_sizes(seq_len, num_pairs, queries_per_pair):
