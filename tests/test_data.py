@@ -139,6 +139,58 @@ def test_recall_training_needles_lie_anywhere_and_queries_reach_every_scale():
     assert all(torch.equal(s, t) for s, t in zip(a, b))  # reproducible from the generator
 
 
+def test_recall_fixed_distances_draw_as_the_earlier_sampler_did():
+    # the test set's positions must not move when the training placement changes: the fixed-
+    # distance path draws the same numbers in the same order as the sampler before it (rebuilt
+    # here from its definition: key order, value, then rejection of (distances, needle) draws)
+    from longnet_ref.lm.data import NUM_KEYS, _draw_distances
+
+    def earlier(B, N, g, num_pairs, per_pair, distances):
+        x = FILLER[torch.randint(0, len(FILLER), (B, N), generator=g)]
+        y, dist = torch.full((B, N), IGNORE), torch.zeros((B, N), dtype=torch.long)
+        for b in range(B):
+            used = set()
+            for key in torch.randperm(NUM_KEYS, generator=g)[:num_pairs].tolist():
+                value = uniform(NUM_VALUES, g)
+                while True:
+                    ds = _draw_distances(N, per_pair, distances, g)
+                    needle = uniform(N - 1 - max(ds), g)
+                    taken = {needle} | {needle + d for d in ds}
+                    if len(taken) == 1 + per_pair and not taken & used:
+                        break
+                used |= taken
+                x[b, needle] = 128 + NUM_VALUES * key + value
+                for d in ds:
+                    x[b, needle + d], y[b, needle + d], dist[b, needle + d] = ord("A") + key, ord("0") + value, d
+        return x, y, dist
+
+    for N, pairs, per_pair, distances in [
+        (4096, 8, 4, range(2049, 3585)),
+        (512, 8, 4, range(1, 17)),
+        (256, 4, 3, [3, 100, 200]),
+    ]:
+        a = recall_batch(3, N, torch.Generator().manual_seed(5), num_pairs=pairs, queries_per_pair=per_pair,
+                         distances=list(distances))  # fmt: skip
+        b = earlier(3, N, torch.Generator().manual_seed(5), pairs, per_pair, list(distances))
+        assert all(torch.equal(s, t) for s, t in zip(a, b)), N
+    with pytest.raises(ValueError, match="could not place 2 x 2"):  # both needles must sit at 0
+        recall_batch(1, 16, num_pairs=2, queries_per_pair=2, distances=[13, 14])
+
+
+def test_recall_training_placement_when_crowded(monkeypatch):
+    # every drawn distance taken: the rest of a needle's queries go to free positions after it
+    import longnet_ref.lm.data as data
+
+    monkeypatch.setattr(data, "_distances", lambda room, count, generator: [1] * count)
+    x, y, dist = recall_batch(4, 128, torch.Generator().manual_seed(0), num_pairs=7, queries_per_pair=8)
+    scored = y != IGNORE
+    assert (scored.sum(1) == 7 * 8).all() and ((x >= 128).sum(1) == 7).all()
+    for b, q in scored.nonzero().tolist():
+        key, needle = x[b, q] - ord("A"), x[b, q - dist[b, q]]
+        assert dist[b, q] >= 1 and needle == 128 + NUM_VALUES * key + (y[b, q] - ord("0"))
+    assert (dist[scored] > 1).any()  # the fallback placed queries beyond the one distance drawn
+
+
 def test_recall_at_fixed_distances_and_reproducible():
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     a = recall_batch(4, 256, g1, num_pairs=4, queries_per_pair=3, distances=[3, 100, 200])

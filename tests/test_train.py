@@ -367,6 +367,9 @@ def test_recall_test_values_are_balanced_so_a_fixed_guess_scores_chance():
     for b, q in (y != IGNORE).nonzero().tolist():  # and each answer is still its needle's value
         key, needle = x[b, q] - ord("A"), x[b, q - dist[b, q]]
         assert needle == 128 + NUM_VALUES * key + (y[b, q] - ord("0"))
+    recall_eval_set(64, 1, num_pairs=2, queries_per_pair=2, seed=2**63 - 2)  # the largest: seed + 1 seeds the values
+    with pytest.raises(ValueError, match="seed must be an integer in"):
+        recall_eval_set(64, 1, num_pairs=2, queries_per_pair=2, seed=2**63 - 1)
     odd = recall_eval_set(256, 3, num_pairs=3, queries_per_pair=2)[0][:3]  # 9 needles: counts 2 and 1
     counts = torch.bincount((odd[odd >= 128] - 128) % NUM_VALUES, minlength=NUM_VALUES)
     assert counts.sum() == 9 and counts.max() - counts.min() <= 1

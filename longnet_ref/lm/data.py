@@ -242,7 +242,8 @@ def recall_capacity(seq_len, queries_per_pair):
     """The most needles `recall_batch` places in seq_len when each is asked queries_per_pair times.
 
     A needle and its queries take 1 + queries_per_pair positions, all of them within half of the
-    sequence (so the rejection sampling of free positions finds room), and keys are distinct.
+    sequence (so a free needle position with room for its queries always exists, and the test's
+    placement at fixed distances finds room), and keys are distinct.
     """
     N, per_pair = as_positive_int("seq_len", seq_len), as_positive_int("queries_per_pair", queries_per_pair)
     return min(NUM_KEYS, (N // 2) // (1 + per_pair))

@@ -137,7 +137,7 @@ def recall_eval_set(seq_len, sequences_per_bucket, buckets=None, *, num_pairs=4,
     num_pairs = as_positive_int("num_pairs", num_pairs)
     queries_per_pair = as_positive_int("queries_per_pair", queries_per_pair)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 1:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - 1), got {seed!r}")  # torch.Generator's range
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1), got {seed!r}")  # seed + 1 seeds the values
     # a narrow bucket asks each needle fewer queries; checked for the widest now, not after the first buckets
     per_pairs = [min(queries_per_pair, b - a + 1) for a, b in buckets]
     most = recall_capacity(N, max(per_pairs))
@@ -178,9 +178,10 @@ def run_eval_sizes(seq_len, num_pairs, queries_per_pair):
     """(num_pairs, queries_per_pair) of a training run's own recall evaluations (`recall_eval_set`).
 
     The training's needles, asked at most 4 times each (as the experiment's test asks them), and
-    fewer needles where all of a needle's queries in one distance bucket would crowd: in the
-    farthest bucket every needle lies in the first eighth of the sequence. Whatever the training
-    task fits (`recall_capacity`), this evaluation set can be placed.
+    fewer needles where all of a needle's queries in one distance bucket would crowd: a needle
+    lies before N - 1 - (its farthest distance), which in the farthest bucket can be the first
+    eighth of the sequence. Whatever the training task fits (`recall_capacity`), this evaluation
+    set can be placed (tested for every seq_len from 8 to 200).
     """
     N = as_positive_int("seq_len", seq_len)
     per_pair = min(as_positive_int("queries_per_pair", queries_per_pair), 4)

@@ -62,8 +62,9 @@ TEST_BYTES = 16 * 4096  # the same 64 KiB of validation code at every test lengt
 # 1. a warm-up at 128 bytes with the final branches, which at 128 cover every causal pair
 #    (w_0 = 256 >= 128): every kind learns one-hop retrieval by key;
 # 2. stages at 256 ... RECALL_LENGTH with the branches scaled to the stage's length N (w = N/16
-#    ... N, the same rates), so the sparse branches are needed from 256 bytes on and the two-hop
-#    circuit is learned where steps are cheap; the last stage is the final mixture itself.
+#    ... N, the same rates), so the sparse branches are needed from 256 bytes on, where steps are
+#    cheap; the last stage is the final mixture itself, with 16 x 64 answers per sequence (in the
+#    committed run the two hops formed mostly there: README, "Recall against distance").
 # Local is the mixture's first branch alone, scaled the same way.
 RECALL_LENGTH = 4096
 RECALL_RATES = (1, 2, 4, 4, 4)  # r <= H: the heads' offsets cover every residue (notebook 03)
