@@ -188,6 +188,12 @@ def run_eval_sizes(seq_len, num_pairs, queries_per_pair):
     return min(as_positive_int("num_pairs", num_pairs), max(1, (N // 8) // (1 + per_pair))), per_pair
 
 
+def run_eval_set(seq_len, sequences_per_bucket, num_pairs, queries_per_pair):
+    """A training run's own recall evaluation set: `recall_eval_set` with `run_eval_sizes`' needles and queries."""
+    pairs, per_pair = run_eval_sizes(seq_len, num_pairs, queries_per_pair)
+    return recall_eval_set(seq_len, sequences_per_bucket, num_pairs=pairs, queries_per_pair=per_pair)
+
+
 def check_eval_set(eval_set):
     """(x, y, dist): three (M, N) integer tensors of one shape, as `recall_eval_set` returns."""
     if not (isinstance(eval_set, (tuple, list)) and len(eval_set) == 3):

@@ -38,15 +38,7 @@ from ..files import write_atomic
 from .checkpoint import restore_run, rng_states, save_checkpoint
 from .config import PRESETS, TASKS, TrainConfig, preset_values
 from .data import load_corpus, random_windows, recall_batch
-from .evaluate import (
-    as_device,
-    autocast_for,
-    bits_per_byte,
-    recall_accuracy,
-    recall_buckets,
-    recall_eval_set,
-    run_eval_sizes,
-)
+from .evaluate import as_device, autocast_for, bits_per_byte, recall_accuracy, recall_buckets, run_eval_set
 from .interrupt import Interrupted, stop_at_step_boundary
 from .model import ATTENTION_KINDS, LongNetLM
 from .preflight import check_run
@@ -122,8 +114,7 @@ def start_run(config, out, *, resume=None, init_from=None, pause_at=None, corpus
     if config.task == "code":
         run.corpus = load_corpus() if corpus is None else corpus
     else:
-        pairs, per_pair = run_eval_sizes(config.seq_len, config.num_pairs, config.queries_per_pair)
-        run.eval_set = recall_eval_set(config.seq_len, config.eval_size, num_pairs=pairs, queries_per_pair=per_pair)
+        run.eval_set = run_eval_set(config.seq_len, config.eval_size, config.num_pairs, config.queries_per_pair)
     if source is not None:
         model.load_state_dict(source["model"])
         run.metrics["init_from"] = str(init_from)
