@@ -1,5 +1,6 @@
 """The benchmark command: --quick runs, checks every output against the oracle, refuses bad flags."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -195,7 +196,37 @@ def test_lm_steps_against_another_checkout(tmp_path, capsys):
     assert "--against" in capsys.readouterr().err
 
 
-def test_lm_section_refuses_quick_and_cuda():
-    for flags in (["--sections", "lm", "--quick"], ["--sections", "lm", "--device", "cuda"]):
-        with pytest.raises(SystemExit):
-            main(flags)
+def test_lm_and_tiles_sections_refuse_quick_and_cuda(capsys):
+    for name in ("lm", "tiles"):
+        for flags in (["--quick"], ["--device", "cuda"]):
+            with pytest.raises(SystemExit):
+                main(["--sections", name, *flags])
+            assert f"--sections {name} times the CPU kernel" in capsys.readouterr().err
+
+
+def test_tiles_ratios_come_from_the_timings_and_the_kernel_is_checked(monkeypatch, capsys):
+    from longnet_ref.bench import tiles
+
+    # made-up times: non-causal 1 per row-key pair, causal 0.6 of it
+    fake = {K: {(c, b): K * (0.6 if c else 1.0) * (3 if b else 1) for c in (False, True) for b in (False, True)}
+            for K in (64, 128)}  # fmt: skip
+    monkeypatch.setattr(tiles, "tile_times", lambda K, D, repeats: (fake[K], 0.0))
+    rows = tiles.run_tiles(piece_rows=(64, 128), head_dims=(32,))
+    assert [row["forward"] for row in rows] == pytest.approx([0.6, 0.6])
+    assert rows[1]["ideal"] == pytest.approx(129 / 256)
+    # split 128 into two causal 64s (0.6 x 64) plus half the rows on 64 keys (64 / 2): over 0.6 x 128
+    assert rows[1]["split forward"] == pytest.approx((0.6 * 64 + 64 / 2) / (0.6 * 128))
+    assert math.isnan(rows[0]["split forward"])  # no K / 2 row measured
+    assert "D = 32" in capsys.readouterr().out
+
+
+def test_tiles_times_and_checks_the_real_kernel(monkeypatch):
+    from longnet_ref.bench import tiles
+
+    times, error = tiles.tile_times(32, 8, total_rows=64, repeats=1)
+    assert set(times) == {(c, b) for c in (False, True) for b in (False, True)} and min(times.values()) > 0
+    assert error < 1e-5
+    # a kernel that ignored causality would be caught by the check
+    real = tiles.attention_forward
+    monkeypatch.setattr(tiles, "attention_forward", lambda q, k, v, causal, scale: real(q, k, v, False, scale))
+    assert tiles.tile_times(32, 8, total_rows=64, repeats=1)[1] > 1e-2

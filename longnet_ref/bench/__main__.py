@@ -12,6 +12,8 @@ Reported as ratios measured in one run (the machine is shared and noisy):
 - ceiling: the fast path's GFLOP/s / the same run's matmul GFLOP/s (target >= 0.7);
 - scaling: t(2^20) / t(2^14) for forward+backward (target <= 64 x 1.25);
 - sequence parallelism: simulated P = 8 against one process at N = 2^18 (target <= +10 %);
+- tiles: the fused kernel's causal time over its non-causal time on pieces of K rows (`tiles.py`):
+  why short causal pieces save nothing, the gap between the fast path and the FLOP ideal;
 - lm: one training step of the small LM (dense, local, dilated at N = 1024 and 4096): tokens/s,
   where its time goes, and its GFLOP/s as a share of the same run's matmul (`lm_step.py`); with
   `--against PATH`, the same steps with another checkout's code beside this one's: before and after.
@@ -28,8 +30,8 @@ FLOP count (`analysis.complexity`, from Eqs. 16-17 of arXiv 2307.02486): a branc
 as 2.5 x the forward (5 matmuls against 2).
 
 Here: the sections and the command line. `measure.py` times and checks configurations, `floor.py`
-is the kernel floor, `lm_step.py` profiles the LM's training step, `report.py` writes the sweep's
-CSV, table and plot.
+is the kernel floor, `tiles.py` the causal tile effect, `lm_step.py` profiles the LM's training
+step, `report.py` writes the sweep's CSV, table and plot.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ def main(argv=None):
     parser.add_argument(
         "--sections",
         default="glue,scaling,parallel,sweep",
-        help="comma list of glue, scaling, parallel, sweep, lm (lm: not in the default)",
+        help="comma list of glue, scaling, parallel, sweep, tiles, lm (tiles, lm: not in the default)",
     )
     parser.add_argument("--min-log2", type=int, default=10, help="the sweep's shortest N, as log2 N")
     parser.add_argument("--max-log2", type=int, default=20, help="the sweep's longest N, as log2 N")
@@ -246,10 +248,13 @@ def main(argv=None):
     if not 4 <= args.min_log2 <= args.max_log2 <= 24:
         parser.error(f"need 4 <= --min-log2 <= --max-log2 <= 24, got {args.min_log2} and {args.max_log2}")
     sections = set(args.sections.split(","))
-    if not sections <= {"glue", "scaling", "parallel", "sweep", "lm"}:
-        parser.error(f"--sections must be a comma list of glue, scaling, parallel, sweep, lm; got {args.sections!r}")
-    if "lm" in sections and (args.device != "cpu" or args.quick):
-        parser.error("--sections lm profiles a CPU training step: not with --device cuda or --quick")
+    if not sections <= {"glue", "scaling", "parallel", "sweep", "tiles", "lm"}:
+        parser.error(
+            f"--sections must be a comma list of glue, scaling, parallel, sweep, tiles, lm; got {args.sections!r}"
+        )
+    for name in sections & {"tiles", "lm"}:
+        if args.device != "cpu" or args.quick:
+            parser.error(f"--sections {name} times the CPU kernel in this process: not with --device cuda or --quick")
     if args.against is not None and "lm" not in sections:
         parser.error("--against compares the lm section's training steps: add lm to --sections")
     against = None
@@ -268,7 +273,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
 
-    failures = []
+    failures, tile_failures = [], 0
 
     def log(result):
         print(describe(result), flush=True)
@@ -300,6 +305,13 @@ def main(argv=None):
         if "sweep" in sections:
             run_sweep(args, run, log)  # writes figures/<args.csv>.csv as it goes
             report_sweep(args.csv)
+        if "tiles" in sections:  # in this process, its threads as given
+            from .tiles import run_tiles
+
+            for row in run_tiles(repeats=max(5, args.repeats)):
+                if not row["max_error"] <= 1e-4:  # fp32 against float64, as `measure.tolerance` (NaN fails)
+                    print(f"CHECK FAILED: tiles K={row['K']} D={row['D']}: {row['max_error']:.1e}", file=sys.stderr)
+                    tile_failures += 1
         if "lm" in sections:  # in this process, its threads as given (OMP_NUM_THREADS=1 for one)
             from .lm_step import compare_lm_steps, describe_comparison, describe_lm, profile_lm_steps
 
@@ -312,8 +324,9 @@ def main(argv=None):
     for result in failures:
         print(f"CHECK FAILED: {describe(result)} (tolerance {tolerance(result):.0e})", file=sys.stderr)
     if args.quick or sections - {"lm"}:  # the lm section times training steps; it checks no output
-        print("all outputs match the oracle" if not failures else f"{len(failures)} outputs do NOT match the oracle")
-    return 1 if failures else 0
+        bad = len(failures) + tile_failures
+        print("all outputs match the oracle" if not bad else f"{bad} outputs do NOT match the oracle")
+    return 1 if failures or tile_failures else 0
 
 
 if __name__ == "__main__":
