@@ -7,7 +7,8 @@ keys only when all of it lies above the diagonal, so short causal pieces cost wh
 cost. For each K the kernel (`kernels.attention_forward` and `attention_backward`, the ones the
 fast path calls) runs on (TOTAL_ROWS / K, H, K, D) inputs, the same rows in all for every K, so
 the times compare per row; causal and non-causal are interleaved in one process, medians of
-`repeats`. Each output is checked against dense attention in float64 on its first piece.
+`repeats` runs (more for short pieces: `MIN_SECONDS`). Each output is checked against dense
+attention in float64 on its first piece.
 
 Also printed, from the same run's rows and not timed on its own: what splitting a causal piece in
 two would cost, its two diagonal halves as causal pieces of K / 2 plus the lower half's rows
@@ -29,6 +30,7 @@ from ..kernels import attention_backward, attention_forward
 PIECE_ROWS = (64, 128, 256, 512, 1024, 2048, 4096)
 TOTAL_ROWS = 2**15  # pieces x K, the same for every K
 HEAD_DIMS = (32, 64)  # the recall models' heads (E = 128, H = 4) and the glue section's
+MIN_SECONDS = 1.0  # of each mode's timed runs, at least (up to 200 runs)
 
 
 def tile_times(K, head_dim, heads=1, total_rows=TOTAL_ROWS, repeats=5, seed=0):
@@ -51,10 +53,10 @@ def tile_times(K, head_dim, heads=1, total_rows=TOTAL_ROWS, repeats=5, seed=0):
         return time.perf_counter() - start
 
     modes = [(c, b) for b in (False, True) for c in (False, True)]
-    for mode in modes:  # warm-up
-        step(*mode)
+    warm = min(step(*mode) for mode in modes)  # warm-up
+    # short pieces take milliseconds: at least MIN_SECONDS of each mode, so a median means something
     times = {mode: [] for mode in modes}
-    for _ in range(repeats):
+    for _ in range(max(repeats, min(200, int(MIN_SECONDS / max(warm, 1e-6))))):
         for mode in modes:  # interleaved: the ratios are measured under the same conditions
             times[mode].append(step(*mode))
     return {mode: statistics.median(ts) for mode, ts in times.items()}, error
