@@ -7,8 +7,8 @@ keys only when all of it lies above the diagonal, so short causal pieces cost wh
 cost. For each K the kernel (`kernels.attention_forward` and `attention_backward`, the ones the
 fast path calls) runs on (TOTAL_ROWS / K, H, K, D) inputs, the same rows in all for every K, so
 the times compare per row; causal and non-causal are interleaved in one process, medians of
-`repeats` runs (more for short pieces: `MIN_SECONDS`). Each output is checked against dense
-attention in float64 on its first piece.
+`repeats` runs (more for short pieces: `MIN_SECONDS`). Each forward output is checked against
+dense attention in float64 on its first piece (the backward's gradients: tests/test_kernels.py).
 
 Also printed, from the same run's rows and not timed on its own: what splitting a causal piece in
 two would cost, its two diagonal halves as causal pieces of K / 2 plus the lower half's rows
