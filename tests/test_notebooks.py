@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from nbval.plugin import get_sanitize_patterns
@@ -388,3 +389,23 @@ def test_the_readme_gallery_links_every_notebook_picture():
         for cell in cells(path, "code"):
             for name in written_pictures(cell):
                 assert f"(figures/{name}.png)" in row, f"the gallery's {path.stem} row lacks {name}.png"
+
+
+def test_notebook_times_runs_a_copy_at_either_size(tmp_path, capsys):
+    from longnet_ref.bench import notebook_times
+
+    nb = nbformat.v4.new_notebook()
+    code = "import os, time\nSMOKE = 'CI' in os.environ\ntime.sleep(0.05 if SMOKE else 0.4)"
+    nb.cells = [nbformat.v4.new_markdown_cell("# title"), nbformat.v4.new_code_cell(code)]
+    path = tmp_path / "timed.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    (full,), wall = notebook_times.time_notebook(path)
+    (smoke,), _ = notebook_times.time_notebook(path, smoke=True)
+    assert full[0] == 1 and full[1] == "import os, time"
+    assert 0.4 <= full[2] < wall and 0.05 <= smoke[2] < 0.4  # SMOKE followed the environment variable CI
+    assert path.read_bytes() == before  # the notebook itself is never written
+    assert notebook_times.main([str(path), "--min-seconds", "0"]) == 0
+    assert "cell   1:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        notebook_times.main([str(tmp_path / "missing.ipynb")])
