@@ -15,8 +15,8 @@ import os
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
+from ..checks import as_path
 from ..cli import HelpFormatter
 
 
@@ -35,7 +35,7 @@ def time_notebook(path, smoke=False, timeout=3600):
     import nbformat
     from nbclient import NotebookClient
 
-    path = Path(path)
+    path = as_path("notebook", path)
     if not path.is_file():
         raise ValueError(f"notebook must be an existing .ipynb file, got {str(path)!r}")
     nb = nbformat.read(path, as_version=4)
