@@ -14,7 +14,7 @@ Reported as ratios measured in one run (the machine is shared and noisy):
 - sequence parallelism: simulated P = 8 against one process at N = 2^18 (target <= +10 %);
 - tiles: the fused kernel's causal time over its non-causal time on pieces of K rows (`tiles.py`):
   why short causal pieces save nothing, the gap between the fast path and the FLOP ideal;
-- lm: one training step of the small LM (dense, local, dilated at N = 1024 and 4096): tokens/s,
+- lm: one training step of the small LM (dense, local, dilated at N = 1024, 4096, 8192): tokens/s,
   where its time goes, and its GFLOP/s as a share of the same run's matmul (`lm_step.py`); with
   `--against PATH`, the same steps with another checkout's code beside this one's: before and after.
 

@@ -1,7 +1,7 @@
 """One training step of the small LM, profiled: `python -m longnet_ref.bench --sections lm`.
 
 For each attention kind (dense, local, dilated: the recall experiment's models, E = 128, H = 4,
-2 layers; `lm.experiment.recall_branches`) at N = 1024 (B = 8) and N = 4096 (B = 2), one AdamW
+2 layers; `lm.experiment.recall_branches`) at N = 1024 (B = 8), 4096 (B = 2) and 8192 (B = 1), one AdamW
 step (forward, backward, update) is timed `repeats` times after a warm-up, interleaved with the
 other kinds, median reported. One more step runs under torch.profiler, and its self CPU time is
 split three ways:
@@ -32,7 +32,7 @@ from ..lm.model import LongNetLM, ModelConfig
 from .measure import attention_flops, matmul_gflops
 
 KINDS = ("dense", "local", "dilated")
-SHAPES = ((1024, 8), (4096, 2))  # (N, B): 8192 tokens per step
+SHAPES = ((1024, 8), (4096, 2), (8192, 1))  # (N, B): 8192 tokens per step; 8192 is where a recall stage would go next
 SIZES = dict(embed_dim=128, num_heads=4, num_layers=2)
 KERNEL_OPS = ("scaled_dot_product", "_flash_attention")  # the fused attention kernel, forward and backward
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
