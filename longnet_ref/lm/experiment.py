@@ -71,13 +71,16 @@ TEST_BYTES = 16 * 4096  # the same 64 KiB of validation code at every test lengt
 RECALL_LENGTH = 4096
 RECALL_RATES = (1, 2, 4, 4, 4)  # r <= H: the heads' offsets cover every residue (notebook 03)
 RECALL_COMMON = dict(task="recall", embed_dim=128, num_heads=4, num_layers=2)
+_RECALL_FINAL = dict(
+    seq_len=RECALL_LENGTH, batch_size=2, steps=1000, lr=2e-3, warmup=10, num_pairs=16, queries_per_pair=64
+)
 RECALL_STAGES = (
     dict(seq_len=128, batch_size=16, steps=1200, lr=3e-3, warmup=50, num_pairs=4, queries_per_pair=8),
     dict(seq_len=256, batch_size=8, steps=3000, lr=2e-3, warmup=20, num_pairs=8, queries_per_pair=8),
     dict(seq_len=1024, batch_size=4, steps=300, lr=1e-3, warmup=20, num_pairs=16, queries_per_pair=16),
-    dict(seq_len=RECALL_LENGTH, batch_size=2, steps=1000, lr=2e-3, warmup=10, num_pairs=16, queries_per_pair=64),
-    # the same length again, its schedule restarted (warmup, cosine) at half the rate, on a fresh data stream
-    dict(seq_len=RECALL_LENGTH, batch_size=2, steps=500, lr=1e-3, warmup=10, num_pairs=16, queries_per_pair=64, seed=1),
+    _RECALL_FINAL,
+    # the same again, its schedule restarted (warmup, cosine) at half the rate, on a fresh data stream
+    dict(_RECALL_FINAL, steps=500, lr=1e-3, seed=1),
 )
 RECALL_STAGE_EVAL = dict(eval_size=2)  # sequences per distance bucket at each stage's own evaluations
 RECALL_RUNS = ("recall-dense", "recall-local", "recall-dilated")
